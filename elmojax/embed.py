@@ -1,0 +1,273 @@
+"""Computing ELMo representations with a trained biLM.
+
+`BidirectionalLanguageModel` wraps one jit-compiled pure function,
+`embed_fn(params, ids, state) -> (outputs, new_state)`, that JAX users can call directly.
+Sequence lengths and batch sizes are padded to a few bucket sizes so that new shapes rarely
+recompile; padding never changes a result (padded steps and rows are masked).
+
+Determinism: by default every call starts from a zero LSTM state, so a sentence's embedding
+does not depend on what was embedded before. bilm-tf instead carries each batch row's final
+state into the next call (its most reported surprise); `stateful=True` reproduces that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from typing import Callable, Iterable, Optional
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elmojax import files, hdf5
+from elmojax.model import BiLM, BiLMOutput, zero_state
+from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
+from elmojax.vocab import Batcher, UnicodeCharsVocabulary
+
+log = logging.getLogger(__name__)
+
+# Sequence lengths (with <S> and </S>) are padded up to one of these, then to multiples of 512.
+LENGTH_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def bucket_length(length: int) -> int:
+    for bucket in LENGTH_BUCKETS:
+        if length <= bucket:
+            return bucket
+    return -(-length // 512) * 512
+
+
+def bucket_batch(n: int, max_batch_size: int) -> int:
+    """The next power of two, at most max_batch_size."""
+    return min(1 << max(n - 1, 0).bit_length(), max_batch_size)
+
+
+def elmo_outputs(output: BiLMOutput) -> dict:
+    """The biLM's layers with <S> and </S> removed, as bilm-tf returns them.
+
+    lm_embeddings (batch, n_layers + 1, time - 2, 2 * dim): layer 0 is the token embedding
+    repeated for both directions, then each LSTM layer as [forward, backward]; positions past a
+    sentence's end are zero. token_embeddings keep <S> and </S>, as in bilm-tf.
+    """
+    embedding = output.embedding
+    layers = [jnp.concatenate([embedding, embedding], axis=-1)]
+    layers += [jnp.concatenate([f, b], axis=-1) for f, b in zip(output.forward, output.backward)]
+    lm = jnp.stack(layers, axis=1)[:, :, 1:-1]
+    lengths = jnp.maximum(output.lengths - 2, 0)
+    mask = jnp.arange(lm.shape[2])[None, :] < lengths[:, None]
+    return {
+        "lm_embeddings": jnp.where(mask[:, None, :, None], lm, 0.0),
+        "lengths": lengths,
+        "mask": mask,
+        "token_embeddings": embedding,
+    }
+
+
+def make_embed_fn(model: BiLM) -> Callable:
+    """jit((params, ids, state) -> (elmo_outputs dict, new_state)); ids in Batcher's layout."""
+
+    def embed_fn(params, ids, state):
+        output, new_state = model.apply({"params": params}, ids, state)
+        return elmo_outputs(output), new_state
+
+    return jax.jit(embed_fn)
+
+
+def _take_rows(state, rows: slice):
+    return jax.tree.map(lambda x: x[rows], state)
+
+
+class BidirectionalLanguageModel:
+    """A trained biLM that maps Batcher (or TokenBatcher) ids to ELMo layers.
+
+    options_file, weight_file: bilm-tf's options.json and hdf5 weights (n_characters 261 or 262).
+    use_character_inputs=False reads token ids (TokenBatcher) and needs embedding_weight_file,
+    written by `dump_token_embeddings` for the same vocabulary file.
+    max_batch_size: the largest batch a call embeds at once (a larger one is split, or refused
+    when stateful, where it is the number of rows whose state is kept).
+    stateful: carry each row's final LSTM state into the next call, as bilm-tf does; rows
+    beyond a call's batch size keep theirs. `reset_state()` zeroes it. The default, False,
+    starts every call from zero state, so results do not depend on call order.
+
+    Calling it returns numpy arrays: lm_embeddings (n, n_layers + 1, T, 2 * projection_dim),
+    lengths (n,), mask (n, T) and token_embeddings (n, T + 2, projection_dim), where T + 2 is
+    the ids' time dimension.
+    """
+
+    def __init__(self, options_file: str, weight_file: str, use_character_inputs: bool = True,
+                 embedding_weight_file: Optional[str] = None, max_batch_size: int = 128,
+                 stateful: bool = False):
+        options = load_options(options_file)
+        if not options.bidirectional:
+            raise ValueError(f"{options_file}: ELMo needs a bidirectional LM (bidirectional is false)")
+        params = hdf5.load_weights(weight_file, options, use_character_inputs)
+        if use_character_inputs:
+            if options.char_cnn is None:
+                raise ValueError(f"{options_file}: character inputs need a char_cnn section")
+        else:
+            if embedding_weight_file is None:
+                raise ValueError("use_character_inputs=False needs embedding_weight_file "
+                                 "(write one with dump_token_embeddings)")
+            table = hdf5.load_token_embeddings(embedding_weight_file, options.projection_dim)
+            params["embedder"] = {"embedding": table}
+            options = dataclasses.replace(options, n_tokens_vocab=table.shape[0])
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+        self.options: BiLMOptions = options
+        self.use_character_inputs = use_character_inputs
+        self.max_batch_size = max_batch_size
+        self.stateful = stateful
+        self.model = BiLM(options, use_character_inputs)
+        self.params = jax.device_put(params)
+        self.embed_fn = make_embed_fn(self.model)
+        self._state = None
+        self.reset_state()
+
+    @property
+    def state(self):
+        """The carried LSTM state (stateful models): rows of max_batch_size, per direction and layer."""
+        return self._state
+
+    def reset_state(self) -> None:
+        self._state = jax.tree.map(np.asarray, zero_state(self.options, self.max_batch_size)) if self.stateful else None
+
+    def _check_ids(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"ids must be integers, got {ids.dtype}")
+        if self.use_character_inputs:
+            width = self.options.char_cnn.max_characters_per_token
+            if ids.ndim != 3 or ids.shape[2] != width:
+                raise ValueError(f"character ids must have shape (batch, time, {width}) (Batcher's output), "
+                                 f"got {ids.shape}")
+            limit = N_CHARACTERS_TRAIN
+        else:
+            if ids.ndim != 2:
+                raise ValueError(f"token ids must have shape (batch, time) (TokenBatcher's output), got {ids.shape}")
+            limit = self.options.n_tokens_vocab
+        if ids.shape[1] < 2:
+            raise ValueError(f"ids need <S> and </S> around each sentence (time >= 2), got {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() > limit):
+            raise ValueError(f"ids must lie in [0, {limit}] (ids + 1, 0 = padding); got [{ids.min()}, {ids.max()}]")
+        return ids.astype(np.int32)
+
+    def __call__(self, ids) -> dict:
+        ids = self._check_ids(ids)
+        n, length = ids.shape[:2]
+        if self.stateful and n > self.max_batch_size:
+            raise ValueError(f"a stateful model keeps state for max_batch_size={self.max_batch_size} rows; "
+                             f"got a batch of {n}")
+        pieces = [self._embed_chunk(ids[i : i + self.max_batch_size]) for i in range(0, n, self.max_batch_size)]
+        if len(pieces) == 1:
+            return pieces[0]
+        return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+    def _embed_chunk(self, ids: np.ndarray) -> dict:
+        n, length = ids.shape[:2]
+        padded_n, padded_length = bucket_batch(n, self.max_batch_size), bucket_length(length)
+        padded = np.zeros((padded_n, padded_length) + ids.shape[2:], np.int32)
+        padded[:n, :length] = ids  # all-zero rows have length 0: no effect on anything
+        if self.stateful:
+            state = jax.tree.map(lambda s: np.concatenate([s[:n], np.zeros((padded_n - n,) + s.shape[1:], s.dtype)]),
+                                 self._state)
+        else:
+            state = zero_state(self.options, padded_n)
+        outputs, new_state = self.embed_fn(self.params, padded, state)
+        if self.stateful:
+            self._state = jax.tree.map(lambda old, new: np.concatenate([np.asarray(new)[:n], old[n:]]),
+                                       self._state, new_state)
+        return {
+            "lm_embeddings": np.asarray(outputs["lm_embeddings"][:n, :, : length - 2]),
+            "lengths": np.asarray(outputs["lengths"][:n]),
+            "mask": np.asarray(outputs["mask"][:n, : length - 2]),
+            "token_embeddings": np.asarray(outputs["token_embeddings"][:n, :length]),
+        }
+
+
+class _Progress:
+    """A one-line progress report on stderr for long jobs (silent for short ones)."""
+
+    def __init__(self, total: int, what: str, enabled: bool = True, min_total: int = 1000):
+        self.total, self.what = total, what
+        self.enabled = enabled and total >= min_total
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 1.0 and done < self.total):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        sys.stderr.write(f"\r{self.what}: {done}/{self.total} ({100 * done / self.total:.0f}%), "
+                         f"{rate:.0f}/s, {left:.0f}s left ")
+        if done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, outfile: str,
+                          batch_size: int = 4096, progress: bool = True) -> None:
+    """Writes the char CNN's embedding of every vocabulary token to outfile (dataset `embedding`).
+
+    The file serves as embedding_weight_file of a BidirectionalLanguageModel with
+    use_character_inputs=False and a TokenBatcher over the same vocab_file.
+    """
+    options = load_options(options_file)
+    if options.char_cnn is None:
+        raise ValueError(f"{options_file}: token embeddings are computed by the char CNN; options have none")
+    vocab = UnicodeCharsVocabulary(vocab_file, options.char_cnn.max_characters_per_token)
+    params = hdf5.load_weights(weight_file, options)
+    model = BiLM(options)
+    embed = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=BiLM.embed))
+
+    char_ids = vocab.word_char_ids + 1
+    out = np.zeros((vocab.size, options.projection_dim), np.float32)
+    report = _Progress(vocab.size, "tokens", progress, min_total=20000)
+    for start in range(0, vocab.size, batch_size):
+        chunk = char_ids[start : start + batch_size]
+        padded = np.zeros((batch_size,) + chunk.shape[1:], np.int32)  # one shape: one compilation
+        padded[: len(chunk)] = chunk
+        out[start : start + len(chunk)] = np.asarray(embed(params, padded))[: len(chunk)]
+        report.update(start + len(chunk))
+    hdf5.save_token_embeddings(out, outfile)
+
+
+def _read_sentences(dataset_file: str) -> list[list[str]]:
+    return [line.split() for _, line in files.read_lines(dataset_file)]
+
+
+def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, weight_file: str,
+                         outfile: str, batch_size: int = 64, stateful: bool = False,
+                         progress: bool = True) -> None:
+    """Writes the biLM layers of every line of dataset_file (whitespace-tokenized) to outfile.
+
+    One dataset per line, named str(line number) from 0, of shape (n_layers + 1, n_tokens,
+    2 * projection_dim). Lines are embedded `batch_size` at a time from zero state; with
+    `stateful=True` they go one at a time, each starting from the previous line's final state,
+    reproducing bilm-tf. The file appears only when complete.
+    """
+    options = load_options(options_file)
+    if options.char_cnn is None:
+        raise ValueError(f"{options_file}: dump_bilm_embeddings reads characters; options have no char_cnn")
+    sentences = _read_sentences(dataset_file)
+    batcher = Batcher(vocab_file, options.char_cnn.max_characters_per_token)
+    model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=1 if stateful else batch_size,
+                                       stateful=stateful)
+    step = 1 if stateful else batch_size
+    # Embedding similar lengths together wastes less padding; order does not matter from zero state.
+    order = list(range(len(sentences))) if stateful else sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    report = _Progress(len(sentences), "sentences", progress)
+    with files.atomic_output(outfile) as tmp:
+        with h5py.File(tmp, "w") as fout:
+            for start in range(0, len(order), step):
+                rows = order[start : start + step]
+                result = model(batcher.batch_sentences([sentences[i] for i in rows]))
+                for k, i in enumerate(rows):
+                    n_tokens = int(result["lengths"][k])
+                    fout.create_dataset(str(i), data=result["lm_embeddings"][k, :, :n_tokens])
+                report.update(start + len(rows))

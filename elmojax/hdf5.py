@@ -1,0 +1,171 @@
+"""Converter between bilm-tf's hdf5 weight files and the Flax params pytree.
+
+The weight file (lm_weights.hdf5) holds, for options.json's architecture:
+
+  char_embed                                        (261, char_dim)     the trained table, no padding row
+  CNN/W_cnn_{i}, CNN/b_cnn_{i}                      (1, width, char_dim, n), (n,)
+  CNN_high_{i}/W_carry, b_carry, W_transform, b_transform
+  CNN_proj/W_proj, CNN_proj/b_proj                  only when the filters do not sum to projection_dim
+  RNN_{0|1}/RNN/MultiRNNCell/Cell{i}/LSTMCell/W_0, B, W_P_0   forward (0) and backward (1) LSTMs
+
+A token-embedding file (from `dump_token_embeddings`) holds `embedding` (vocab, projection_dim).
+Both directions check every dataset's name and shape and name the one at fault. Params keep
+the file's shapes, so load -> save -> load is bit-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import h5py
+import numpy as np
+
+from elmojax import files
+from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions
+
+Params = dict[str, Any]
+Entry = tuple[str, tuple[str, ...], tuple[int, ...]]  # (hdf5 dataset, params path, shape)
+
+DIRECTIONS = ("forward", "backward")
+
+
+def char_cnn_layout(options: BiLMOptions) -> list[Entry]:
+    c = options.char_cnn
+    if c is None:
+        return []
+    entries: list[Entry] = [("char_embed", ("embedder", "char_embed"), (N_CHARACTERS_TRAIN, c.embedding_dim))]
+    for i, (width, num) in enumerate(c.filters):
+        entries.append((f"CNN/W_cnn_{i}", ("embedder", f"W_cnn_{i}"), (1, width, c.embedding_dim, num)))
+        entries.append((f"CNN/b_cnn_{i}", ("embedder", f"b_cnn_{i}"), (num,)))
+    n = c.n_filters
+    for i in range(c.n_highway):
+        for name, shape in (("W_carry", (n, n)), ("b_carry", (n,)), ("W_transform", (n, n)), ("b_transform", (n,))):
+            entries.append((f"CNN_high_{i}/{name}", ("embedder", f"{name}_{i}"), shape))
+    if n != options.projection_dim:
+        entries.append(("CNN_proj/W_proj", ("embedder", "W_proj"), (n, options.projection_dim)))
+        entries.append(("CNN_proj/b_proj", ("embedder", "b_proj"), (options.projection_dim,)))
+    return entries
+
+
+def lstm_layout(options: BiLMOptions) -> list[Entry]:
+    lstm = options.lstm
+    entries: list[Entry] = []
+    directions = DIRECTIONS if options.bidirectional else DIRECTIONS[:1]
+    for d, direction in enumerate(directions):
+        for i in range(lstm.n_layers):
+            in_dim = options.projection_dim if i == 0 else lstm.output_dim
+            root = f"RNN_{d}/RNN/MultiRNNCell/Cell{i}/LSTMCell"
+            path = (f"{direction}_lstm", f"layer_{i}")
+            entries.append((f"{root}/W_0", path + ("W_0",), (in_dim + lstm.output_dim, 4 * lstm.dim)))
+            entries.append((f"{root}/B", path + ("B",), (4 * lstm.dim,)))
+            if lstm.use_projection:
+                entries.append((f"{root}/W_P_0", path + ("W_P_0",), (lstm.dim, lstm.projection_dim)))
+    return entries
+
+
+def _datasets(f: h5py.File) -> Iterator[str]:
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return iter(names)
+
+
+def _read(f: h5py.File, filename: str, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name not in f or not isinstance(f[name], h5py.Dataset):
+        raise ValueError(f"{filename}: dataset '{name}' is missing (expected shape {shape} for these options)")
+    dataset = f[name]
+    if tuple(dataset.shape) != tuple(shape):
+        raise ValueError(f"{filename}: dataset '{name}' has shape {tuple(dataset.shape)}, "
+                         f"but the options need {tuple(shape)}")
+    if not np.issubdtype(dataset.dtype, np.floating):
+        raise ValueError(f"{filename}: dataset '{name}' has dtype {dataset.dtype}, not a float type")
+    return dataset[...]
+
+
+def _set(tree: Params, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Params, path: tuple[str, ...], what: str):
+    node = tree
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            raise ValueError(f"{what}: params have no entry {'/'.join(path)}")
+        node = node[key]
+    return node
+
+
+def _leaf_paths(tree: Params, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, value in tree.items():
+        if isinstance(value, dict) or hasattr(value, "items"):
+            yield from _leaf_paths(dict(value), prefix + (key,))
+        else:
+            yield prefix + (key,)
+
+
+def load_weights(weight_file: str, options: BiLMOptions, use_character_inputs: bool = True) -> Params:
+    """Reads a bilm-tf weight file into a params pytree of numpy arrays.
+
+    Every dataset the options call for must be present with its shape, and the file may hold no
+    dataset they do not call for (a sign that options and weights do not belong together). With
+    `use_character_inputs=False` the char CNN datasets are allowed but not loaded.
+    """
+    layout = char_cnn_layout(options) + lstm_layout(options)
+    wanted = layout if use_character_inputs else lstm_layout(options)
+    params: Params = {}
+    try:
+        f = h5py.File(weight_file, "r")
+    except OSError as e:
+        raise ValueError(f"{weight_file}: cannot open as hdf5 ({e})") from None
+    with f:
+        expected = {name for name, _, _ in layout}
+        unexpected = sorted(set(_datasets(f)) - expected)
+        if unexpected:
+            raise ValueError(f"{weight_file}: dataset '{unexpected[0]}' is not part of the architecture in the "
+                             f"options ({len(unexpected)} unexpected in all); do options and weights belong together?")
+        for name, path, shape in wanted:
+            _set(params, path, _read(f, weight_file, name, shape))
+    return params
+
+
+def save_weights(params: Params, options: BiLMOptions, weight_file: str) -> None:
+    """Writes the params in bilm-tf's weight-file schema (atomically); inverse of `load_weights`."""
+    layout = char_cnn_layout(options) + lstm_layout(options)
+    known = {path for _, path, _ in layout}
+    extra = [p for p in _leaf_paths(params) if p not in known]
+    if extra:
+        raise ValueError(f"{weight_file}: params entry {'/'.join(extra[0])} has no place in the weight-file schema")
+    arrays = []
+    for name, path, shape in layout:
+        value = np.asarray(_get(params, path, weight_file))
+        if value.shape != shape:
+            raise ValueError(f"{weight_file}: params entry {'/'.join(path)} (dataset '{name}') has shape "
+                             f"{value.shape}, but the options need {shape}")
+        arrays.append((name, value))
+    with files.atomic_output(weight_file) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for name, value in arrays:
+                f.create_dataset(name, data=value)
+
+
+def load_token_embeddings(embedding_file: str, dim: Optional[int] = None) -> np.ndarray:
+    """Reads the `embedding` dataset (vocab, dim) of a token-embedding file."""
+    try:
+        f = h5py.File(embedding_file, "r")
+    except OSError as e:
+        raise ValueError(f"{embedding_file}: cannot open as hdf5 ({e})") from None
+    with f:
+        if "embedding" not in f:
+            raise ValueError(f"{embedding_file}: dataset 'embedding' is missing")
+        shape = f["embedding"].shape
+        if len(shape) != 2 or (dim is not None and shape[1] != dim):
+            raise ValueError(f"{embedding_file}: dataset 'embedding' has shape {shape}, "
+                             f"expected (vocab_size, {dim if dim is not None else 'dim'})")
+        return _read(f, embedding_file, "embedding", shape)
+
+
+def save_token_embeddings(embeddings: np.ndarray, embedding_file: str) -> None:
+    with files.atomic_output(embedding_file) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("embedding", data=np.asarray(embeddings, dtype=np.float32))

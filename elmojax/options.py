@@ -1,0 +1,162 @@
+"""The biLM architecture as bilm-tf's options.json describes it.
+
+`BiLMOptions` holds the architecture fields of options.json (the `char_cnn` and `lstm`
+sections, plus `n_tokens_vocab` and `bidirectional` for word-input training); training
+fields (batch_size, n_epochs, ...) belong to the training config. Validation errors name the
+file and the field at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+from elmojax import files
+
+log = logging.getLogger(__name__)
+
+# UTF-8 bytes 0-255 plus bos, eos, bow, eow and pad: the character table bilm-tf trains.
+N_CHARACTERS_TRAIN = 261
+# Prediction adds a zero row in front for id 0 = padding (Batcher ids are + 1).
+N_CHARACTERS_PREDICT = N_CHARACTERS_TRAIN + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CharCNNOptions:
+    filters: tuple[tuple[int, int], ...]
+    embedding_dim: int
+    max_characters_per_token: int
+    activation: str = "relu"
+    n_highway: int = 0
+    n_characters: int = N_CHARACTERS_PREDICT
+
+    @property
+    def n_filters(self) -> int:
+        return sum(num for _, num in self.filters)
+
+
+@dataclasses.dataclass(frozen=True)
+class LSTMOptions:
+    dim: int
+    projection_dim: int
+    n_layers: int = 1
+    cell_clip: Optional[float] = None
+    proj_clip: Optional[float] = None
+    use_skip_connections: bool = False
+
+    @property
+    def use_projection(self) -> bool:
+        # bilm-tf projects the LSTM output only when projection_dim < dim.
+        return self.projection_dim < self.dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.projection_dim if self.use_projection else self.dim
+
+
+@dataclasses.dataclass(frozen=True)
+class BiLMOptions:
+    lstm: LSTMOptions
+    char_cnn: Optional[CharCNNOptions] = None
+    n_tokens_vocab: Optional[int] = None
+    bidirectional: bool = True
+
+    @property
+    def projection_dim(self) -> int:
+        return self.lstm.projection_dim
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "options") -> "BiLMOptions":
+        def need(section: dict, key: str, where: str) -> Any:
+            if key not in section:
+                raise ValueError(f"{source}: missing field '{where}{key}'")
+            return section[key]
+
+        def number(value: Any, where: str, kind=int, positive=True):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and value != int(value):
+                raise ValueError(f"{source}: field '{where}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            if positive and value <= 0:
+                raise ValueError(f"{source}: field '{where}' must be positive, got {value!r}")
+            return kind(value)
+
+        lstm_d = need(d, "lstm", "")
+        clip = lambda k: None if lstm_d.get(k) is None else number(lstm_d[k], f"lstm.{k}", float)
+        lstm = LSTMOptions(
+            dim=number(need(lstm_d, "dim", "lstm."), "lstm.dim"),
+            projection_dim=number(need(lstm_d, "projection_dim", "lstm."), "lstm.projection_dim"),
+            n_layers=number(lstm_d.get("n_layers", 1), "lstm.n_layers"),
+            cell_clip=clip("cell_clip"),
+            proj_clip=clip("proj_clip"),
+            use_skip_connections=bool(lstm_d.get("use_skip_connections", False)),
+        )
+        if lstm.projection_dim > lstm.dim:
+            raise ValueError(
+                f"{source}: lstm.projection_dim ({lstm.projection_dim}) is larger than lstm.dim ({lstm.dim}); "
+                "the layers of lm_embeddings would not have one width")
+
+        char_cnn = None
+        if d.get("char_cnn") is not None:
+            c = d["char_cnn"]
+            filters = need(c, "filters", "char_cnn.")
+            try:
+                filters = tuple((int(w), int(n)) for w, n in filters)
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: char_cnn.filters must be a list of [width, number] pairs") from None
+            activation = c.get("activation", "relu")
+            if activation not in ("relu", "tanh"):
+                raise ValueError(f"{source}: char_cnn.activation must be 'relu' or 'tanh', got {activation!r}")
+            n_characters = number(need(c, "n_characters", "char_cnn."), "char_cnn.n_characters")
+            if n_characters not in (N_CHARACTERS_TRAIN, N_CHARACTERS_PREDICT):
+                raise ValueError(
+                    f"{source}: char_cnn.n_characters must be {N_CHARACTERS_TRAIN} (training) or "
+                    f"{N_CHARACTERS_PREDICT} (prediction), got {n_characters}")
+            char_cnn = CharCNNOptions(
+                filters=filters,
+                embedding_dim=number(need(need(c, "embedding", "char_cnn."), "dim", "char_cnn.embedding."),
+                                     "char_cnn.embedding.dim"),
+                max_characters_per_token=number(need(c, "max_characters_per_token", "char_cnn."),
+                                                "char_cnn.max_characters_per_token"),
+                activation=activation,
+                n_highway=number(c.get("n_highway") or 0, "char_cnn.n_highway", positive=False),
+                n_characters=n_characters,
+            )
+            if char_cnn.max_characters_per_token < 3:
+                raise ValueError(f"{source}: char_cnn.max_characters_per_token must be at least 3")
+            if any(w > char_cnn.max_characters_per_token for w, _ in filters):
+                raise ValueError(f"{source}: a char_cnn filter is wider than max_characters_per_token")
+            if char_cnn.n_filters < lstm.projection_dim:
+                raise ValueError(
+                    f"{source}: the char CNN has {char_cnn.n_filters} filters in all, fewer than "
+                    f"lstm.projection_dim ({lstm.projection_dim}); the projection only maps down")
+        n_tokens_vocab = d.get("n_tokens_vocab")
+        if n_tokens_vocab is not None:
+            n_tokens_vocab = number(n_tokens_vocab, "n_tokens_vocab")
+        return cls(lstm=lstm, char_cnn=char_cnn, n_tokens_vocab=n_tokens_vocab,
+                   bidirectional=bool(d.get("bidirectional", True)))
+
+    def to_dict(self, n_characters: Optional[int] = None) -> dict:
+        """The options.json form; `n_characters` overrides the stored one (262 for prediction)."""
+        d: dict = {"lstm": {
+            "dim": self.lstm.dim, "projection_dim": self.lstm.projection_dim, "n_layers": self.lstm.n_layers,
+            "cell_clip": self.lstm.cell_clip, "proj_clip": self.lstm.proj_clip,
+            "use_skip_connections": self.lstm.use_skip_connections}}
+        if self.char_cnn is not None:
+            c = self.char_cnn
+            d["char_cnn"] = {
+                "filters": [list(f) for f in c.filters], "embedding": {"dim": c.embedding_dim},
+                "max_characters_per_token": c.max_characters_per_token, "activation": c.activation,
+                "n_highway": c.n_highway, "n_characters": n_characters or c.n_characters}
+        if self.n_tokens_vocab is not None:
+            d["n_tokens_vocab"] = self.n_tokens_vocab
+        d["bidirectional"] = self.bidirectional
+        return d
+
+
+def load_options(options_file: str) -> BiLMOptions:
+    """Reads options.json; options written for training (n_characters 261) work for prediction."""
+    options = BiLMOptions.from_dict(files.read_json(options_file), source=options_file)
+    if options.char_cnn is not None and options.char_cnn.n_characters == N_CHARACTERS_TRAIN:
+        log.info("%s: n_characters is %d (training layout); prediction uses %d, the same table with a zero "
+                 "padding row in front for Batcher's id 0", options_file, N_CHARACTERS_TRAIN, N_CHARACTERS_PREDICT)
+    return options

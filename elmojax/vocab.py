@@ -1,0 +1,182 @@
+"""Vocabularies and batchers with bilm-tf's file format and id layout.
+
+A vocabulary file has one token per line (UTF-8), including <S> and </S> (and <UNK> for
+training). `Batcher` and `TokenBatcher` give exactly bilm-tf's arrays: <S> and </S> added
+around each sentence, ids + 1, 0 = padding.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from elmojax import files
+
+BOS, EOS, UNK = "<S>", "</S>", "<UNK>"
+
+# Character ids: UTF-8 bytes are 0-255; then the specials.
+BOS_CHAR, EOS_CHAR, BOW_CHAR, EOW_CHAR, PAD_CHAR = 256, 257, 258, 259, 260
+
+
+class Vocabulary:
+    """A token vocabulary: maps tokens to line numbers of the vocabulary file.
+
+    <S> and </S> must be in the file (every sentence is wrapped in them); <UNK> is needed only
+    to encode tokens the file lacks (`validate_file=True` requires it up front, as for training).
+    """
+
+    def __init__(self, filename: str, validate_file: bool = False):
+        self.filename = filename
+        self._id_to_word: list[str] = []
+        self._word_to_id: dict[str, int] = {}
+        for _, line in files.read_lines(filename):
+            word = line.strip()
+            if word == "!!!MAXTERMID":  # a marker some vocab dumps carry; not a token
+                continue
+            self._word_to_id[word] = len(self._id_to_word)
+            self._id_to_word.append(word)
+        required = (BOS, EOS, UNK) if validate_file else (BOS, EOS)
+        missing = [t for t in required if t not in self._word_to_id]
+        if missing:
+            raise ValueError(f"{filename}: vocabulary file has no line {' or '.join(missing)}; "
+                             f"it must contain the special tokens {', '.join(required)}")
+        self._bos = self._word_to_id[BOS]
+        self._eos = self._word_to_id[EOS]
+        self._unk = self._word_to_id.get(UNK, -1)
+
+    @property
+    def bos(self) -> int:
+        return self._bos
+
+    @property
+    def eos(self) -> int:
+        return self._eos
+
+    @property
+    def unk(self) -> int:
+        return self._unk
+
+    @property
+    def size(self) -> int:
+        return len(self._id_to_word)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def word_to_id(self, word: str) -> int:
+        found = self._word_to_id.get(word)
+        if found is not None:
+            return found
+        if self._unk < 0:
+            raise KeyError(f"token {word!r} is not in {self.filename}, which has no {UNK} line to stand for it")
+        return self._unk
+
+    def id_to_word(self, cur_id: int) -> str:
+        return self._id_to_word[cur_id]
+
+    def decode(self, cur_ids: Sequence[int]) -> str:
+        return " ".join(self.id_to_word(i) for i in cur_ids)
+
+    def encode(self, sentence, reverse: bool = False, split: bool = True) -> np.ndarray:
+        """Token ids of a sentence with <S> and </S> added (swapped when `reverse`)."""
+        words = sentence.split() if split else sentence
+        ids = [self.word_to_id(w) for w in words]
+        first, last = (self.eos, self.bos) if reverse else (self.bos, self.eos)
+        return np.array([first] + ids + [last], dtype=np.int32)
+
+
+class UnicodeCharsVocabulary(Vocabulary):
+    """A vocabulary that also spells tokens as character ids (UTF-8 bytes plus specials).
+
+    Each token becomes [bow, bytes..., eow, pad, ...] of length max_word_length, its UTF-8
+    bytes cut to max_word_length - 2; <S> and </S> are [bow, bos|eos, eow, pad, ...].
+    Tokens of the file are spelled once up front; others are spelled on demand.
+    """
+
+    def __init__(self, filename: str, max_word_length: int, **kwargs):
+        super().__init__(filename, **kwargs)
+        if max_word_length < 3:
+            raise ValueError(f"max_word_length must be at least 3, got {max_word_length}")
+        self._max_word_length = max_word_length
+        self.bos_char, self.eos_char = BOS_CHAR, EOS_CHAR
+        self.bow_char, self.eow_char, self.pad_char = BOW_CHAR, EOW_CHAR, PAD_CHAR
+        self.bos_chars = self._special_chars(BOS_CHAR)
+        self.eos_chars = self._special_chars(EOS_CHAR)
+        self._word_char_ids = np.stack([self._convert_word_to_char_ids(w) for w in self._id_to_word])
+        self._word_char_ids[self.bos] = self.bos_chars
+        self._word_char_ids[self.eos] = self.eos_chars
+
+    def _special_chars(self, char: int) -> np.ndarray:
+        code = np.full(self._max_word_length, PAD_CHAR, dtype=np.int32)
+        code[:3] = (BOW_CHAR, char, EOW_CHAR)
+        return code
+
+    @property
+    def word_char_ids(self) -> np.ndarray:
+        return self._word_char_ids
+
+    @property
+    def max_word_length(self) -> int:
+        return self._max_word_length
+
+    def _convert_word_to_char_ids(self, word: str) -> np.ndarray:
+        code = np.full(self._max_word_length, PAD_CHAR, dtype=np.int32)
+        encoded = word.encode("utf-8", "ignore")[: self._max_word_length - 2]
+        code[0] = BOW_CHAR
+        code[1 : len(encoded) + 1] = np.frombuffer(encoded, dtype=np.uint8)
+        code[len(encoded) + 1] = EOW_CHAR
+        return code
+
+    def word_to_char_ids(self, word: str) -> np.ndarray:
+        found = self._word_to_id.get(word)
+        if found is not None:
+            return self._word_char_ids[found]
+        return self._convert_word_to_char_ids(word)
+
+    def encode_chars(self, sentence, reverse: bool = False, split: bool = True) -> np.ndarray:
+        """Character ids (n_tokens + 2, max_word_length) with <S> and </S> (swapped when `reverse`)."""
+        words = sentence.split() if split else sentence
+        first, last = (self.eos_chars, self.bos_chars) if reverse else (self.bos_chars, self.eos_chars)
+        return np.vstack([first] + [self.word_to_char_ids(w) for w in words] + [last])
+
+
+def _check_sentences(sentences) -> None:
+    if len(sentences) == 0:
+        raise ValueError("batch_sentences needs at least one sentence")
+    for k, sentence in enumerate(sentences):
+        if isinstance(sentence, str):
+            raise TypeError(f"sentence {k} is a string; give each sentence as a list of tokens (e.g. line.split())")
+
+
+class Batcher:
+    """Batches tokenized sentences into character ids (n, max_len + 2, max_token_length)."""
+
+    def __init__(self, lm_vocab_file: str, max_token_length: int):
+        self._lm_vocab = UnicodeCharsVocabulary(lm_vocab_file, max_token_length)
+        self._max_token_length = max_token_length
+
+    def batch_sentences(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
+        """[['The', 'first', '.'], ['Second', '.']] -> int64 char ids + 1, 0 = padding."""
+        _check_sentences(sentences)
+        max_length = max(len(s) for s in sentences) + 2
+        char_ids = np.zeros((len(sentences), max_length, self._max_token_length), dtype=np.int64)
+        for k, sentence in enumerate(sentences):
+            char_ids[k, : len(sentence) + 2] = self._lm_vocab.encode_chars(sentence, split=False) + 1
+        return char_ids
+
+
+class TokenBatcher:
+    """Batches tokenized sentences into token ids (n, max_len + 2), for cached token embeddings."""
+
+    def __init__(self, lm_vocab_file: str):
+        self._lm_vocab = Vocabulary(lm_vocab_file)
+
+    def batch_sentences(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
+        """[['The', 'first', '.'], ['Second', '.']] -> int64 token ids + 1, 0 = padding."""
+        _check_sentences(sentences)
+        max_length = max(len(s) for s in sentences) + 2
+        ids = np.zeros((len(sentences), max_length), dtype=np.int64)
+        for k, sentence in enumerate(sentences):
+            ids[k, : len(sentence) + 2] = self._lm_vocab.encode(sentence, split=False) + 1
+        return ids

@@ -1,0 +1,25 @@
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+MODEL = os.path.join(FIXTURES, "model")
+OPTIONS_FILE = os.path.join(MODEL, "options.json")
+WEIGHT_FILE = os.path.join(MODEL, "lm_weights.hdf5")
+VOCAB_FILE = os.path.join(MODEL, "vocab_test.txt")
+
+
+@pytest.fixture(scope="session")
+def fixture_sentences():
+    """sentences[k][i] (k in 0..2, i in 0..9) as token lists, and the reference's top layers."""
+    with open(os.path.join(MODEL, "lm_embeddings_sentences.json"), encoding="utf-8") as f:
+        sentences = [[s.split() for s in row] for row in json.load(f)]
+    expected = []
+    for k in range(len(sentences)):
+        with h5py.File(os.path.join(MODEL, f"lm_embeddings_{k}.hdf5"), "r") as f:
+            # each dataset is (2, n_tokens, dim): forward and backward top layer
+            expected.append([np.concatenate([f[str(i)][0], f[str(i)][1]], axis=-1) for i in range(10)])
+    return sentences, expected

@@ -1,0 +1,104 @@
+"""The reference fixture: embeddings bilm-tf produced for a tiny trained biLM."""
+
+import os
+
+import numpy as np
+
+from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE
+from elmojax import Batcher, BidirectionalLanguageModel, TokenBatcher, dump_token_embeddings
+
+
+def _batches(sentences):
+    return [[sentences[k][i] for k in range(3)] for i in range(10)]
+
+
+def test_stateful_batches_match_bilm_tf(fixture_sentences):
+    sentences, expected = fixture_sentences
+    batcher = Batcher(VOCAB_FILE, 50)
+    model = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=4, stateful=True)
+    for i, batch in enumerate(_batches(sentences)):
+        out = model(batcher.batch_sentences(batch))
+        assert list(out["lengths"]) == [len(s) for s in batch]
+        assert out["lm_embeddings"].shape == (3, 3, max(len(s) for s in batch), 32)
+        for k in range(3):
+            got = out["lm_embeddings"][k, 2, : len(batch[k])]
+            assert np.max(np.abs(got - expected[k][i])) <= 1e-6, (i, k)
+
+    # Batches of 3 never touch row 3 of the state (max_batch_size 4).
+    leaves = [np.asarray(x) for x in _state_leaves(model.state)]
+    assert len(leaves) == 8  # 2 directions x 2 layers x (c, h)
+    for leaf in leaves:
+        assert np.all(leaf[3] == 0)
+        assert np.any(leaf[2] != 0)
+    third_rows = [leaf[2].copy() for leaf in leaves]
+
+    # A batch of 2 updates rows 0 and 1 and leaves row 2 as it was.
+    model(np.ones((2, 5, 50), dtype=np.int32))
+    after = [np.asarray(x) for x in _state_leaves(model.state)]
+    for before_row, leaf, old in zip(third_rows, after, leaves):
+        np.testing.assert_array_equal(leaf[2], before_row)
+        assert np.any(leaf[:2] != old[:2])
+
+    model.reset_state()
+    assert all(np.all(np.asarray(x) == 0) for x in _state_leaves(model.state))
+
+
+def _state_leaves(state):
+    import jax
+    return jax.tree.leaves(state)
+
+
+def test_default_is_deterministic(fixture_sentences):
+    """From zero state a sentence's embedding does not depend on what was embedded before,
+    on its batch mates or on padding; the stateful model's first batch agrees with it."""
+    sentences, _ = fixture_sentences
+    batcher = Batcher(VOCAB_FILE, 50)
+    model = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE)
+    batch = [sentences[k][1] for k in range(3)]
+    first = model(batcher.batch_sentences(batch))
+    model(batcher.batch_sentences([sentences[0][5], sentences[2][7]]))
+    again = model(batcher.batch_sentences(batch))
+    np.testing.assert_array_equal(first["lm_embeddings"], again["lm_embeddings"])
+    alone = model(batcher.batch_sentences([batch[2]]))
+    n = len(batch[2])
+    np.testing.assert_allclose(alone["lm_embeddings"][0], first["lm_embeddings"][2, :, :n], atol=1e-6, rtol=0)
+    # past the sentence's end everything is zero, and the mask says so
+    assert not first["mask"][2, n:].any() and first["mask"][2, :n].all()
+    assert np.all(first["lm_embeddings"][2, :, n:] == 0)
+
+    stateful = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, stateful=True)
+    np.testing.assert_array_equal(stateful(batcher.batch_sentences(batch))["lm_embeddings"], first["lm_embeddings"])
+    assert np.abs(stateful(batcher.batch_sentences(batch))["lm_embeddings"] - first["lm_embeddings"]).max() > 1e-4
+
+
+def test_large_batches_are_split(fixture_sentences):
+    sentences, _ = fixture_sentences
+    batch = [s for row in sentences for s in row][:7]
+    ids = Batcher(VOCAB_FILE, 50).batch_sentences(batch)
+    whole = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE)(ids)
+    split = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=3)(ids)
+    for key in whole:
+        np.testing.assert_allclose(split[key], whole[key], atol=1e-6, rtol=0)
+
+
+def test_token_inputs_match_character_inputs(fixture_sentences, tmp_path):
+    sentences, expected = fixture_sentences
+    tokens = sorted({t for row in sentences for s in row for t in s} | {"<S>", "</S>"})
+    vocab_file = tmp_path / "vocab.txt"
+    vocab_file.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    embedding_file = str(tmp_path / "token_embeddings.hdf5")
+    dump_token_embeddings(str(vocab_file), OPTIONS_FILE, WEIGHT_FILE, embedding_file)
+
+    chars = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=4, stateful=True)
+    words = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, use_character_inputs=False,
+                                       embedding_weight_file=embedding_file, max_batch_size=4, stateful=True)
+    char_batcher, token_batcher = Batcher(VOCAB_FILE, 50), TokenBatcher(str(vocab_file))
+    for i, batch in enumerate(_batches(sentences)):
+        by_chars = chars(char_batcher.batch_sentences(batch))
+        by_tokens = words(token_batcher.batch_sentences(batch))
+        np.testing.assert_array_equal(by_tokens["lengths"], by_chars["lengths"])
+        np.testing.assert_array_equal(by_tokens["mask"], by_chars["mask"])
+        assert np.max(np.abs(by_tokens["lm_embeddings"] - by_chars["lm_embeddings"])) <= 1e-6
+        for k in range(3):
+            got = by_tokens["lm_embeddings"][k, 2, : len(batch[k])]
+            assert np.max(np.abs(got - expected[k][i])) <= 1e-6

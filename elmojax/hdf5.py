@@ -8,7 +8,8 @@ The weight file (lm_weights.hdf5) holds, for options.json's architecture:
   CNN_proj/W_proj, CNN_proj/b_proj                  only when the filters do not sum to projection_dim
   RNN_{0|1}/RNN/MultiRNNCell/Cell{i}/LSTMCell/W_0, B, W_P_0   forward (0) and backward (1) LSTMs
 
-A token-embedding file (from `dump_token_embeddings`) holds `embedding` (vocab, projection_dim).
+A word-input model's file holds `embedding` (vocab, projection_dim) instead of the char CNN, as
+does a token-embedding file (from `dump_token_embeddings`).
 Both directions check every dataset's name and shape and name the one at fault. Params keep
 the file's shapes, so load -> save -> load is bit-identical.
 """
@@ -29,10 +30,13 @@ Entry = tuple[str, tuple[str, ...], tuple[int, ...]]  # (hdf5 dataset, params pa
 DIRECTIONS = ("forward", "backward")
 
 
-def char_cnn_layout(options: BiLMOptions) -> list[Entry]:
+def embedder_layout(options: BiLMOptions) -> list[Entry]:
+    """The char CNN's datasets; for a word-input model (no char_cnn), its `embedding` table."""
     c = options.char_cnn
     if c is None:
-        return []
+        if options.n_tokens_vocab is None:
+            return []
+        return [("embedding", ("embedder", "embedding"), (options.n_tokens_vocab, options.projection_dim))]
     entries: list[Entry] = [("char_embed", ("embedder", "char_embed"), (N_CHARACTERS_TRAIN, c.embedding_dim))]
     for i, (width, num) in enumerate(c.filters):
         entries.append((f"CNN/W_cnn_{i}", ("embedder", f"W_cnn_{i}"), (1, width, c.embedding_dim, num)))
@@ -109,9 +113,10 @@ def load_weights(weight_file: str, options: BiLMOptions, use_character_inputs: b
 
     Every dataset the options call for must be present with its shape, and the file may hold no
     dataset they do not call for (a sign that options and weights do not belong together). With
-    `use_character_inputs=False` the char CNN datasets are allowed but not loaded.
+    `use_character_inputs=False` the embedder's datasets are allowed but not loaded (the token
+    embeddings then come from an embedding file).
     """
-    layout = char_cnn_layout(options) + lstm_layout(options)
+    layout = embedder_layout(options) + lstm_layout(options)
     wanted = layout if use_character_inputs else lstm_layout(options)
     params: Params = {}
     try:
@@ -131,7 +136,7 @@ def load_weights(weight_file: str, options: BiLMOptions, use_character_inputs: b
 
 def save_weights(params: Params, options: BiLMOptions, weight_file: str) -> None:
     """Writes the params in bilm-tf's weight-file schema (atomically); inverse of `load_weights`."""
-    layout = char_cnn_layout(options) + lstm_layout(options)
+    layout = embedder_layout(options) + lstm_layout(options)
     known = {path for _, path, _ in layout}
     extra = [p for p in _leaf_paths(params) if p not in known]
     if extra:
@@ -169,3 +174,38 @@ def save_token_embeddings(embeddings: np.ndarray, embedding_file: str) -> None:
     with files.atomic_output(embedding_file) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("embedding", data=np.asarray(embeddings, dtype=np.float32))
+
+
+def save_softmax(weights: np.ndarray, biases: np.ndarray, softmax_file: str,
+                 vocab: Optional[list[str]] = None) -> None:
+    """Writes softmax/W (vocab, dim) and softmax/b (vocab,), and the vocabulary they index."""
+    weights, biases = np.asarray(weights), np.asarray(biases)
+    if weights.ndim != 2 or biases.shape != (weights.shape[0],):
+        raise ValueError(f"{softmax_file}: softmax W {weights.shape} and b {biases.shape} do not fit together")
+    with files.atomic_output(softmax_file) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("softmax/W", data=weights)
+            f.create_dataset("softmax/b", data=biases)
+            if vocab is not None:
+                f.create_dataset("vocab", data=np.array(vocab, dtype=object), dtype=h5py.string_dtype("utf-8"))
+
+
+def load_softmax(softmax_file: str) -> tuple[np.ndarray, np.ndarray, Optional[list[str]]]:
+    """Reads (W, b, vocabulary or None) from a softmax file written by `save_softmax`."""
+    try:
+        f = h5py.File(softmax_file, "r")
+    except OSError as e:
+        raise ValueError(f"{softmax_file}: cannot open as hdf5 ({e})") from None
+    with f:
+        if "softmax/W" not in f:
+            raise ValueError(f"{softmax_file}: dataset 'softmax/W' is missing")
+        weights = _read(f, softmax_file, "softmax/W", f["softmax/W"].shape)
+        if weights.ndim != 2:
+            raise ValueError(f"{softmax_file}: dataset 'softmax/W' has shape {weights.shape}, expected (vocab, dim)")
+        biases = _read(f, softmax_file, "softmax/b", (weights.shape[0],))
+        vocab = None
+        if "vocab" in f:
+            vocab = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in f["vocab"][...]]
+            if len(vocab) != weights.shape[0]:
+                raise ValueError(f"{softmax_file}: dataset 'vocab' has {len(vocab)} tokens for {weights.shape[0]} rows")
+        return weights, biases, vocab

@@ -223,9 +223,12 @@ class BiLMOutput(NamedTuple):
 def zero_state(options: BiLMOptions, batch_size: int, dtype=jnp.float32) -> dict:
     """The initial LSTM state: zeros for every direction and layer."""
     lstm = options.lstm
-    one = tuple((jnp.zeros((batch_size, lstm.dim), dtype), jnp.zeros((batch_size, lstm.output_dim), dtype))
-                for _ in range(lstm.n_layers))
-    return {"forward": one, "backward": one} if options.bidirectional else {"forward": one}
+
+    def direction():  # fresh arrays for each: donated buffers must not be shared
+        return tuple((jnp.zeros((batch_size, lstm.dim), dtype), jnp.zeros((batch_size, lstm.output_dim), dtype))
+                     for _ in range(lstm.n_layers))
+
+    return {"forward": direction(), "backward": direction()} if options.bidirectional else {"forward": direction()}
 
 
 class BiLM(nn.Module):

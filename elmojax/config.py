@@ -1,0 +1,104 @@
+"""Training configs: ml_collections ConfigDicts whose model part mirrors bilm-tf's options.json.
+
+  config.model  char_cnn (or None for word inputs), lstm, bidirectional, share_embedding_softmax:
+                the options.json fields, same names and meaning
+  config.train  batch_size (per device), unroll_steps, n_negative_samples_batch, dropout,
+                all_clip_norm_val, learning_rate, n_epochs, n_train_tokens (None: counted from
+                the data), seed, logging and checkpoint cadence
+  config.data   train_prefix, heldout_prefix (globs), vocab_file
+  config.eval   batch_size
+  config.init_from / init_softmax_from   start from a checkpoint or an exported weight file
+  config.export_after_training, example_sentences   what to do once training ends
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import ml_collections
+from ml_collections import config_dict
+
+from elmojax.options import BiLMOptions
+
+# options.json's training fields and where they live in the config.
+TRAIN_FIELDS = ("n_epochs", "n_train_tokens", "batch_size", "unroll_steps", "n_negative_samples_batch",
+                "dropout", "all_clip_norm_val", "learning_rate")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        char_cnn=ml_collections.ConfigDict(dict(
+            filters=[[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]],
+            embedding=dict(dim=16), n_highway=2, activation="relu", n_characters=261,
+            max_characters_per_token=50)),
+        lstm=ml_collections.ConfigDict(dict(
+            dim=4096, projection_dim=512, n_layers=2, cell_clip=3.0, proj_clip=3.0, use_skip_connections=True)),
+        bidirectional=True,
+        share_embedding_softmax=False,
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=128,                 # per device, as bilm-tf's batch_size is per GPU
+        unroll_steps=20,
+        n_negative_samples_batch=8192,
+        dropout=0.1,
+        all_clip_norm_val=10.0,
+        learning_rate=0.2,
+        n_epochs=10,
+        n_train_tokens=config_dict.placeholder(int),  # None: counted from the training data
+        max_steps=config_dict.placeholder(int),       # stop early (tests, smoke runs)
+        seed=0,
+        log_every=100,
+        checkpoint_every=1000,
+        keep_checkpoints=3,
+        matmul_precision="default",     # "highest" for full float32 on GPUs with TF32
+    ))
+    c.data = ml_collections.ConfigDict(dict(train_prefix="", heldout_prefix="", vocab_file=""))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=64, unroll_steps=20))
+    c.init_from = ""
+    c.init_softmax_from = ""
+    c.export_after_training = ""   # e.g. "export/elmo.hdf5", relative to the workdir
+    c.example_sentences = []        # embedded with the exported model after training
+    return c
+
+
+def use_character_inputs(config: ml_collections.ConfigDict) -> bool:
+    return config.model.get("char_cnn") is not None
+
+
+def options_json(config: ml_collections.ConfigDict, n_tokens_vocab: Optional[int] = None) -> dict:
+    """The config as a bilm-tf options.json dict (architecture and training fields)."""
+    d = {"lstm": config.model.lstm.to_dict(), "bidirectional": bool(config.model.bidirectional),
+         "share_embedding_softmax": bool(config.model.share_embedding_softmax)}
+    if use_character_inputs(config):
+        d["char_cnn"] = config.model.char_cnn.to_dict()
+    for field in TRAIN_FIELDS:
+        d[field] = config.train[field]
+    if n_tokens_vocab is not None:
+        d["n_tokens_vocab"] = n_tokens_vocab
+    return d
+
+
+def bilm_options(config: ml_collections.ConfigDict, n_tokens_vocab: Optional[int] = None) -> BiLMOptions:
+    return BiLMOptions.from_dict(options_json(config, n_tokens_vocab), source="config.model")
+
+
+def config_from_options_json(d: dict, source: str) -> ml_collections.ConfigDict:
+    """A config honouring every field of a bilm-tf training options.json."""
+    c = base_config()
+    known = set(TRAIN_FIELDS) | {"char_cnn", "lstm", "bidirectional", "share_embedding_softmax", "n_tokens_vocab"}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown options field '{unknown[0]}'")
+    if "lstm" not in d:
+        raise ValueError(f"{source}: missing field 'lstm'")
+    c.model.lstm = ml_collections.ConfigDict({**dict(cell_clip=None, proj_clip=None, n_layers=1,
+                                                     use_skip_connections=False), **d["lstm"]})
+    c.model.char_cnn = ml_collections.ConfigDict(d["char_cnn"]) if d.get("char_cnn") else None
+    c.model.bidirectional = bool(d.get("bidirectional", False))  # bilm-tf's default
+    c.model.share_embedding_softmax = bool(d.get("share_embedding_softmax", False))
+    for field in TRAIN_FIELDS:
+        if field in d:
+            c.train[field] = d[field]
+    BiLMOptions.from_dict(options_json(c), source=source)  # validate early, naming the file
+    return c

@@ -1,0 +1,83 @@
+"""A minimal TensorBoard scalar writer with no TensorFlow dependency.
+
+Event files are TFRecord files of `Event` protocol buffers; scalars need only a few fields, so
+they are encoded here by hand (protobuf wire format, CRC32C checksums).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+_CRC_TABLE = []
+for _n in range(256):
+    _c = _n
+    for _ in range(8):
+        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
+    _CRC_TABLE.append(_c)
+
+
+def _crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, wire_type: int, payload: bytes) -> bytes:
+    return _varint((number << 3) | wire_type) + payload
+
+
+def _bytes_field(number: int, data: bytes) -> bytes:
+    return _field(number, 2, _varint(len(data)) + data)
+
+
+def _event(step: int, wall_time: float, file_version: str = "", scalars: dict | None = None) -> bytes:
+    event = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
+    if file_version:
+        event += _bytes_field(3, file_version.encode())
+    if scalars:
+        values = b"".join(
+            _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(value))))
+            for tag, value in scalars.items())
+        event += _bytes_field(5, values)
+    return event
+
+
+class SummaryWriter:
+    """Appends scalar summaries to an event file in `logdir` (TensorBoard reads it)."""
+
+    def __init__(self, logdir: str):
+        os.makedirs(logdir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self.path = os.path.join(logdir, name)
+        self._file = open(self.path, "ab")
+        self._write(_event(0, time.time(), file_version="brain.Event:2"))
+
+    def _write(self, record: bytes) -> None:
+        header = struct.pack("<Q", len(record))
+        self._file.write(header + struct.pack("<I", _masked_crc(header)) + record
+                         + struct.pack("<I", _masked_crc(record)))
+
+    def scalars(self, step: int, values: dict) -> None:
+        self._write(_event(int(step), time.time(), scalars=values))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,501 @@
+"""Training the biLM: the TrainState, the jitted train and eval steps, the loops, export.
+
+The model is `elmojax.model.BiLM`, the same modules inference uses. A step embeds the forward
+stream and the reversed stream with the shared token embedder, runs each direction's LSTM stack
+from the carried state, and scores next tokens with a softmax shared by both directions
+(sampled for training, full for evaluation), as bilm-tf's training.py does.
+
+Data parallelism: a Mesh over all devices with one axis, 'data'. Batches and the LSTM carry are
+sharded along the batch dimension, params and optimizer state replicated; one jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from elmojax import checkpoint, config as config_lib, data, files, hdf5, softmax
+from elmojax.model import BiLM, zero_state
+from elmojax.options import N_CHARACTERS_PREDICT, BiLMOptions
+from elmojax.tensorboard import SummaryWriter
+from elmojax.vocab import UnicodeCharsVocabulary, Vocabulary
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = (("forward", ""), ("backward", "_reverse"))
+VOCAB_FILE = "vocab.txt"  # the vocabulary, copied into the workdir
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any          # {'bilm': BiLM params, 'softmax': {'W', 'b'} (just 'b' when shared)}
+    opt_state: Any
+    lstm_state: Any      # the LSTM carry, fed from one batch to the next
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """What the loss needs to know; static under jit."""
+    bidirectional: bool
+    use_character_inputs: bool
+    share_embedding_softmax: bool
+    dropout: float
+    unroll_steps: int
+    n_negative_samples_batch: int
+    n_vocab: int
+    precision: Any = None
+
+
+def _loss_settings(config: ml_collections.ConfigDict, n_vocab: int) -> LossSettings:
+    precision = config.train.matmul_precision
+    return LossSettings(
+        bidirectional=bool(config.model.bidirectional),
+        use_character_inputs=config_lib.use_character_inputs(config),
+        share_embedding_softmax=bool(config.model.share_embedding_softmax),
+        dropout=float(config.train.dropout),
+        unroll_steps=int(config.train.unroll_steps),
+        n_negative_samples_batch=int(config.train.n_negative_samples_batch),
+        n_vocab=n_vocab,
+        precision=None if precision == "default" else precision,
+    )
+
+
+def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, model: BiLM,
+                     settings: LossSettings, training: bool):
+    """Per direction (sum of token losses, number of tokens), and the new LSTM carry."""
+    bilm_params = params["bilm"]
+    if settings.share_embedding_softmax:
+        softmax_w = bilm_params["embedder"]["embedding"]
+    else:
+        softmax_w = params["softmax"]["W"]
+    softmax_b = params["softmax"]["b"]
+    input_key = "char_ids" if settings.use_character_inputs else "token_ids"
+    directions = DIRECTIONS if settings.bidirectional else DIRECTIONS[:1]
+    sums, new_state = {}, {}
+    for direction, suffix in directions:
+        rng, dropout_key, output_key, sample_key = jax.random.split(rng, 4)
+        weights = batch["weights" + suffix]
+        embedding = model.apply({"params": bilm_params}, batch[input_key + suffix], method=BiLM.embed)
+        outputs, new_state[direction] = model.apply(
+            {"params": bilm_params}, direction, embedding, weights > 0, lstm_state[direction],
+            not training, rngs={"dropout": dropout_key}, method=BiLM.run_lstm)
+        top = outputs[-1].reshape(-1, outputs[-1].shape[-1])
+        if training and settings.dropout > 0:
+            # bilm-tf also drops the top LSTM output before the softmax
+            keep = jax.random.bernoulli(output_key, 1.0 - settings.dropout, top.shape)
+            top = jnp.where(keep, top / (1.0 - settings.dropout), 0.0)
+        targets = batch["next_token_id" + suffix].reshape(-1)
+        if training:
+            sampled, num_tries = softmax.sample_log_uniform_unique(
+                sample_key, settings.n_negative_samples_batch, settings.n_vocab)
+            losses = softmax.sampled_softmax_loss(softmax_w, softmax_b, top, targets, sampled, num_tries,
+                                                  settings.n_vocab, precision=settings.precision)
+        else:
+            losses = softmax.full_softmax_loss(softmax_w, softmax_b, top, targets)
+        token_weights = weights.reshape(-1)
+        sums[direction] = (jnp.sum(losses * token_weights), jnp.sum(token_weights))
+    return sums, new_state
+
+
+def train_step(state: TrainState, batch: dict, *, model: BiLM, tx: optax.GradientTransformation,
+               settings: LossSettings) -> tuple[TrainState, dict]:
+    """One Adagrad step on the mean of the directions' mean sampled-softmax losses."""
+    rng, step_rng = jax.random.split(state.rng)
+
+    def loss_fn(params):
+        sums, new_lstm_state = direction_losses(params, batch, state.lstm_state, step_rng, model=model,
+                                                settings=settings, training=True)
+        loss = sum(total / count for total, count in sums.values()) / len(sums)
+        # bilm-tf differentiates the loss times unroll_steps (a per-window sum, in effect).
+        return loss * settings.unroll_steps, (loss, new_lstm_state)
+
+    grads, (loss, new_lstm_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state, lstm_state=new_lstm_state, rng=rng)
+    return new_state, {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
+
+
+def eval_step(params, lstm_state: dict, batch: dict, *, model: BiLM, settings: LossSettings):
+    sums, new_lstm_state = direction_losses(params, batch, lstm_state, jax.random.PRNGKey(0), model=model,
+                                            settings=settings, training=False)
+    return new_lstm_state, sums
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    # TensorFlow's Adagrad: accumulator starts at 1.0, no epsilon.
+    return optax.chain(
+        optax.clip_by_global_norm(config.train.all_clip_norm_val),
+        optax.adagrad(config.train.learning_rate, initial_accumulator_value=1.0, eps=0.0),
+    )
+
+
+class Trainer:
+    """The model, optimizer, mesh and jitted steps for one config and vocabulary size."""
+
+    def __init__(self, config: ml_collections.ConfigDict, n_vocab: int, mesh: Optional[Mesh] = None):
+        self.config = config
+        self.options: BiLMOptions = config_lib.bilm_options(config, n_vocab)
+        if self.options.char_cnn is not None and config.model.share_embedding_softmax:
+            raise ValueError("share_embedding_softmax needs word inputs: a char CNN has no softmax-sized "
+                             "embedding table to share (as in bilm-tf)")
+        self.settings = _loss_settings(config, n_vocab)
+        if self.settings.n_negative_samples_batch > n_vocab:
+            raise ValueError(f"train.n_negative_samples_batch ({self.settings.n_negative_samples_batch}) exceeds "
+                             f"the vocabulary ({n_vocab} tokens): the sampler draws distinct ids")
+        self.model = BiLM(self.options, self.settings.use_character_inputs, dropout_rate=self.settings.dropout,
+                          precision=self.settings.precision)
+        self.tx = make_optimizer(config)
+        self.mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.sharded = NamedSharding(self.mesh, P("data"))
+        self.n_devices = self.mesh.devices.size
+        self.batch_size = config.train.batch_size * self.n_devices  # global
+        self.state_sharding = TrainState(
+            step=self.replicated, params=self.replicated, opt_state=self.replicated,
+            lstm_state=self.sharded, rng=self.replicated)
+        self.train_step = jax.jit(
+            functools.partial(train_step, model=self.model, tx=self.tx, settings=self.settings),
+            in_shardings=(self.state_sharding, self.sharded), out_shardings=(self.state_sharding, self.replicated),
+            donate_argnums=(0,))
+        self.eval_step = jax.jit(
+            functools.partial(eval_step, model=self.model, settings=self.settings),
+            in_shardings=(self.replicated, self.sharded, self.sharded), out_shardings=(self.sharded, self.replicated))
+
+    def init_params(self, rng: jax.Array) -> dict:
+        o, s = self.options, self.settings
+        width = o.char_cnn.max_characters_per_token if s.use_character_inputs else None
+        ids = jnp.ones((1, 1, width) if width else (1, 1), jnp.int32)
+        model_rng, softmax_rng = jax.random.split(rng)
+        params = {"bilm": self.model.init(model_rng, ids, zero_state(o, 1))["params"]}
+        # bilm-tf: normal(0, 1/sqrt(dim)) softmax weights, zero biases
+        params["softmax"] = {"b": jnp.zeros((s.n_vocab,), jnp.float32)}
+        if not s.share_embedding_softmax:
+            params["softmax"]["W"] = jax.random.normal(softmax_rng, (s.n_vocab, o.projection_dim)) / np.sqrt(
+                o.projection_dim)
+        return params
+
+    def create_state(self, rng: jax.Array, params: Optional[dict] = None) -> TrainState:
+        params_rng, state_rng = jax.random.split(rng)
+        params = self.init_params(params_rng) if params is None else params
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                           lstm_state=zero_state(self.options, self.batch_size), rng=state_rng)
+        return jax.device_put(state, self.state_sharding)
+
+    def abstract_state(self) -> TrainState:
+        shapes = jax.eval_shape(lambda: self.create_state(jax.random.PRNGKey(0)))
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                            _broadcast_sharding(self.state_sharding, shapes))
+
+    def put_batch(self, batch: dict) -> dict:
+        return jax.device_put({k: np.asarray(v) for k, v in batch.items()}, self.sharded)
+
+    def zero_lstm_state(self, batch_size: int):
+        return jax.device_put(zero_state(self.options, batch_size), self.sharded)
+
+
+def _broadcast_sharding(prefix: TrainState, tree: TrainState) -> TrainState:
+    return TrainState(**{f.name: jax.tree.map(lambda _: getattr(prefix, f.name), getattr(tree, f.name))
+                         for f in dataclasses.fields(TrainState)})
+
+
+# ----------------------------------------------------------------------------------------------
+# vocabularies, data, initialization
+
+def load_vocab(config: ml_collections.ConfigDict, vocab_file: Optional[str] = None) -> Vocabulary:
+    vocab_file = vocab_file or config.data.vocab_file
+    if not vocab_file:
+        raise ValueError("no vocabulary: set --config.data.vocab_file=FILE")
+    if config_lib.use_character_inputs(config):
+        return UnicodeCharsVocabulary(vocab_file, config.model.char_cnn.max_characters_per_token, validate_file=True)
+    return Vocabulary(vocab_file, validate_file=True)
+
+
+def make_dataset(config, vocab, prefix: str, batch_size: int, unroll_steps: int, test: bool, seed: int = 0):
+    if not prefix:
+        raise ValueError("no data: set --config.data.train_prefix=GLOB (and heldout_prefix for evaluation)")
+    chars = config.model.char_cnn.max_characters_per_token if config_lib.use_character_inputs(config) else None
+    cls = data.BidirectionalLMDataset if config.model.bidirectional else data.LMDataset
+    return cls(prefix, vocab, batch_size, unroll_steps, test=test, seed=seed, max_characters_per_token=chars)
+
+
+def _vocab_tokens(vocab: Vocabulary) -> list[str]:
+    return [vocab.id_to_word(i) for i in range(vocab.size)]
+
+
+def remap_rows(old: np.ndarray, old_vocab: list[str], new: np.ndarray, new_vocab: list[str]) -> tuple[np.ndarray, int]:
+    """Rows of `new` (fresh init) overwritten by `old`'s rows for tokens both vocabularies have."""
+    index = {token: i for i, token in enumerate(old_vocab)}
+    out = np.array(new, copy=True)
+    shared = [(j, index[t]) for j, t in enumerate(new_vocab) if t in index]
+    if shared:
+        new_ids, old_ids = map(np.array, zip(*shared))
+        out[new_ids] = np.asarray(old)[old_ids]
+    return out, len(shared)
+
+
+def _exported_files(weight_file: str, softmax_file: str = "") -> dict:
+    stem, _ = os.path.splitext(weight_file)
+    directory = os.path.dirname(os.path.abspath(weight_file))
+    return {"weights": weight_file, "options": os.path.join(directory, "options.json"),
+            "softmax": softmax_file or f"{stem}_softmax.hdf5", "vocab": os.path.join(directory, VOCAB_FILE)}
+
+
+def load_trained(path: str, softmax_file: str = "") -> tuple[dict, dict, list[str]]:
+    """(params, options.json dict, vocabulary tokens) of a workdir's latest checkpoint or an export."""
+    if os.path.isdir(path):
+        step, meta = checkpoint.restore_meta(path)
+        config = ml_collections.ConfigDict(json.loads(meta["config"]))
+        vocab = Vocabulary(os.path.join(path, VOCAB_FILE))
+        trainer = Trainer(config, vocab.size, Mesh(np.array(jax.devices()[:1]), ("data",)))
+        abstract = trainer.abstract_state()
+        # the saved carry has the saved global batch; only params are needed here
+        abstract = abstract.replace(lstm_state=jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((meta["global_batch_size"],) + x.shape[1:], x.dtype, sharding=x.sharding),
+            abstract.lstm_state))
+        state, _ = checkpoint.restore_state(path, abstract, step)
+        return jax.device_get(state.params), meta["options"], _vocab_tokens(vocab)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: neither a workdir with checkpoints nor an exported weight file")
+    exported = _exported_files(path, softmax_file)
+    if not os.path.isfile(exported["options"]):
+        raise ValueError(f"{path}: no options.json beside it ({exported['options']})")
+    options_d = files.read_json(exported["options"])
+    options = BiLMOptions.from_dict(options_d, source=exported["options"])
+    if not os.path.isfile(exported["softmax"]):
+        raise ValueError(f"{path}: no softmax file {exported['softmax']} (give --config.init_softmax_from=FILE)")
+    softmax_w, softmax_b, vocab = hdf5.load_softmax(exported["softmax"])
+    if vocab is None:
+        vocab = _vocab_tokens(Vocabulary(exported["vocab"]))
+    if options.char_cnn is None:
+        options = dataclasses.replace(options, n_tokens_vocab=softmax_w.shape[0])
+    params = {"bilm": hdf5.load_weights(path, options), "softmax": {"W": softmax_w, "b": softmax_b}}
+    if options_d.get("share_embedding_softmax"):
+        del params["softmax"]["W"]
+    return params, options_d, vocab
+
+
+def _architecture(options_d: dict) -> dict:
+    d = BiLMOptions.from_dict(options_d).to_dict()
+    d.pop("n_tokens_vocab", None)
+    if "char_cnn" in d:
+        d["char_cnn"].pop("n_characters")
+    return d
+
+
+def init_from(trainer: Trainer, fresh: dict, path: str, softmax_file: str, vocab: list[str]) -> dict:
+    """Params for fine-tuning: the trained model's, with softmax (and word embedding) rows
+    re-mapped by token onto the new vocabulary; tokens it did not have keep their fresh init."""
+    params, options_d, old_vocab = load_trained(path, softmax_file)
+    ours = config_lib.options_json(trainer.config)
+    if _architecture(options_d) != _architecture(ours):
+        raise ValueError(f"{path}: its architecture differs from the config's model "
+                         f"({_architecture(options_d)} vs {_architecture(ours)})")
+    fresh = jax.device_get(fresh)
+    out = {"bilm": params["bilm"], "softmax": dict(fresh["softmax"])}
+    if trainer.options.char_cnn is None:
+        out["bilm"]["embedder"]["embedding"], _ = remap_rows(
+            params["bilm"]["embedder"]["embedding"], old_vocab, fresh["bilm"]["embedder"]["embedding"], vocab)
+    for name in out["softmax"]:
+        if name in params["softmax"]:
+            out["softmax"][name], n_shared = remap_rows(params["softmax"][name], old_vocab, fresh["softmax"][name], vocab)
+    log.info("init from %s: %d of %d vocabulary tokens re-mapped from the trained softmax, %d initialized fresh",
+             path, n_shared, len(vocab), len(vocab) - n_shared)
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), out)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loops
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains, resuming from the workdir's latest checkpoint if there is one."""
+    os.makedirs(workdir, exist_ok=True)
+    vocab = load_vocab(config)
+    trainer = Trainer(config, vocab.size)
+    tc = config.train
+    n_train_tokens = tc.n_train_tokens or data.count_tokens(config.data.train_prefix)
+    tokens_per_step = trainer.batch_size * tc.unroll_steps
+    steps_per_epoch = max(1, int(n_train_tokens / tokens_per_step))
+    total_steps = tc.n_epochs * steps_per_epoch
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+    dataset = make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size, tc.unroll_steps,
+                           test=False, seed=tc.seed)
+
+    vocab_copy = os.path.join(workdir, VOCAB_FILE)
+    if checkpoint.latest_step(workdir) is not None:
+        step, meta = checkpoint.restore_meta(workdir)
+        if meta["global_batch_size"] != trainer.batch_size:
+            raise ValueError(f"{workdir}: the checkpoint was trained with a global batch of "
+                             f"{meta['global_batch_size']}, this run has {trainer.batch_size}")
+        if _vocab_tokens(Vocabulary(vocab_copy)) != _vocab_tokens(vocab):
+            raise ValueError(f"{config.data.vocab_file}: not the vocabulary the checkpoint in {workdir} was trained with")
+        state, meta = checkpoint.restore_state(workdir, trainer.abstract_state(), step)
+        dataset.load_state_dict(meta["data"])
+        log.info("resuming from %s at step %d", workdir, step)
+    else:
+        rng = jax.random.PRNGKey(tc.seed)
+        params = None
+        if config.init_from:
+            params = init_from(trainer, trainer.init_params(jax.random.fold_in(rng, 1)), config.init_from,
+                               config.init_softmax_from, _vocab_tokens(vocab))
+        state = trainer.create_state(rng, params)
+        with files.atomic_output(vocab_copy) as tmp:
+            shutil.copyfile(vocab.filename, tmp)
+        files.write_json(os.path.join(workdir, "options.json"), config_lib.options_json(config, vocab.size))
+
+    checkpointer = checkpoint.Checkpointer(workdir, tc.keep_checkpoints)
+    writer = SummaryWriter(workdir)
+    meta = {"config": config.to_json(), "options": config_lib.options_json(config, vocab.size),
+            "global_batch_size": trainer.batch_size}
+    step = int(state.step)
+    log.info("training %s for %d steps (%d per epoch of %d tokens; global batch %d on %d device(s))",
+             "chars" if trainer.settings.use_character_inputs else "words", total_steps, steps_per_epoch,
+             n_train_tokens, trainer.batch_size, trainer.n_devices)
+    batches = dataset.iter_batches()
+    pending, interval_start, interval_steps = [], time.monotonic(), 0
+    while step < total_steps:
+        state, metrics = trainer.train_step(state, trainer.put_batch(next(batches)))
+        step += 1
+        pending.append(metrics["loss"])
+        interval_steps += 1
+        if step % tc.log_every == 0 or step == total_steps:
+            loss = float(np.mean(jax.device_get(pending)))
+            elapsed = time.monotonic() - interval_start
+            tokens_per_second = interval_steps * tokens_per_step / elapsed
+            left = (total_steps - step) * elapsed / interval_steps
+            log.info("step %d/%d  %.0f tokens/s  train perplexity (sampled softmax) %.2f  %s left",
+                     step, total_steps, tokens_per_second, np.exp(loss), _duration(left))
+            writer.scalars(step, {"train/loss": loss, "train/sampled_perplexity": float(np.exp(loss)),
+                                  "train/grad_norm": float(metrics["grad_norm"]),
+                                  "train/tokens_per_second": tokens_per_second})
+            pending, interval_start, interval_steps = [], time.monotonic(), 0
+        if step % tc.checkpoint_every == 0 or step == total_steps:
+            checkpointer.save(step, state, {**meta, "data": dataset.state_dict()})
+    checkpointer.close()
+    writer.close()
+    return state
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def evaluate(config: ml_collections.ConfigDict, path: str) -> dict:
+    """Heldout perplexity with the full softmax, state carried, every heldout token counted once."""
+    params, options_d, vocab_tokens = load_trained(path, config.init_softmax_from)
+    eval_config = config_lib.config_from_options_json(options_d, source=path)
+    eval_config.train.matmul_precision = config.train.matmul_precision
+    vocab = load_vocab(eval_config, os.path.join(path, VOCAB_FILE) if os.path.isdir(path)
+                       else _exported_files(path)["vocab"])
+    if _vocab_tokens(vocab) != vocab_tokens:
+        raise ValueError(f"{path}: its vocabulary file does not match the softmax's vocabulary")
+    trainer = Trainer(eval_config, vocab.size)
+    batch_size = -(-config.eval.batch_size // trainer.n_devices) * trainer.n_devices
+    dataset = make_dataset(eval_config, vocab, config.data.heldout_prefix, batch_size, config.eval.unroll_steps,
+                           test=True)
+    params = jax.device_put(params, trainer.replicated)
+    lstm_state = trainer.zero_lstm_state(batch_size)
+    totals: dict[str, list[float]] = {}
+    target_counts = np.zeros(vocab.size, np.int64)
+    for batch in dataset.iter_batches():
+        target_counts += np.bincount(batch["next_token_id"].ravel(), weights=batch["weights"].ravel(),
+                                     minlength=vocab.size).astype(np.int64)
+        lstm_state, sums = trainer.eval_step(params, lstm_state, trainer.put_batch(batch))
+        for direction, (loss_sum, count) in jax.device_get(sums).items():
+            t = totals.setdefault(direction, [0.0, 0.0])
+            t[0] += float(loss_sum)
+            t[1] += float(count)
+    if not totals or next(iter(totals.values()))[1] == 0:
+        raise ValueError(f"{config.data.heldout_prefix}: no heldout tokens")
+    mean_losses = {d: s / n for d, (s, n) in totals.items()}
+    result = {"perplexity": float(np.exp(np.mean(list(mean_losses.values())))),
+              "tokens": int(totals["forward"][1]),
+              # a unigram model fit to the heldout targets themselves: a baseline to beat
+              "unigram_perplexity": _unigram_perplexity(target_counts)}
+    for direction, loss in mean_losses.items():
+        result[f"{direction}_perplexity"] = float(np.exp(loss))
+    if "backward_perplexity" not in result:
+        result["backward_perplexity"] = None
+    return result
+
+
+def _unigram_perplexity(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def export(path: str, output: str) -> dict:
+    """Writes a trained model as bilm-tf files: weights (hdf5), options.json (n_characters 262)
+    beside them, the softmax (softmax/W, softmax/b, and the vocabulary) and vocab.txt."""
+    params, options_d, vocab_tokens = load_trained(path)
+    options = BiLMOptions.from_dict(options_d, source=path)
+    exported = _exported_files(output)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    hdf5.save_weights(params["bilm"], options, output)
+    prediction_options = dict(options_d)
+    if "char_cnn" in prediction_options:
+        prediction_options["char_cnn"] = {**prediction_options["char_cnn"], "n_characters": N_CHARACTERS_PREDICT}
+    files.write_json(exported["options"], prediction_options)
+    softmax_w = params["softmax"].get("W")
+    if softmax_w is None:  # shared with the word embedding
+        softmax_w = params["bilm"]["embedder"]["embedding"]
+    hdf5.save_softmax(softmax_w, params["softmax"]["b"], exported["softmax"], vocab_tokens)
+    with files.atomic_output(exported["vocab"]) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(t + "\n" for t in vocab_tokens))
+    return exported
+
+
+def after_training(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """What the config asks for once training ends: heldout evaluation, export, and embedding
+    the example sentences with the exported model. Returns lines to print."""
+    lines = []
+    if config.data.heldout_prefix:
+        result = evaluate(config, workdir)
+        lines.append(f"heldout perplexity {result['perplexity']:.2f} (forward {result['forward_perplexity']:.2f}, "
+                     f"backward {result['backward_perplexity'] or float('nan'):.2f}) over {result['tokens']} tokens; "
+                     f"unigram baseline {result['unigram_perplexity']:.2f}")
+    if config.export_after_training:
+        output = os.path.join(workdir, config.export_after_training)
+        exported = export(workdir, output)
+        lines.append(f"exported {exported['weights']} with {exported['options']} and {exported['softmax']}")
+        if config.example_sentences and config.model.bidirectional and config_lib.use_character_inputs(config):
+            lines.extend(_embed_examples(exported, list(config.example_sentences)))
+    return lines
+
+
+def _embed_examples(exported: dict, sentences: list[str]) -> list[str]:
+    from elmojax.embed import BidirectionalLanguageModel
+    from elmojax.vocab import Batcher
+
+    options = BiLMOptions.from_dict(files.read_json(exported["options"]))
+    bilm = BidirectionalLanguageModel(exported["options"], exported["weights"])
+    batcher = Batcher(exported["vocab"], options.char_cnn.max_characters_per_token)
+    tokens = [s.split() for s in sentences]
+    out = bilm(batcher.batch_sentences(tokens))
+    lines = [f"embedded {len(tokens)} example sentences: lm_embeddings {out['lm_embeddings'].shape}"]
+    # mean-pooled top layer: how alike the sentences look to the model
+    pooled = [out["lm_embeddings"][i, -1, : len(t)].mean(axis=0) for i, t in enumerate(tokens)]
+    unit = [p / np.linalg.norm(p) for p in pooled]
+    for i in range(len(unit)):
+        for j in range(i + 1, len(unit)):
+            lines.append(f"  cosine(sentence {i}, sentence {j}) = {float(unit[i] @ unit[j]):.3f}")
+    return lines

@@ -1,0 +1,181 @@
+"""Training: bilm-tf's training tests on its toy corpus, restart, export, fine-tuning."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from elmojax import BidirectionalLanguageModel, Batcher, hdf5, train
+from elmojax.embed import make_embed_fn
+from elmojax.model import BiLM, zero_state
+from elmojax.options import BiLMOptions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import tiny  # noqa: E402
+
+
+def _config(inputs="chars", **train_overrides):
+    config = tiny.get_config(inputs)
+    config.train.update(train_overrides)
+    return config
+
+
+@pytest.mark.parametrize("case", ["words_unidirectional", "chars_bidirectional", "shared_softmax", "skip_connections"])
+def test_heldout_perplexity_below_20(case, tmp_path):
+    """bilm-tf's tests: 50 epochs on the toy corpus, then perplexity < 20 on it."""
+    config = _config("chars" if case == "chars_bidirectional" else "words")
+    if case == "words_unidirectional":
+        config.model.bidirectional = False
+    if case == "shared_softmax":
+        config.model.share_embedding_softmax = True
+    if case == "skip_connections":
+        config.model.lstm.use_skip_connections = True
+    train.train(config, str(tmp_path))
+    result = train.evaluate(config, str(tmp_path))
+    assert result["tokens"] == 139  # 134 words + one </S> target per sentence, each counted once
+    assert result["perplexity"] < 20.0, result
+    if case == "words_unidirectional":
+        assert result["backward_perplexity"] is None
+        assert result["perplexity"] == result["forward_perplexity"]
+
+
+def test_char_inputs_with_shared_softmax_raise(tmp_path):
+    config = _config("chars")
+    config.model.share_embedding_softmax = True
+    with pytest.raises(ValueError, match="share_embedding_softmax needs word inputs"):
+        train.train(config, str(tmp_path))
+
+
+def test_restart_equals_straight_run(tmp_path):
+    """N steps, stop, resume for N more == 2N steps straight: params, carry and data position."""
+    n = 7
+    straight = train.train(_config(max_steps=2 * n), str(tmp_path / "straight"))
+    train.train(_config(max_steps=n), str(tmp_path / "resumed"))
+    resumed = train.train(_config(max_steps=2 * n), str(tmp_path / "resumed"))
+    assert int(resumed.step) == int(straight.step) == 2 * n
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    for a, b in zip(jax.tree.leaves(straight.lstm_state), jax.tree.leaves(resumed.lstm_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(np.asarray(straight.rng), np.asarray(resumed.rng))
+    # and the model did move away from its initialization
+    fresh = train.Trainer(_config(), 32).init_params(jax.random.split(jax.random.PRNGKey(0))[0])
+    assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+               for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(straight.params)))
+
+
+def test_export_embeds_like_the_training_params(tmp_path):
+    config = _config(max_steps=20)
+    state = train.train(config, str(tmp_path / "work"))
+    output = str(tmp_path / "export" / "elmo.hdf5")
+    exported = train.export(str(tmp_path / "work"), output)
+    with open(exported["options"], encoding="utf-8") as f:
+        assert json.load(f)["char_cnn"]["n_characters"] == 262
+
+    sentences = [["neural", "language", "models", "use", "continuous", "representations"], ["these", "models"]]
+    ids = Batcher(exported["vocab"], 10).batch_sentences(sentences)
+    from_file = BidirectionalLanguageModel(exported["options"], output)(ids)
+
+    options = BiLMOptions.from_dict(json.load(open(exported["options"], encoding="utf-8")))
+    embed_fn = make_embed_fn(BiLM(options))
+    direct, _ = embed_fn(jax.device_get(state.params["bilm"]), ids.astype(np.int32), zero_state(options, 2))
+    assert np.max(np.abs(from_file["lm_embeddings"] - np.asarray(direct["lm_embeddings"]))) <= 1e-6
+    assert np.abs(from_file["lm_embeddings"]).max() > 0.01
+
+    # the softmax file holds the trained softmax and the vocabulary it indexes
+    softmax_w, softmax_b, vocab = hdf5.load_softmax(exported["softmax"])
+    np.testing.assert_array_equal(softmax_w, np.asarray(state.params["softmax"]["W"]))
+    assert vocab[:3] == ["<S>", "</S>", "<UNK>"] and len(vocab) == softmax_w.shape[0] == 32
+
+    # an export can be evaluated, and gives the workdir's perplexity
+    by_export = train.evaluate(config, output)
+    by_workdir = train.evaluate(config, str(tmp_path / "work"))
+    assert by_export["perplexity"] == pytest.approx(by_workdir["perplexity"], rel=1e-5)
+
+
+def test_fine_tune_on_a_new_vocabulary(tmp_path):
+    """init_from an export: shared tokens keep their softmax rows, new ones start fresh."""
+    state = train.train(_config(max_steps=10), str(tmp_path / "base"))
+    output = str(tmp_path / "export" / "elmo.hdf5")
+    train.export(str(tmp_path / "base"), output)
+    old_vocab = open(os.path.join(tmp_path, "export", "vocab.txt"), encoding="utf-8").read().split()
+
+    new_vocab_file = tmp_path / "vocab.txt"
+    new_vocab = ["<S>", "</S>", "<UNK>", "zebra", "the", "models", "of"]
+    new_vocab_file.write_text("\n".join(new_vocab) + "\n", encoding="utf-8")
+    config = _config(max_steps=1, n_negative_samples_batch=4)
+    config.train.learning_rate = 0.0  # look at the initialization itself
+    config.data.vocab_file = str(new_vocab_file)
+    config.init_from = output
+    tuned = train.train(config, str(tmp_path / "tuned"))
+
+    trained_w = np.asarray(state.params["softmax"]["W"])
+    tuned_w = np.asarray(tuned.params["softmax"]["W"])
+    assert tuned_w.shape == (len(new_vocab), trained_w.shape[1])
+    for j, token in enumerate(new_vocab):
+        if token in old_vocab:
+            np.testing.assert_array_equal(tuned_w[j], trained_w[old_vocab.index(token)])
+        else:
+            assert not np.any(np.all(np.isclose(trained_w, tuned_w[j]), axis=1))
+    for a, b in zip(jax.tree.leaves(state.params["bilm"]), jax.tree.leaves(tuned.params["bilm"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+MULTI_DEVICE = r"""
+import json, sys
+import jax, numpy as np
+from jax.sharding import Mesh
+sys.path.insert(0, "configs")
+import tiny
+from elmojax import train
+assert jax.device_count() == 4
+results = []
+for n_devices in (4, 1):
+    config = tiny.get_config("chars")
+    config.train.batch_size = 4 // n_devices  # the same global batch of 4
+    vocab = train.load_vocab(config)
+    trainer = train.Trainer(config, vocab.size, Mesh(np.array(jax.devices()[:n_devices]), ("data",)))
+    state = trainer.create_state(jax.random.PRNGKey(0))
+    dataset = train.make_dataset(config, vocab, config.data.train_prefix, 4, config.train.unroll_steps, test=False)
+    batches = dataset.iter_batches()
+    for _ in range(2):
+        state, metrics = trainer.train_step(state, trainer.put_batch(next(batches)))
+    results.append(jax.device_get(state))
+diffs = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]))]
+moved = max(float(np.abs(a - b).max()) for a, b in zip(
+    jax.tree.leaves(results[0].params), jax.tree.leaves(jax.device_get(trainer.create_state(jax.random.PRNGKey(0)).params))))
+print(json.dumps({"max_diff": max(diffs), "moved": moved}))
+"""
+
+
+def test_four_devices_equal_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", MULTI_DEVICE], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["moved"] > 1e-3
+    assert out["max_diff"] < 1e-5, out
+
+
+def test_quickstart_command_end_to_end(tmp_path):
+    """The main command wires training, evaluation, export and embedding (a few steps here;
+    the full quickstart runs the same code for longer)."""
+    workdir = str(tmp_path / "work")
+    command = [sys.executable, "-m", "elmojax.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
+               "--config.train.max_steps=3", "--config.train.batch_size=4", "--config.eval.batch_size=64"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "heldout perplexity" in result.stdout and "embedded 3 example sentences" in result.stdout
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    evaluate = subprocess.run([sys.executable, "-m", "elmojax.main", "--mode=evaluate",
+                               f"--model={workdir}/export/elmo.hdf5", "--config=configs/quickstart.py"],
+                              cwd=ROOT, capture_output=True, text=True)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    metrics = json.loads(evaluate.stdout.strip().splitlines()[-1])
+    assert {"perplexity", "forward_perplexity", "backward_perplexity", "tokens"} <= set(metrics)
+    assert metrics["tokens"] == 4651

@@ -179,3 +179,14 @@ def test_quickstart_command_end_to_end(tmp_path):
     metrics = json.loads(evaluate.stdout.strip().splitlines()[-1])
     assert {"perplexity", "forward_perplexity", "backward_perplexity", "tokens"} <= set(metrics)
     assert metrics["tokens"] == 4651
+
+
+def test_fine_tune_from_a_workdir(tmp_path):
+    """init_from another workdir's checkpoint with the same vocabulary keeps every trained row."""
+    base = train.train(_config(max_steps=5), str(tmp_path / "base"))
+    config = _config(max_steps=1, learning_rate=0.0)
+    config.init_from = str(tmp_path / "base")
+    tuned = train.train(config, str(tmp_path / "tuned"))
+    for a, b in zip(jax.tree.leaves(base.params), jax.tree.leaves(tuned.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(tuned.step) == 1

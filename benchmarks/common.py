@@ -1,0 +1,144 @@
+"""Shared pieces of the benchmarks: model sizes, random weights in bilm-tf's format, FLOP
+counts, machine facts and the JSON/table report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "elmojax", "resources", "kjv_sample")
+CACHE = os.path.join(ROOT, "benchmarks", ".cache")
+
+ELMO_FILTERS = [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]]
+
+# options.json of the model sizes; "fixture" is the tiny model of bilm-tf's tests.
+SIZES = {
+    "original": {"lstm": {"dim": 4096, "projection_dim": 512, "n_layers": 2, "cell_clip": 3, "proj_clip": 3,
+                          "use_skip_connections": True},
+                 "char_cnn": {"filters": ELMO_FILTERS, "embedding": {"dim": 16}, "n_highway": 2, "activation": "relu",
+                              "n_characters": 262, "max_characters_per_token": 50}},
+    "small": {"lstm": {"dim": 1024, "projection_dim": 128, "n_layers": 2, "cell_clip": 3, "proj_clip": 3,
+                       "use_skip_connections": True},
+              "char_cnn": {"filters": ELMO_FILTERS, "embedding": {"dim": 16}, "n_highway": 1, "activation": "relu",
+                           "n_characters": 262, "max_characters_per_token": 50}},
+    "fixture": {"lstm": {"dim": 64, "projection_dim": 16, "n_layers": 2, "cell_clip": 3, "proj_clip": 3,
+                         "use_skip_connections": False},
+                "char_cnn": {"filters": [[1, 4], [2, 8], [3, 16], [4, 32], [5, 64]], "embedding": {"dim": 4},
+                             "n_highway": 2, "activation": "relu", "n_characters": 262,
+                             "max_characters_per_token": 50}},
+}
+
+
+def model_files(size: str) -> tuple[str, str]:
+    """options.json and random weights (bilm-tf's hdf5 schema, so other implementations can load
+    the same files), written once into benchmarks/.cache/SIZE/."""
+    import jax
+
+    from elmojax import hdf5
+    from elmojax.files import write_json
+    from elmojax.model import BiLM, zero_state
+    from elmojax.options import BiLMOptions
+
+    directory = os.path.join(CACHE, size)
+    options_file = os.path.join(directory, "options.json")
+    weight_file = os.path.join(directory, "lm_weights.hdf5")
+    if not (os.path.exists(options_file) and os.path.exists(weight_file)):
+        os.makedirs(directory, exist_ok=True)
+        options = BiLMOptions.from_dict(SIZES[size])
+        ids = np.ones((1, 1, options.char_cnn.max_characters_per_token), np.int32)
+        params = jax.jit(BiLM(options).init)(jax.random.PRNGKey(0), ids, zero_state(options, 1))["params"]
+        hdf5.save_weights(jax.device_get(params), options, weight_file)
+        write_json(options_file, SIZES[size])
+    return options_file, weight_file
+
+
+def sample_sentences(n: int, min_len: int, max_len: int, seed: int = 0) -> list[list[str]]:
+    """n sentences of min_len..max_len tokens cut from the bundled corpus sample."""
+    with open(os.path.join(SAMPLE, "train", "shard-00000.txt"), encoding="utf-8") as f:
+        words = f.read().split()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(min_len, max_len + 1))
+        start = int(rng.integers(0, len(words) - length))
+        out.append(words[start : start + length])
+    return out
+
+
+def char_cnn_flops(c: dict, projection_dim: int) -> int:
+    """Multiply-adds x 2 per token for the char CNN, highway layers and projection."""
+    chars, dim = c["max_characters_per_token"], c["embedding"]["dim"]
+    n_filters = sum(n for _, n in c["filters"])
+    flops = sum(2 * (chars - w + 1) * w * dim * n for w, n in c["filters"])
+    flops += c.get("n_highway", 0) * 2 * (2 * n_filters * n_filters)
+    if n_filters != projection_dim:
+        flops += 2 * n_filters * projection_dim
+    return flops
+
+
+def lstm_flops(lstm: dict, directions: int = 2) -> int:
+    """Per token: every layer's input and recurrent products and the projection, all directions."""
+    dim, proj, layers = lstm["dim"], lstm["projection_dim"], lstm.get("n_layers", 1)
+    out = proj if proj < dim else dim
+    total = 0
+    for layer in range(layers):
+        in_dim = proj if layer == 0 else out
+        total += 2 * in_dim * 4 * dim + 2 * out * 4 * dim + (2 * dim * proj if proj < dim else 0)
+    return directions * total
+
+
+def inference_flops(options: dict) -> int:
+    return char_cnn_flops(options["char_cnn"], options["lstm"]["projection_dim"]) + lstm_flops(options["lstm"])
+
+
+def measure_matmul_gflops(n: int = 2048, runs: int = 5) -> float:
+    """The machine's fp32 matrix-product rate with this JAX (the practical limit)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+def environment() -> dict:
+    import jax
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"python": sys.version.split()[0], "jax": jax.__version__, "numpy": np.__version__,
+            "devices": [str(d) for d in jax.devices()], "cpu": cpu, "cpu_count": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def summarize(rates: list[float]) -> dict:
+    return {"min": min(rates), "median": statistics.median(rates), "max": max(rates)}
+
+
+def report(result: dict, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}", file=sys.stderr)
+    print(json.dumps(result))

@@ -1,0 +1,77 @@
+"""Inference speed: ELMo layers from characters for one batch of sentences.
+
+  python benchmarks/inference.py --size original --batch 64 --runs 10
+
+Random weights for the size are written once in bilm-tf's hdf5 format (benchmarks/.cache/SIZE/),
+so other implementations can be timed on the same files. Sentences of 20-30 tokens are cut from
+the bundled corpus sample. Tokens are real tokens (no <S>, </S>, no padding). Prints a table on
+stderr and one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(common.SIZES), default="original")
+    parser.add_argument("--batch", type=int, default=64, help="sentences per call")
+    parser.add_argument("--min-length", type=int, default=20)
+    parser.add_argument("--max-length", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--device", choices=["cpu", "gpu", "default"], default="default",
+                        help="JAX platform (default: JAX's choice)")
+    parser.add_argument("--peak-gflops", type=float, default=0.0,
+                        help="the machine's fp32 matmul rate; measured when 0")
+    args = parser.parse_args(argv)
+    if args.device != "default":
+        os.environ["JAX_PLATFORMS"] = args.device
+
+    from elmojax import Batcher, BidirectionalLanguageModel
+
+    options_file, weight_file = common.model_files(args.size)
+    sentences = common.sample_sentences(args.batch, args.min_length, args.max_length)
+    ids = Batcher(os.path.join(common.SAMPLE, "vocab.txt"), 50).batch_sentences(sentences)
+    n_tokens = sum(len(s) for s in sentences)
+    model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=max(args.batch, 1))
+
+    start = time.perf_counter()
+    model(ids)
+    compile_seconds = time.perf_counter() - start
+    rates = []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        model(ids)
+        rates.append(n_tokens / (time.perf_counter() - start))
+
+    flops = common.inference_flops(common.SIZES[args.size])
+    peak = args.peak_gflops or common.measure_matmul_gflops()
+    tokens_per_second = common.summarize(rates)
+    result = {
+        "benchmark": "inference", "size": args.size, "batch": args.batch, "tokens_per_batch": n_tokens,
+        "sentence_lengths": [args.min_length, args.max_length], "runs": args.runs,
+        "tokens_per_second": tokens_per_second, "compile_seconds": compile_seconds,
+        "peak_rss_mib": common.peak_rss_mib(), "flops_per_token": flops, "machine_peak_gflops": peak,
+        "fraction_of_peak": tokens_per_second["median"] * flops / (peak * 1e9),
+        "environment": common.environment(),
+    }
+    common.report(result, [
+        ("size / batch", f"{args.size} / {args.batch} sentences, {n_tokens} tokens"),
+        ("tokens/s (min/median/max)", "{min:.0f} / {median:.0f} / {max:.0f}".format(**tokens_per_second)),
+        ("compile + first call", f"{compile_seconds:.2f} s"),
+        ("MFLOP per token", f"{flops / 1e6:.2f}"),
+        ("fraction of the fp32 matmul peak", f"{result['fraction_of_peak']:.1%} of {peak:.1f} GFLOP/s"),
+        ("peak RSS", f"{result['peak_rss_mib']:.0f} MiB"),
+    ])
+    return result
+
+
+if __name__ == "__main__":
+    main()

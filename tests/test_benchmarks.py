@@ -1,0 +1,36 @@
+"""Smoke runs of the benchmarks so they never rot (tiny sizes; timings not asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_inference_benchmark():
+    out = _run("inference.py", "--size", "fixture", "--batch", "4", "--runs", "2", "--peak-gflops", "50")
+    assert out["tokens_per_second"]["min"] > 0 and out["flops_per_token"] == pytest.approx(392896)
+    assert out["compile_seconds"] > 0 and out["peak_rss_mib"] > 0 and 0 < out["fraction_of_peak"] < 1
+
+
+def test_train_benchmark():
+    out = _run("train.py", "--config", "small_char", "--batch", "2", "--unroll", "5", "--runs", "2",
+               "--negatives", "16", "--vocab-size", "3000", "--peak-gflops", "50")
+    assert out["tokens_per_second"]["median"] > 0 and out["vocab_size"] == 3000
+    assert out["final_loss"] > 0
+
+
+def test_data_pipeline_benchmark():
+    out = _run("data_pipeline.py", "--batch", "8", "--unroll", "5", "--batches", "3", "--runs", "1")
+    assert out["tokens_per_second"]["median"] > 0
+    assert "char_ids_reverse" in out["keys"] and "next_token_id_reverse" in out["keys"]

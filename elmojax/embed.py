@@ -30,6 +30,9 @@ from elmojax.vocab import Batcher, UnicodeCharsVocabulary
 
 log = logging.getLogger(__name__)
 
+# The char CNN runs over this many distinct tokens at a time, bounding its activations' memory.
+CNN_CHUNK_SIZE = 256
+
 # Sequence lengths (with <S> and </S>) are padded up to one of these, then to multiples of 512.
 LENGTH_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -77,6 +80,31 @@ def make_embed_fn(model: BiLM) -> Callable:
     return jax.jit(embed_fn)
 
 
+def make_distinct_embed_fn(model: BiLM) -> Callable:
+    """Like `make_embed_fn`, with the char CNN run once per distinct token of the batch:
+    jit((params, ids, distinct_char_ids, token_index, state) -> (outputs, new_state)), where
+    token_index (batch, time) points into distinct_char_ids (n_distinct, max_chars)."""
+
+    def embed_fn(params, ids, distinct_char_ids, token_index, state):
+        table = model.apply({"params": params}, distinct_char_ids, method=BiLM.embed)
+        output, new_state = model.apply({"params": params}, ids, state,
+                                        embedding=jnp.take(table, token_index, axis=0))
+        return elmo_outputs(output), new_state
+
+    return jax.jit(embed_fn)
+
+
+def distinct_tokens(char_ids: np.ndarray, min_bucket: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct char-id rows padded to a power of two, index of each token's row)."""
+    rows = np.ascontiguousarray(char_ids.reshape(-1, char_ids.shape[-1]))
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    size = max(min_bucket, 1 << (len(first) - 1).bit_length())
+    distinct = np.zeros((size, rows.shape[1]), rows.dtype)
+    distinct[: len(first)] = rows[first]
+    return distinct, inverse.reshape(char_ids.shape[:-1]).astype(np.int32)
+
+
 def _take_rows(state, rows: slice):
     return jax.tree.map(lambda x: x[rows], state)
 
@@ -104,7 +132,8 @@ class BidirectionalLanguageModel:
         options = load_options(options_file)
         if not options.bidirectional:
             raise ValueError(f"{options_file}: ELMo needs a bidirectional LM (bidirectional is false)")
-        params = hdf5.load_weights(weight_file, options, use_character_inputs)
+        # each array goes to the device as it is read: the model is never held twice
+        params = hdf5.load_weights(weight_file, options, use_character_inputs, convert=jax.device_put)
         if use_character_inputs:
             if options.char_cnn is None:
                 raise ValueError(f"{options_file}: character inputs need a char_cnn section")
@@ -113,7 +142,7 @@ class BidirectionalLanguageModel:
                 raise ValueError("use_character_inputs=False needs embedding_weight_file "
                                  "(write one with dump_token_embeddings)")
             table = hdf5.load_token_embeddings(embedding_weight_file, options.projection_dim)
-            params["embedder"] = {"embedding": table}
+            params["embedder"] = {"embedding": jax.device_put(table)}
             options = dataclasses.replace(options, n_tokens_vocab=table.shape[0])
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
@@ -121,9 +150,10 @@ class BidirectionalLanguageModel:
         self.use_character_inputs = use_character_inputs
         self.max_batch_size = max_batch_size
         self.stateful = stateful
-        self.model = BiLM(options, use_character_inputs)
-        self.params = jax.device_put(params)
+        self.model = BiLM(options, use_character_inputs, cnn_chunk_size=CNN_CHUNK_SIZE)
+        self.params = params
         self.embed_fn = make_embed_fn(self.model)
+        self._distinct_embed_fn = make_distinct_embed_fn(self.model) if use_character_inputs else None
         self._state = None
         self.reset_state()
 
@@ -176,7 +206,10 @@ class BidirectionalLanguageModel:
                                  self._state)
         else:
             state = zero_state(self.options, padded_n)
-        outputs, new_state = self.embed_fn(self.params, padded, state)
+        if self._distinct_embed_fn is not None:
+            outputs, new_state = self._distinct_embed_fn(self.params, padded, *distinct_tokens(padded), state)
+        else:
+            outputs, new_state = self.embed_fn(self.params, padded, state)
         if self.stateful:
             self._state = jax.tree.map(lambda old, new: np.concatenate([np.asarray(new)[:n], old[n:]]),
                                        self._state, new_state)

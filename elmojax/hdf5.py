@@ -11,12 +11,13 @@ The weight file (lm_weights.hdf5) holds, for options.json's architecture:
 A word-input model's file holds `embedding` (vocab, projection_dim) instead of the char CNN, as
 does a token-embedding file (from `dump_token_embeddings`).
 Both directions check every dataset's name and shape and name the one at fault. Params keep
-the file's shapes, so load -> save -> load is bit-identical.
+the file's shapes (but for W_0, which the model holds as its two row blocks W_x and W_h), so
+load -> save -> load is bit-identical.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import h5py
 import numpy as np
@@ -67,6 +68,20 @@ def lstm_layout(options: BiLMOptions) -> list[Entry]:
     return entries
 
 
+def _join_lstm_kernels(params: Params) -> Params:
+    """The model's W_x and W_h as the file's W_0 (a shallow copy of params; inputs untouched)."""
+    params = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
+    for key in DIRECTIONS:
+        lstm = params.get(f"{key}_lstm")
+        if lstm is None:
+            continue
+        params[f"{key}_lstm"] = lstm = {name: dict(layer) for name, layer in lstm.items()}
+        for layer in lstm.values():
+            if "W_x" in layer and "W_h" in layer:
+                layer["W_0"] = np.concatenate([np.asarray(layer.pop("W_x")), np.asarray(layer.pop("W_h"))])
+    return params
+
+
 def _datasets(f: h5py.File) -> Iterator[str]:
     names: list[str] = []
     f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
@@ -108,8 +123,12 @@ def _leaf_paths(tree: Params, prefix: tuple[str, ...] = ()) -> Iterator[tuple[st
             yield prefix + (key,)
 
 
-def load_weights(weight_file: str, options: BiLMOptions, use_character_inputs: bool = True) -> Params:
+def load_weights(weight_file: str, options: BiLMOptions, use_character_inputs: bool = True,
+                 convert: Optional[Callable[[np.ndarray], Any]] = None) -> Params:
     """Reads a bilm-tf weight file into a params pytree of numpy arrays.
+
+    `convert` is applied to each array as it is read (jax.device_put, say), so that a large
+    model is never held twice in memory.
 
     Every dataset the options call for must be present with its shape, and the file may hold no
     dataset they do not call for (a sign that options and weights do not belong together). With
@@ -129,13 +148,21 @@ def load_weights(weight_file: str, options: BiLMOptions, use_character_inputs: b
         if unexpected:
             raise ValueError(f"{weight_file}: dataset '{unexpected[0]}' is not part of the architecture in the "
                              f"options ({len(unexpected)} unexpected in all); do options and weights belong together?")
+        convert = convert or (lambda x: x)
         for name, path, shape in wanted:
-            _set(params, path, _read(f, weight_file, name, shape))
+            value = _read(f, weight_file, name, shape)
+            if path[-1] == "W_0":  # the model keeps W_0 = [W_x; W_h] as two params
+                split = shape[0] - options.lstm.output_dim
+                _set(params, path[:-1] + ("W_x",), convert(value[:split]))
+                _set(params, path[:-1] + ("W_h",), convert(value[split:]))
+            else:
+                _set(params, path, convert(value))
     return params
 
 
 def save_weights(params: Params, options: BiLMOptions, weight_file: str) -> None:
     """Writes the params in bilm-tf's weight-file schema (atomically); inverse of `load_weights`."""
+    params = _join_lstm_kernels(params)
     layout = embedder_layout(options) + lstm_layout(options)
     known = {path for _, path, _ in layout}
     extra = [p for p in _leaf_paths(params) if p not in known]

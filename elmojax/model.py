@@ -6,7 +6,8 @@ of bilm-tf's hdf5 weight file, and names follow it (see `elmojax.hdf5` for the m
   embedder/      char_embed (261, d), W_cnn_i (1, width, d, n), b_cnn_i, W_carry_i, b_carry_i,
                  W_transform_i, b_transform_i, W_proj, b_proj   (character inputs)
                  embedding (vocab, projection_dim)              (token inputs)
-  forward_lstm/layer_i/   W_0 (in + out, 4 * dim), B (4 * dim,), W_P_0 (dim, projection_dim)
+  forward_lstm/layer_i/   W_x (in, 4 * dim) and W_h (out, 4 * dim), the two row blocks of the
+                          file's W_0 (in + out, 4 * dim); B (4 * dim,), W_P_0 (dim, projection_dim)
   backward_lstm/layer_i/  the same
 
 Input ids use the prediction layout of bilm-tf's Batcher / TokenBatcher: ids + 1, with 0 for
@@ -52,47 +53,69 @@ def _with_padding_row(table: Array) -> Array:
 
 
 class CharCNNEmbedder(nn.Module):
-    """Token embeddings from characters: char embedding, CNN + max-pool, highway, projection."""
+    """Token embeddings from characters: char embedding, CNN + max-pool, highway, projection.
+
+    `chunk_size` runs the CNN over that many tokens at a time (lax.map), which bounds the
+    memory of the convolutions' outputs (tokens x positions x filters) for large models.
+    """
 
     options: CharCNNOptions
     projection_dim: int
     precision: Any = DEFAULT_PRECISION
+    chunk_size: Optional[int] = None
 
     @nn.compact
     def __call__(self, char_ids: Array) -> Array:
         o = self.options
-        dim = o.embedding_dim
+        dim, n_filters = o.embedding_dim, o.n_filters
         table = self.param("char_embed", _uniform(-1.0, 1.0), (N_CHARACTERS_TRAIN, dim))
-        batch_shape, n_chars = char_ids.shape[:-1], char_ids.shape[-1]
-        chars = jnp.take(_with_padding_row(table), char_ids.reshape(-1, n_chars), axis=0)
-
-        activation = jax.nn.relu if o.activation == "relu" else jnp.tanh
-        pooled = []
+        convolutions = []
         for i, (width, num) in enumerate(o.filters):
             # bilm-tf: uniform +-0.05 for relu (Kim et al.), Glorot-like normal for tanh.
             w_init = _uniform(-0.05, 0.05) if o.activation == "relu" else _normal(np.sqrt(1.0 / (width * dim)))
-            kernel = self.param(f"W_cnn_{i}", w_init, (1, width, dim, num))
-            bias = self.param(f"b_cnn_{i}", nn.initializers.zeros, (num,))
-            conv = lax.conv_general_dilated(chars, kernel[0], window_strides=(1,), padding="VALID",
-                                            dimension_numbers=("NWC", "WIO", "NWC"), precision=self.precision)
-            # max(conv + b) == max(conv) + b exactly, so the bias is added after pooling.
-            pooled.append(activation(jnp.max(conv, axis=1) + bias))
-        x = jnp.concatenate(pooled, axis=-1)
-
-        n_filters = o.n_filters
+            convolutions.append((self.param(f"W_cnn_{i}", w_init, (1, width, dim, num)),
+                                 self.param(f"b_cnn_{i}", nn.initializers.zeros, (num,))))
+        highways = []
         for i in range(o.n_highway):
-            w_carry = self.param(f"W_carry_{i}", _normal(np.sqrt(1.0 / n_filters)), (n_filters, n_filters))
-            b_carry = self.param(f"b_carry_{i}", nn.initializers.constant(-2.0), (n_filters,))
-            w_transform = self.param(f"W_transform_{i}", _normal(np.sqrt(1.0 / n_filters)), (n_filters, n_filters))
-            b_transform = self.param(f"b_transform_{i}", nn.initializers.zeros, (n_filters,))
-            carry = jax.nn.sigmoid(jnp.dot(x, w_carry, precision=self.precision) + b_carry)
-            transform = jax.nn.relu(jnp.dot(x, w_transform, precision=self.precision) + b_transform)
-            x = carry * transform + (1.0 - carry) * x
-
+            highways.append((
+                self.param(f"W_carry_{i}", _normal(np.sqrt(1.0 / n_filters)), (n_filters, n_filters)),
+                self.param(f"b_carry_{i}", nn.initializers.constant(-2.0), (n_filters,)),
+                self.param(f"W_transform_{i}", _normal(np.sqrt(1.0 / n_filters)), (n_filters, n_filters)),
+                self.param(f"b_transform_{i}", nn.initializers.zeros, (n_filters,))))
+        projection = None
         if n_filters != self.projection_dim:
-            w_proj = self.param("W_proj", _normal(np.sqrt(1.0 / n_filters)), (n_filters, self.projection_dim))
-            b_proj = self.param("b_proj", nn.initializers.zeros, (self.projection_dim,))
-            x = jnp.dot(x, w_proj, precision=self.precision) + b_proj
+            projection = (self.param("W_proj", _normal(np.sqrt(1.0 / n_filters)), (n_filters, self.projection_dim)),
+                          self.param("b_proj", nn.initializers.zeros, (self.projection_dim,)))
+        activation = jax.nn.relu if o.activation == "relu" else jnp.tanh
+        padded_table = _with_padding_row(table)
+
+        def embed(ids: Array) -> Array:  # (tokens, chars) -> (tokens, projection_dim)
+            chars = jnp.take(padded_table, ids, axis=0)
+            pooled = []
+            for kernel, bias in convolutions:
+                conv = lax.conv_general_dilated(chars, kernel[0], window_strides=(1,), padding="VALID",
+                                                dimension_numbers=("NWC", "WIO", "NWC"), precision=self.precision)
+                # max(conv + b) == max(conv) + b exactly, so the bias is added after pooling.
+                pooled.append(activation(jnp.max(conv, axis=1) + bias))
+            x = jnp.concatenate(pooled, axis=-1)
+            for w_carry, b_carry, w_transform, b_transform in highways:
+                carry = jax.nn.sigmoid(jnp.dot(x, w_carry, precision=self.precision) + b_carry)
+                transform = jax.nn.relu(jnp.dot(x, w_transform, precision=self.precision) + b_transform)
+                x = carry * transform + (1.0 - carry) * x
+            if projection is not None:
+                x = jnp.dot(x, projection[0], precision=self.precision) + projection[1]
+            return x
+
+        batch_shape, n_chars = char_ids.shape[:-1], char_ids.shape[-1]
+        flat = char_ids.reshape(-1, n_chars)
+        n = flat.shape[0]
+        chunk = self.chunk_size
+        if chunk and n > chunk:
+            n_chunks = -(-n // chunk)
+            flat = jnp.pad(flat, ((0, n_chunks * chunk - n), (0, 0)))
+            x = lax.map(embed, flat.reshape(n_chunks, chunk, n_chars)).reshape(n_chunks * chunk, -1)[:n]
+        else:
+            x = embed(flat)
         return x.reshape(batch_shape + (x.shape[-1],))
 
 
@@ -131,7 +154,11 @@ class LSTMLayer(nn.Module):
                  deterministic: bool = True) -> tuple[Array, tuple[Array, Array]]:
         in_dim = inputs.shape[-1]
         out_dim = self.projection_dim or self.dim
-        kernel = self.param("W_0", nn.initializers.glorot_uniform(), (in_dim + out_dim, 4 * self.dim))
+        # W_0 = [W_x; W_h], kept as two params so that neither is ever sliced (copied) out of it;
+        # both initialized as the rows of one Glorot-uniform W_0, as TensorFlow does.
+        limit = np.sqrt(6.0 / (in_dim + out_dim + 4 * self.dim))
+        w_input = self.param("W_x", _uniform(-limit, limit), (in_dim, 4 * self.dim))
+        w_hidden = self.param("W_h", _uniform(-limit, limit), (out_dim, 4 * self.dim))
         bias = self.param("B", nn.initializers.zeros, (4 * self.dim,))
         w_proj = None
         if self.projection_dim is not None:
@@ -140,14 +167,18 @@ class LSTMLayer(nn.Module):
         if self.dropout_rate > 0.0:
             inputs = nn.Dropout(self.dropout_rate)(inputs, deterministic=deterministic)
 
-        # The input-to-hidden products of all steps in one matrix product, before the scan.
-        input_gates = jnp.einsum("btd,dg->btg", inputs, kernel[:in_dim], precision=self.precision) + bias
-        w_hidden = kernel[in_dim:]
+        # The input-to-hidden products of all steps in one matrix product, before the scan, laid
+        # out time-major for it: a plain 2-D product, transposing the small input rather than the
+        # 4 * dim wide result.
+        batch, time = inputs.shape[:2]
+        time_major = jnp.swapaxes(inputs, 0, 1).reshape(time * batch, in_dim)
+        input_gates = jnp.dot(time_major, w_input, precision=self.precision).reshape(time, batch, 4 * self.dim)
 
         def step(carry, xs):
             c_prev, h_prev = carry
             x_gates, m = xs
-            gates = x_gates + jnp.dot(h_prev, w_hidden, precision=self.precision)
+            # the bias is added here, fused with the step, not to the whole product in memory
+            gates = x_gates + jnp.dot(h_prev, w_hidden, precision=self.precision) + bias
             i, j, f, o = jnp.split(gates, 4, axis=-1)
             c = jax.nn.sigmoid(f + FORGET_BIAS) * c_prev + jax.nn.sigmoid(i) * jnp.tanh(j)
             if self.cell_clip is not None:
@@ -160,8 +191,7 @@ class LSTMLayer(nn.Module):
             m = m[:, None]
             return (jnp.where(m, c, c_prev), jnp.where(m, h, h_prev)), jnp.where(m, h, 0.0)
 
-        time_major = (jnp.swapaxes(input_gates, 0, 1), jnp.swapaxes(mask, 0, 1))
-        new_state, outputs = lax.scan(step, state, time_major)
+        new_state, outputs = lax.scan(step, state, (input_gates, jnp.swapaxes(mask, 0, 1)))
         outputs = jnp.swapaxes(outputs, 0, 1)
         if self.residual:
             outputs = jnp.where(mask[..., None], outputs + inputs, 0.0)
@@ -243,13 +273,15 @@ class BiLM(nn.Module):
     use_character_inputs: bool = True
     dropout_rate: float = 0.0
     precision: Any = DEFAULT_PRECISION
+    cnn_chunk_size: Optional[int] = None
 
     def setup(self):
         o = self.options
         if self.use_character_inputs:
             if o.char_cnn is None:
                 raise ValueError("character inputs need the char_cnn section of the options")
-            self.embedder = CharCNNEmbedder(o.char_cnn, o.projection_dim, precision=self.precision)
+            self.embedder = CharCNNEmbedder(o.char_cnn, o.projection_dim, precision=self.precision,
+                                            chunk_size=self.cnn_chunk_size)
         else:
             if o.n_tokens_vocab is None:
                 raise ValueError("token inputs need n_tokens_vocab (the token embedding table's rows)")
@@ -265,15 +297,22 @@ class BiLM(nn.Module):
         stack = self.forward_lstm if direction == "forward" else self.backward_lstm
         return stack(inputs, mask, state, deterministic)
 
-    def __call__(self, ids: Array, state: dict, deterministic: bool = True) -> tuple[BiLMOutput, dict]:
+    def __call__(self, ids: Array, state: dict, deterministic: bool = True,
+                 embedding: Optional[Array] = None) -> tuple[BiLMOutput, dict]:
+        """`embedding`, when given, stands for self.embed(ids) (computed elsewhere, e.g. once per
+        distinct token)."""
         lengths = sequence_lengths(ids, self.use_character_inputs)
         mask = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
-        embedding = jnp.where(mask[..., None], self.embed(ids), 0.0)
+        embedding = self.embed(ids) if embedding is None else embedding
+        embedding = jnp.where(mask[..., None], embedding, 0.0)
         forward, forward_state = self.run_lstm("forward", embedding, mask, state["forward"], deterministic)
         new_state = {"forward": forward_state}
         backward = []
         if self.options.bidirectional:
+            # The barrier makes the backward LM wait for the forward one, so that the two
+            # directions' (batch, time, 4 * dim) input products are never in memory together.
+            backward_input, _ = lax.optimization_barrier((reverse_sequence(embedding, lengths), forward[-1]))
             reversed_outputs, new_state["backward"] = self.run_lstm(
-                "backward", reverse_sequence(embedding, lengths), mask, state["backward"], deterministic)
+                "backward", backward_input, mask, state["backward"], deterministic)
             backward = [reverse_sequence(x, lengths) for x in reversed_outputs]
         return BiLMOutput(embedding, mask, lengths, forward, backward), new_state

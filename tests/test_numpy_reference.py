@@ -93,7 +93,8 @@ def np_char_cnn(p, options: CharCNNOptions, projection_dim: int, char_ids):
 
 def np_lstm_step(p, x, c_prev, h_prev, cell_clip=None, proj_clip=None, use_projection=False):
     """TensorFlow LSTMCell: gates i, j, f, o; forget bias 1.0; clip cell; project; clip."""
-    z = np.concatenate([x, h_prev], axis=-1) @ p["W_0"] + p["B"]
+    # the file's W_0 is [W_x; W_h]
+    z = np.concatenate([x, h_prev], axis=-1) @ np.concatenate([p["W_x"], p["W_h"]]) + p["B"]
     i, j, f, o = np.split(z, 4, axis=-1)
     c = np_sigmoid(f + 1.0) * c_prev + np_sigmoid(i) * np.tanh(j)
     if cell_clip is not None:

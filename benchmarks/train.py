@@ -69,6 +69,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab-size", type=int, default=0, help="default: the config's")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--precision", default="default", help="matmul precision: default or highest")
+    parser.add_argument("--unroll-scan", type=int, default=1, help="LSTM steps per scan iteration")
     parser.add_argument("--device", choices=["cpu", "gpu", "default"], default="default")
     parser.add_argument("--peak-gflops", type=float, default=0.0)
     args = parser.parse_args(argv)
@@ -87,7 +88,7 @@ def main(argv=None) -> dict:
     config.model.char_cnn.update(c["char_cnn"])
     config.model.lstm.update(c["lstm"])
     config.train.update(batch_size=args.batch, unroll_steps=args.unroll, n_negative_samples_batch=negatives,
-                        matmul_precision=args.precision)
+                        matmul_precision=args.precision, scan_unroll=args.unroll_scan)
     config.data.update(train_prefix=os.path.join(common.SAMPLE, "train", "shard-*.txt"),
                        vocab_file=padded_vocab(vocab_size))
     vocab = train.load_vocab(config)
@@ -115,7 +116,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "train", "config": args.config, "batch_per_device": args.batch, "devices": trainer.n_devices,
         "unroll_steps": args.unroll, "negatives": negatives, "vocab_size": vocab.size, "runs": args.runs,
-        "precision": args.precision, "tokens_per_second": tokens_per_second, "compile_seconds": compile_seconds,
+        "precision": args.precision, "scan_unroll": args.unroll_scan, "tokens_per_second": tokens_per_second, "compile_seconds": compile_seconds,
         "peak_rss_mib": common.peak_rss_mib(), "flops_per_token": flops, "machine_peak_gflops": peak,
         "fraction_of_peak_nominal": tokens_per_second["median"] * flops / (peak * 1e9), "final_loss": float(metrics["loss"]),
         "environment": common.environment(),

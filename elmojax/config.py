@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
         checkpoint_every=1000,
         keep_checkpoints=3,
         matmul_precision="default",     # "highest" for full float32 on GPUs with TF32
+        scan_unroll=1,                  # LSTM time steps per loop iteration (a speed knob)
     ))
     c.data = ml_collections.ConfigDict(dict(train_prefix="", heldout_prefix="", vocab_file=""))
     c.eval = ml_collections.ConfigDict(dict(batch_size=64, unroll_steps=20))

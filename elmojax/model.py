@@ -148,6 +148,7 @@ class LSTMLayer(nn.Module):
     residual: bool = False
     dropout_rate: float = 0.0
     precision: Any = DEFAULT_PRECISION
+    unroll: int = 1  # time steps per iteration of the scan's loop
 
     @nn.compact
     def __call__(self, inputs: Array, mask: Array, state: tuple[Array, Array],
@@ -191,7 +192,7 @@ class LSTMLayer(nn.Module):
             m = m[:, None]
             return (jnp.where(m, c, c_prev), jnp.where(m, h, h_prev)), jnp.where(m, h, 0.0)
 
-        new_state, outputs = lax.scan(step, state, (input_gates, jnp.swapaxes(mask, 0, 1)))
+        new_state, outputs = lax.scan(step, state, (input_gates, jnp.swapaxes(mask, 0, 1)), unroll=self.unroll)
         outputs = jnp.swapaxes(outputs, 0, 1)
         if self.residual:
             outputs = jnp.where(mask[..., None], outputs + inputs, 0.0)
@@ -204,6 +205,7 @@ class LSTMStack(nn.Module):
     options: LSTMOptions
     dropout_rate: float = 0.0
     precision: Any = DEFAULT_PRECISION
+    unroll: int = 1
 
     @nn.compact
     def __call__(self, inputs: Array, mask: Array, state: Sequence[tuple[Array, Array]],
@@ -221,6 +223,7 @@ class LSTMStack(nn.Module):
                 residual=o.use_skip_connections and i > 0,
                 dropout_rate=self.dropout_rate,
                 precision=self.precision,
+                unroll=self.unroll,
                 name=f"layer_{i}",
             )(x, mask, state[i], deterministic)
             outputs.append(x)
@@ -274,6 +277,7 @@ class BiLM(nn.Module):
     dropout_rate: float = 0.0
     precision: Any = DEFAULT_PRECISION
     cnn_chunk_size: Optional[int] = None
+    scan_unroll: int = 1
 
     def setup(self):
         o = self.options
@@ -286,9 +290,9 @@ class BiLM(nn.Module):
             if o.n_tokens_vocab is None:
                 raise ValueError("token inputs need n_tokens_vocab (the token embedding table's rows)")
             self.embedder = TokenEmbedder(o.n_tokens_vocab, o.projection_dim)
-        self.forward_lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision)
+        self.forward_lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision, self.scan_unroll)
         if o.bidirectional:
-            self.backward_lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision)
+            self.backward_lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision, self.scan_unroll)
 
     def embed(self, ids: Array) -> Array:
         return self.embedder(ids)

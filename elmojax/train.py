@@ -16,7 +16,9 @@ import functools
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 from typing import Any, Optional
 
@@ -160,7 +162,7 @@ class Trainer:
             raise ValueError(f"train.n_negative_samples_batch ({self.settings.n_negative_samples_batch}) exceeds "
                              f"the vocabulary ({n_vocab} tokens): the sampler draws distinct ids")
         self.model = BiLM(self.options, self.settings.use_character_inputs, dropout_rate=self.settings.dropout,
-                          precision=self.settings.precision)
+                          precision=self.settings.precision, scan_unroll=config.train.get("scan_unroll", 1))
         self.tx = make_optimizer(config)
         self.mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
         self.replicated = NamedSharding(self.mesh, P())
@@ -368,29 +370,78 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     log.info("training %s for %d steps (%d per epoch of %d tokens; global batch %d on %d device(s))",
              "chars" if trainer.settings.use_character_inputs else "words", total_steps, steps_per_epoch,
              n_train_tokens, trainer.batch_size, trainer.n_devices)
-    batches = dataset.iter_batches()
-    pending, interval_start, interval_steps = [], time.monotonic(), 0
-    while step < total_steps:
-        state, metrics = trainer.train_step(state, trainer.put_batch(next(batches)))
-        step += 1
-        pending.append(metrics["loss"])
-        interval_steps += 1
-        if step % tc.log_every == 0 or step == total_steps:
-            loss = float(np.mean(jax.device_get(pending)))
-            elapsed = time.monotonic() - interval_start
-            tokens_per_second = interval_steps * tokens_per_step / elapsed
-            left = (total_steps - step) * elapsed / interval_steps
-            log.info("step %d/%d  %.0f tokens/s  train perplexity (sampled softmax) %.2f  %s left",
-                     step, total_steps, tokens_per_second, np.exp(loss), _duration(left))
-            writer.scalars(step, {"train/loss": loss, "train/sampled_perplexity": float(np.exp(loss)),
-                                  "train/grad_norm": float(metrics["grad_norm"]),
-                                  "train/tokens_per_second": tokens_per_second})
-            pending, interval_start, interval_steps = [], time.monotonic(), 0
-        if step % tc.checkpoint_every == 0 or step == total_steps:
-            checkpointer.save(step, state, {**meta, "data": dataset.state_dict()})
+    batches = BatchPrefetcher(dataset)
+    try:
+        pending, interval_start, interval_steps = [], time.monotonic(), 0
+        while step < total_steps:
+            batch, data_position = next(batches)
+            state, metrics = trainer.train_step(state, trainer.put_batch(batch))
+            step += 1
+            pending.append(metrics["loss"])
+            interval_steps += 1
+            if step % tc.log_every == 0 or step == total_steps:
+                loss = float(np.mean(jax.device_get(pending)))
+                elapsed = time.monotonic() - interval_start
+                tokens_per_second = interval_steps * tokens_per_step / elapsed
+                left = (total_steps - step) * elapsed / interval_steps
+                log.info("step %d/%d  %.0f tokens/s  train perplexity (sampled softmax) %.2f  %s left",
+                         step, total_steps, tokens_per_second, np.exp(loss), _duration(left))
+                writer.scalars(step, {"train/loss": loss, "train/sampled_perplexity": float(np.exp(loss)),
+                                      "train/grad_norm": float(metrics["grad_norm"]),
+                                      "train/tokens_per_second": tokens_per_second})
+                pending, interval_start, interval_steps = [], time.monotonic(), 0
+            if step % tc.checkpoint_every == 0 or step == total_steps:
+                checkpointer.save(step, state, {**meta, "data": data_position})
+    finally:
+        batches.close()
     checkpointer.close()
     writer.close()
     return state
+
+
+class BatchPrefetcher:
+    """Reads batches in a background thread so the device never waits for the host.
+
+    Yields (batch, data position after it): the position saved with a checkpoint must be that
+    of the last batch trained on, not of the batches read ahead.
+    """
+
+    def __init__(self, dataset, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(dataset,), daemon=True)
+        self._thread.start()
+
+    def _work(self, dataset) -> None:
+        try:
+            for batch in dataset.iter_batches():
+                if not self._put((batch, dataset.state_dict())):
+                    return
+            self._put(StopIteration())
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _duration(seconds: float) -> str:

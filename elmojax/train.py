@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from elmojax import checkpoint, config as config_lib, data, files, hdf5, softmax
+from elmojax.embed import distinct_tokens
 from elmojax.model import BiLM, zero_state
 from elmojax.options import N_CHARACTERS_PREDICT, BiLMOptions
 from elmojax.tensorboard import SummaryWriter
@@ -87,13 +88,18 @@ def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, m
     else:
         softmax_w = params["softmax"]["W"]
     softmax_b = params["softmax"]["b"]
-    input_key = "char_ids" if settings.use_character_inputs else "token_ids"
     directions = DIRECTIONS if settings.bidirectional else DIRECTIONS[:1]
+    if settings.use_character_inputs:
+        # the char CNN runs once per distinct token of the batch (both streams), see put_batch
+        token_table = model.apply({"params": bilm_params}, batch["distinct_char_ids"], method=BiLM.embed)
     sums, new_state = {}, {}
     for direction, suffix in directions:
         rng, dropout_key, output_key, sample_key = jax.random.split(rng, 4)
         weights = batch["weights" + suffix]
-        embedding = model.apply({"params": bilm_params}, batch[input_key + suffix], method=BiLM.embed)
+        if settings.use_character_inputs:
+            embedding = jnp.take(token_table, batch["token_index" + suffix], axis=0)
+        else:
+            embedding = model.apply({"params": bilm_params}, batch["token_ids" + suffix], method=BiLM.embed)
         outputs, new_state[direction] = model.apply(
             {"params": bilm_params}, direction, embedding, weights > 0, lstm_state[direction],
             not training, rngs={"dropout": dropout_key}, method=BiLM.run_lstm)
@@ -206,7 +212,18 @@ class Trainer:
                             _broadcast_sharding(self.state_sharding, shapes))
 
     def put_batch(self, batch: dict) -> dict:
-        return jax.device_put({k: np.asarray(v) for k, v in batch.items()}, self.sharded)
+        """Sends a batch to the devices, sharded along the batch axis. Character inputs go as
+        the batch's distinct tokens (padded to a power of two, so few shapes compile) and an
+        index into them per position: the char CNN then runs once per distinct token."""
+        batch = {k: np.asarray(v) for k, v in batch.items()}
+        if self.settings.use_character_inputs:
+            suffixes = [suffix for _, suffix in DIRECTIONS if "char_ids" + suffix in batch]
+            distinct, index = distinct_tokens(np.stack([batch.pop("char_ids" + s) for s in suffixes]),
+                                              min_bucket=max(64, self.n_devices))
+            for k, suffix in enumerate(suffixes):
+                batch["token_index" + suffix] = index[k]
+            batch["distinct_char_ids"] = distinct
+        return jax.device_put(batch, self.sharded)
 
     def zero_lstm_state(self, batch_size: int):
         return jax.device_put(zero_state(self.options, batch_size), self.sharded)

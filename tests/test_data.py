@@ -305,3 +305,139 @@ def test_errors_name_the_problem(tmp_path, small):
     with pytest.raises(ValueError, match="unroll_steps"):
         LMDataset(pattern, vocab, 2, 0)
     assert list_shards(pattern) == [os.path.join(os.path.dirname(pattern), "shard-0.txt")]
+
+
+# --- the batches against a straightforward construction ----------------------------------------
+
+KJV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "elmojax", "resources", "kjv_sample")
+
+
+def reference_batches(pattern, vocab, batch_size, steps, reverse, test, seed, n_batches):
+    """bilm-tf's _get_batch written out token by token: the same sentence stream (shard order and
+    each shard's sentence order drawn from the same generator when needed), vocab.encode and
+    vocab.encode_chars for each sentence, rows filled in order, padding at the end of a test stream."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(int(reverse),))))
+    shards = list_shards(pattern)
+    chars = isinstance(vocab, UnicodeCharsVocabulary)
+
+    def sentences():
+        while True:
+            order = range(len(shards)) if test else rng.permutation(len(shards))
+            for s in order:
+                with open(shards[s], "rb") as f:
+                    lines = [line for line in f.read().decode("utf-8").split("\n") if line.strip()]
+                for i in range(len(lines)) if test else rng.permutation(len(lines)):
+                    yield lines[i].split()
+            if test:
+                return
+
+    stream = sentences()
+    rows = [None] * batch_size  # [ids, chars, pairs used]
+    batches = []
+    while len(batches) < n_batches:
+        width = vocab.max_word_length if chars else 0
+        tokens = np.zeros((batch_size, steps), np.int32)
+        targets = np.zeros((batch_size, steps), np.int32)
+        weights = np.zeros((batch_size, steps), np.float32)
+        char_ids = np.zeros((batch_size, steps, width), np.int32)
+        for i in range(batch_size):
+            for j in range(steps):
+                if rows[i] is None or rows[i][2] == len(rows[i][0]) - 1:
+                    rows[i] = None
+                    words = next(stream, None)
+                    if words is None:
+                        break
+                    words = words[::-1] if reverse else words
+                    rows[i] = [vocab.encode(words, reverse=reverse, split=False),
+                               vocab.encode_chars(words, reverse=reverse, split=False) if chars else None, 0]
+                ids, spelled, k = rows[i]
+                tokens[i, j], targets[i, j], weights[i, j] = ids[k] + 1, ids[k + 1], 1
+                if chars:
+                    char_ids[i, j] = spelled[k] + 1
+                rows[i][2] += 1
+        if weights.sum() == 0:
+            break
+        batch = {"token_ids": tokens}
+        if chars:
+            batch["char_ids"] = char_ids
+        batch.update(next_token_id=targets, weights=weights)
+        batches.append(batch)
+    return batches
+
+
+def assert_identical(batch, expected):
+    assert list(batch) == list(expected)
+    for key in expected:
+        assert batch[key].dtype == expected[key].dtype and batch[key].shape == expected[key].shape, key
+        np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
+
+
+def kjv_corpora(tmp_path):
+    """The bundled sample as one shard with its vocabulary, and cut into shards of uneven sizes
+    (one blank) with a small vocabulary, so that many words are <UNK> and spelled out."""
+    with open(os.path.join(KJV, "train", "shard-00000.txt"), encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    with open(os.path.join(KJV, "vocab.txt"), encoding="utf-8") as f:
+        vocab_words = [line.strip() for line in f]
+    small = write(tmp_path / "small_vocab.txt", vocab_words[:200])
+    cuts = [0, 900, 901, 901, 2000, len(lines)]
+    for s in range(len(cuts) - 1):
+        write(tmp_path / "kjv" / f"shard-{s}.txt", lines[cuts[s]:cuts[s + 1]] + ["the Zürich <UNK> <S> émigré"])
+    # Short sentences in small shards: rows often end a sentence with a window and shards end
+    # within a batch.
+    rng = np.random.default_rng(5)
+    words = vocab_words[3:40] + ["Zürich", "<UNK>", "zzz"]
+    for s in range(6):
+        write(tmp_path / "short" / f"shard-{s}.txt",
+              [" ".join(rng.choice(words, size=rng.integers(1, 4))) for _ in range(rng.integers(0, 8))])
+    return [(os.path.join(KJV, "train", "shard-*.txt"), os.path.join(KJV, "vocab.txt")),
+            (str(tmp_path / "kjv" / "shard-*.txt"), small),
+            (os.path.join(FIXTURES, "data.txt"), os.path.join(FIXTURES, "vocab.txt")),
+            (str(tmp_path / "short" / "shard-*.txt"), small)]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_batches_match_reference_construction(tmp_path, reverse):
+    for pattern, vocab_file in kjv_corpora(tmp_path):
+        for width, batch_size, steps, test, n in [(50, 8, 10, False, 300), (9, 5, 7, True, 300),
+                                                  (None, 3, 13, False, 200), (6, 3, 2, False, 200),
+                                                  (6, 2, 3, True, 200)]:
+            vocab = (Vocabulary(vocab_file, validate_file=True) if width is None
+                     else UnicodeCharsVocabulary(vocab_file, width, validate_file=True))
+            data = LMDataset(pattern, vocab, batch_size, steps, reverse=reverse, test=test, seed=11)
+            expected = reference_batches(pattern, vocab, batch_size, steps, reverse, test, 11, n)
+            batches = take(data, len(expected))
+            for batch, want in zip(batches, expected):
+                assert_identical(batch, want)
+            if len(expected) < n:  # the test stream ended
+                assert data.next_batch() is None
+            if width == 50 and pattern == str(tmp_path / "kjv" / "shard-*.txt"):
+                spelled = sum(((b["token_ids"] == vocab.unk + 1)[..., None]
+                               & (b["char_ids"] != vocab.word_char_ids[vocab.unk] + 1)).any(-1).sum() for b in batches)
+                assert spelled > 100  # many <UNK> inputs spell their own word
+
+
+def test_resume_matches_reference_construction(tmp_path):
+    """Saved and restored at several points (rows from shards no longer loaded included), the
+    bidirectional stream goes on as the reference does."""
+    pattern, vocab_file = kjv_corpora(tmp_path)[1]
+    vocab = UnicodeCharsVocabulary(vocab_file, 12, validate_file=True)
+    n = 260
+    forward = reference_batches(pattern, vocab, 16, 20, False, False, 3, n)
+    backward = reference_batches(pattern, vocab, 16, 20, True, False, 3, n)
+    data = BidirectionalLMDataset(pattern, vocab, 16, 20, seed=3)
+    states = {}
+    for k in range(n):
+        batch = data.next_batch()
+        if k % 37 == 0:
+            states[k] = json.loads(json.dumps(data.state_dict()))
+        assert_identical({key: batch[key] for key in forward[k]}, forward[k])
+        assert_identical({key: batch[key + "_reverse"] for key in backward[k]}, backward[k])
+    for k, state in states.items():
+        fresh = BidirectionalLMDataset(pattern, vocab, 16, 20, seed=3)
+        fresh.load_state_dict(state)
+        assert fresh.state_dict() == state
+        for m, batch in enumerate(take(fresh, 30), start=k + 1):
+            if m < n:
+                assert_identical({key: batch[key] for key in forward[m]}, forward[m])
+                assert_identical({key: batch[key + "_reverse"] for key in backward[m]}, backward[m])

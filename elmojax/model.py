@@ -313,10 +313,7 @@ class BiLM(nn.Module):
         new_state = {"forward": forward_state}
         backward = []
         if self.options.bidirectional:
-            # The barrier makes the backward LM wait for the forward one, so that the two
-            # directions' (batch, time, 4 * dim) input products are never in memory together.
-            backward_input, _ = lax.optimization_barrier((reverse_sequence(embedding, lengths), forward[-1]))
             reversed_outputs, new_state["backward"] = self.run_lstm(
-                "backward", backward_input, mask, state["backward"], deterministic)
+                "backward", reverse_sequence(embedding, lengths), mask, state["backward"], deterministic)
             backward = [reverse_sequence(x, lengths) for x in reversed_outputs]
         return BiLMOutput(embedding, mask, lengths, forward, backward), new_state

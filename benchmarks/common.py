@@ -137,6 +137,25 @@ def summarize(rates: list[float]) -> dict:
     return {"min": min(rates), "median": statistics.median(rates), "max": max(rates)}
 
 
+def speed_result(rates: list[float], compile_seconds: float, flops: int, peak_gflops: float) -> dict:
+    """The fields every model benchmark reports."""
+    tokens_per_second = summarize(rates)
+    return {"tokens_per_second": tokens_per_second, "compile_seconds": compile_seconds,
+            "peak_rss_mib": peak_rss_mib(), "flops_per_token": flops, "machine_peak_gflops": peak_gflops,
+            "fraction_of_peak_nominal": tokens_per_second["median"] * flops / (peak_gflops * 1e9)}
+
+
+def speed_rows(result: dict, first_call: str) -> list[tuple[str, str]]:
+    return [
+        ("tokens/s (min/median/max)", "{min:.0f} / {median:.0f} / {max:.0f}".format(**result["tokens_per_second"])),
+        (first_call, f"{result['compile_seconds']:.2f} s"),
+        ("MFLOP per token", f"{result['flops_per_token'] / 1e6:.2f}"),
+        ("nominal FLOPs / fp32 matmul peak",
+         f"{result['fraction_of_peak_nominal']:.1%} of {result['machine_peak_gflops']:.1f} GFLOP/s"),
+        ("peak RSS", f"{result['peak_rss_mib']:.0f} MiB"),
+    ]
+
+
 def report(result: dict, rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -55,23 +55,13 @@ def main(argv=None) -> dict:
 
     flops = common.inference_flops(common.SIZES[args.size])
     peak = args.peak_gflops or common.measure_matmul_gflops()
-    tokens_per_second = common.summarize(rates)
     result = {
         "benchmark": "inference", "size": args.size, "batch": args.batch, "tokens_per_batch": n_tokens,
         "sentence_lengths": [args.min_length, args.max_length], "runs": args.runs,
-        "tokens_per_second": tokens_per_second, "compile_seconds": compile_seconds,
-        "peak_rss_mib": common.peak_rss_mib(), "flops_per_token": flops, "machine_peak_gflops": peak,
-        "fraction_of_peak_nominal": tokens_per_second["median"] * flops / (peak * 1e9),
-        "environment": common.environment(),
+        **common.speed_result(rates, compile_seconds, flops, peak), "environment": common.environment(),
     }
-    common.report(result, [
-        ("size / batch", f"{args.size} / {args.batch} sentences, {n_tokens} tokens"),
-        ("tokens/s (min/median/max)", "{min:.0f} / {median:.0f} / {max:.0f}".format(**tokens_per_second)),
-        ("compile + first call", f"{compile_seconds:.2f} s"),
-        ("MFLOP per token", f"{flops / 1e6:.2f}"),
-        ("nominal FLOPs / fp32 matmul peak", f"{result['fraction_of_peak_nominal']:.1%} of {peak:.1f} GFLOP/s"),
-        ("peak RSS", f"{result['peak_rss_mib']:.0f} MiB"),
-    ])
+    common.report(result, [("size / batch", f"{args.size} / {args.batch} sentences, {n_tokens} tokens")]
+                  + common.speed_rows(result, "compile + first call"))
     return result
 
 

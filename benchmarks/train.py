@@ -112,24 +112,16 @@ def main(argv=None) -> dict:
 
     flops = training_flops(c, negatives)
     peak = args.peak_gflops or common.measure_matmul_gflops()
-    tokens_per_second = common.summarize(rates)
     result = {
         "benchmark": "train", "config": args.config, "batch_per_device": args.batch, "devices": trainer.n_devices,
         "unroll_steps": args.unroll, "negatives": negatives, "vocab_size": vocab.size, "runs": args.runs,
-        "precision": args.precision, "scan_unroll": args.unroll_scan, "tokens_per_second": tokens_per_second, "compile_seconds": compile_seconds,
-        "peak_rss_mib": common.peak_rss_mib(), "flops_per_token": flops, "machine_peak_gflops": peak,
-        "fraction_of_peak_nominal": tokens_per_second["median"] * flops / (peak * 1e9), "final_loss": float(metrics["loss"]),
-        "environment": common.environment(),
+        "precision": args.precision, "scan_unroll": args.unroll_scan,
+        **common.speed_result(rates, compile_seconds, flops, peak),
+        "final_loss": float(metrics["loss"]), "environment": common.environment(),
     }
-    common.report(result, [
-        ("config", f"{args.config}: batch {trainer.batch_size} x unroll {args.unroll}, {negatives} negatives, "
-                   f"vocab {vocab.size}"),
-        ("tokens/s (min/median/max)", "{min:.0f} / {median:.0f} / {max:.0f}".format(**tokens_per_second)),
-        ("compile + first step", f"{compile_seconds:.2f} s"),
-        ("MFLOP per token", f"{flops / 1e6:.2f}"),
-        ("nominal FLOPs / fp32 matmul peak", f"{result['fraction_of_peak_nominal']:.1%} of {peak:.1f} GFLOP/s"),
-        ("peak RSS", f"{result['peak_rss_mib']:.0f} MiB"),
-    ])
+    common.report(result, [("config", f"{args.config}: batch {trainer.batch_size} x unroll {args.unroll}, "
+                                      f"{negatives} negatives, vocab {vocab.size}")]
+                  + common.speed_rows(result, "compile + first step"))
     return result
 
 

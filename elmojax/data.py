@@ -348,7 +348,24 @@ def _check_positive(name: str, value) -> int:
     return int(value)
 
 
-class LMDataset:
+class _Batches:
+    """Iteration over `next_batch()`, which returns None once an evaluation stream has ended."""
+
+    def next_batch(self) -> Optional[Batch]:
+        raise NotImplementedError
+
+    def iter_batches(self) -> Iterator[Batch]:
+        """Batches from the current position: forever when training, to the end when testing."""
+        while True:
+            batch = self.next_batch()
+            if batch is None:
+                return
+            yield batch
+
+    __iter__ = iter_batches
+
+
+class LMDataset(_Batches):
     """One direction of a language-model data stream (bilm-tf's LMDataset + _get_batch).
 
     vocab: a Vocabulary / UnicodeCharsVocabulary, or a vocabulary file path (then loaded with
@@ -640,15 +657,6 @@ class LMDataset:
         hit = self._spelled_at[found] == address
         char_ids.reshape(-1, char_ids.shape[-1])[unknown[hit]] = self._spelled[found[hit]]
 
-    def iter_batches(self) -> Iterator[Batch]:
-        """Batches from the current position: forever when training, to the end when testing."""
-        while True:
-            batch = self.next_batch()
-            if batch is None:
-                return
-            yield batch
-
-    __iter__ = iter_batches
 
     # --- resume ----------------------------------------------------------------------------
 
@@ -742,7 +750,7 @@ class LMDataset:
         self._shard_cache = other._shard_cache
 
 
-class BidirectionalLMDataset:
+class BidirectionalLMDataset(_Batches):
     """A forward and a backward LMDataset over the same shards, batched together.
 
     Each batch holds the forward arrays ('token_ids', 'char_ids', 'next_token_id', 'weights')
@@ -775,14 +783,6 @@ class BidirectionalLMDataset:
         batch.update({f"{key}_reverse": value for key, value in backward.items()})
         return batch
 
-    def iter_batches(self) -> Iterator[Batch]:
-        while True:
-            batch = self.next_batch()
-            if batch is None:
-                return
-            yield batch
-
-    __iter__ = iter_batches
 
     def state_dict(self) -> dict:
         return {"forward": self.forward.state_dict(), "backward": self.backward.state_dict()}

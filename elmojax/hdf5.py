@@ -88,6 +88,13 @@ def _datasets(f: h5py.File) -> Iterator[str]:
     return iter(names)
 
 
+def _open(path: str) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot open as hdf5 ({e})") from None
+
+
 def _read(f: h5py.File, filename: str, name: str, shape: tuple[int, ...]) -> np.ndarray:
     if name not in f or not isinstance(f[name], h5py.Dataset):
         raise ValueError(f"{filename}: dataset '{name}' is missing (expected shape {shape} for these options)")
@@ -138,11 +145,7 @@ def load_weights(weight_file: str, options: BiLMOptions, use_character_inputs: b
     layout = embedder_layout(options) + lstm_layout(options)
     wanted = layout if use_character_inputs else lstm_layout(options)
     params: Params = {}
-    try:
-        f = h5py.File(weight_file, "r")
-    except OSError as e:
-        raise ValueError(f"{weight_file}: cannot open as hdf5 ({e})") from None
-    with f:
+    with _open(weight_file) as f:
         expected = {name for name, _, _ in layout}
         unexpected = sorted(set(_datasets(f)) - expected)
         if unexpected:
@@ -183,11 +186,7 @@ def save_weights(params: Params, options: BiLMOptions, weight_file: str) -> None
 
 def load_token_embeddings(embedding_file: str, dim: Optional[int] = None) -> np.ndarray:
     """Reads the `embedding` dataset (vocab, dim) of a token-embedding file."""
-    try:
-        f = h5py.File(embedding_file, "r")
-    except OSError as e:
-        raise ValueError(f"{embedding_file}: cannot open as hdf5 ({e})") from None
-    with f:
+    with _open(embedding_file) as f:
         if "embedding" not in f:
             raise ValueError(f"{embedding_file}: dataset 'embedding' is missing")
         shape = f["embedding"].shape
@@ -219,11 +218,7 @@ def save_softmax(weights: np.ndarray, biases: np.ndarray, softmax_file: str,
 
 def load_softmax(softmax_file: str) -> tuple[np.ndarray, np.ndarray, Optional[list[str]]]:
     """Reads (W, b, vocabulary or None) from a softmax file written by `save_softmax`."""
-    try:
-        f = h5py.File(softmax_file, "r")
-    except OSError as e:
-        raise ValueError(f"{softmax_file}: cannot open as hdf5 ({e})") from None
-    with f:
+    with _open(softmax_file) as f:
         if "softmax/W" not in f:
             raise ValueError(f"{softmax_file}: dataset 'softmax/W' is missing")
         weights = _read(f, softmax_file, "softmax/W", f["softmax/W"].shape)

@@ -190,3 +190,20 @@ def test_fine_tune_from_a_workdir(tmp_path):
     for a, b in zip(jax.tree.leaves(base.params), jax.tree.leaves(tuned.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(tuned.step) == 1
+
+
+def test_word_input_export_is_its_own_embedding_file(tmp_path):
+    from elmojax import TokenBatcher
+
+    state = train.train(_config("words", max_steps=5), str(tmp_path / "work"))
+    output = str(tmp_path / "export" / "elmo.hdf5")
+    exported = train.export(str(tmp_path / "work"), output)
+    bilm = BidirectionalLanguageModel(exported["options"], output, use_character_inputs=False,
+                                      embedding_weight_file=output)
+    ids = TokenBatcher(exported["vocab"]).batch_sentences([["these", "models", "use", "words"], ["the"]])
+    from_file = bilm(ids)
+    options = BiLMOptions.from_dict(json.load(open(exported["options"], encoding="utf-8")))
+    direct, _ = make_embed_fn(BiLM(options, use_character_inputs=False))(
+        jax.device_get(state.params["bilm"]), ids.astype(np.int32), zero_state(options, 2))
+    assert np.max(np.abs(from_file["lm_embeddings"] - np.asarray(direct["lm_embeddings"]))) <= 1e-6
+    assert np.abs(from_file["lm_embeddings"]).max() > 0.01

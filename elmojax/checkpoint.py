@@ -16,6 +16,12 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
+def data_position_file(workdir: str, step: int, process_index: int) -> str:
+    """Where a process of a multi-process run keeps its data stream's position at a step (each
+    reads its own shards, so each has its own position)."""
+    return os.path.join(checkpoint_dir(workdir), "data_positions", f"step_{step}.process_{process_index}.json")
+
+
 def has_checkpoint(workdir: str) -> bool:
     return os.path.isdir(checkpoint_dir(workdir)) and latest_step(workdir) is not None
 

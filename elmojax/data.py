@@ -52,6 +52,17 @@ def list_shards(pattern: str) -> list[str]:
     return paths
 
 
+def _subset(shards: list[str], pattern: str, subset: tuple[int, int]) -> list[str]:
+    """Shards index, index + count, ...: one process's share when several read the data."""
+    index, count = subset
+    if not 0 <= index < count:
+        raise ValueError(f"shard_subset {subset}: need 0 <= index < count")
+    if len(shards) < count:
+        raise ValueError(f"the dataset pattern {pattern!r} matches {len(shards)} shard(s), fewer than the "
+                         f"{count} processes that share them; split the data into at least {count} shards")
+    return shards[index::count]
+
+
 def count_tokens(pattern: str) -> int:
     """Number of words in a dataset (no <S>/</S>), as bilm-tf's n_train_tokens counts them."""
     return sum(len(line.split()) for path in list_shards(pattern) for _, line in files.read_lines(path))
@@ -372,13 +383,14 @@ class LMDataset(_Batches):
     `max_characters_per_token`). Char ids are produced when the vocabulary is a
     UnicodeCharsVocabulary (`max_characters_per_token`, if given, must match its width).
     reverse: the backward stream ([</S>, wn..w1, <S>]). test: evaluation (one sorted pass, no
-    shuffle, padded end). seed: the random stream; forward and reverse datasets of the same seed
+    shuffle, padded end). shard_subset (index, count): read only shards index, index + count, ...
+    (a process's share of the data). seed: the random stream; forward and reverse datasets of the same seed
     draw from independent generators.
     """
 
     def __init__(self, pattern: str, vocab: Union[str, Vocabulary], batch_size: int, unroll_steps: int,
                  reverse: bool = False, test: bool = False, seed: int = 0,
-                 max_characters_per_token: Optional[int] = None):
+                 max_characters_per_token: Optional[int] = None, shard_subset: tuple[int, int] = (0, 1)):
         self.pattern = pattern
         self.vocab = _resolve_vocab(vocab, max_characters_per_token)
         self.use_chars = isinstance(self.vocab, UnicodeCharsVocabulary)
@@ -390,7 +402,7 @@ class LMDataset(_Batches):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
-        self.shards = list_shards(pattern)
+        self.shards = _subset(list_shards(pattern), pattern, shard_subset)
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(self.seed, spawn_key=(int(self.reverse),))))
         self._shard_cache = _ShardCache(self.vocab, self.use_chars)
         self._char_rows = np.asarray(self.vocab.word_char_ids, dtype=np.int32) if self.use_chars else None
@@ -760,9 +772,11 @@ class BidirectionalLMDataset(_Batches):
     """
 
     def __init__(self, pattern: str, vocab: Union[str, Vocabulary], batch_size: int, unroll_steps: int,
-                 test: bool = False, seed: int = 0, max_characters_per_token: Optional[int] = None):
+                 test: bool = False, seed: int = 0, max_characters_per_token: Optional[int] = None,
+                 shard_subset: tuple[int, int] = (0, 1)):
         vocab = _resolve_vocab(vocab, max_characters_per_token)
-        kwargs = dict(batch_size=batch_size, unroll_steps=unroll_steps, test=test, seed=seed)
+        kwargs = dict(batch_size=batch_size, unroll_steps=unroll_steps, test=test, seed=seed,
+                      shard_subset=shard_subset)
         self.forward = LMDataset(pattern, vocab, reverse=False, **kwargs)
         self.backward = LMDataset(pattern, vocab, reverse=True, **kwargs)
         self.backward._share_with(self.forward)

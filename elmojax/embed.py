@@ -94,12 +94,15 @@ def make_distinct_embed_fn(model: BiLM) -> Callable:
     return jax.jit(embed_fn)
 
 
-def distinct_tokens(char_ids: np.ndarray, min_bucket: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct char-id rows padded to a power of two, index of each token's row)."""
+def distinct_tokens(char_ids: np.ndarray, min_bucket: int = 64, size: Optional[int] = None,
+                    multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct char-id rows, index of each token's row). The rows are padded with zeros to
+    `size`, or else to a power of two (at least min_bucket), then to a multiple of `multiple`."""
     rows = np.ascontiguousarray(char_ids.reshape(-1, char_ids.shape[-1]))
     keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    size = max(min_bucket, 1 << (len(first) - 1).bit_length())
+    size = size or max(min_bucket, 1 << (len(first) - 1).bit_length())
+    size = -(-size // multiple) * multiple
     distinct = np.zeros((size, rows.shape[1]), rows.dtype)
     distinct[: len(first)] = rows[first]
     return distinct, inverse.reshape(char_ids.shape[:-1]).astype(np.int32)

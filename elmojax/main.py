@@ -6,7 +6,9 @@
   python -m elmojax.main --mode=export --workdir=DIR --output=FILE.hdf5
 
 Any config field can be overridden: --config.train.batch_size=64. Without --config the bundled
-quickstart config is used.
+quickstart config is used. Several processes (hosts) train together when launched with
+--coordinator_address, --num_processes and --process_id, or as the tasks of a SLURM job step
+(see launch/README.md).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -29,20 +32,41 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "export"], "wha
 _MODEL = flags.DEFINE_string("model", None, "evaluate/export: a workdir or an exported weight file "
                                             "(default: --workdir)")
 _OUTPUT = flags.DEFINE_string("output", None, "export: the weight file to write (FILE.hdf5)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: how many processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+
+
+def initialize_distributed() -> None:
+    """Starts JAX's multi-controller runtime when this is one of several processes: from the
+    flags, or from the environment of a SLURM job step with several tasks (or JAX's own
+    variables), which jax.distributed detects by itself."""
+    explicit = _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
+    if not (explicit or slurm or "JAX_COORDINATOR_ADDRESS" in os.environ):
+        return
+    # CPU processes exchange collectives through gloo (GPUs use NCCL by themselves).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
 
 
 def main(argv) -> None:
     del argv
-    logging.getLogger().setLevel(logging.INFO)
+    initialize_distributed()
+    logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     config = _CONFIG.value
     model = _MODEL.value or _WORKDIR.value
     try:
         if _MODE.value == "train":
-            train.train(config, _WORKDIR.value)
-            for line in train.after_training(config, _WORKDIR.value):
+            state = train.train(config, _WORKDIR.value)
+            for line in train.after_training(config, _WORKDIR.value, state):
                 print(line)
+        elif jax.process_index() != 0:
+            return  # evaluation and export run in process 0
         elif _MODE.value == "evaluate":
             print(json.dumps(train.evaluate(config, model)))
         else:

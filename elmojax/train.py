@@ -212,18 +212,28 @@ class Trainer:
                             _broadcast_sharding(self.state_sharding, shapes))
 
     def put_batch(self, batch: dict) -> dict:
-        """Sends a batch to the devices, sharded along the batch axis. Character inputs go as
-        the batch's distinct tokens (padded to a power of two, so few shapes compile) and an
-        index into them per position: the char CNN then runs once per distinct token."""
+        """Sends a batch to the devices, sharded along the batch axis; with several processes,
+        each passes its own rows of the global batch. Character inputs go as the batch's
+        distinct tokens and an index into them per position, so the char CNN runs once per
+        distinct token. Their number is padded to a power of two (few shapes to compile); with
+        several processes, to one fixed size, so that every process's part has the same shape."""
         batch = {k: np.asarray(v) for k, v in batch.items()}
+        # does the mesh span other processes' devices?
+        n_processes = self.mesh.devices.size // len(self.mesh.local_devices)
         if self.settings.use_character_inputs:
             suffixes = [suffix for _, suffix in DIRECTIONS if "char_ids" + suffix in batch]
-            distinct, index = distinct_tokens(np.stack([batch.pop("char_ids" + s) for s in suffixes]),
-                                              min_bucket=max(64, self.n_devices))
+            stacked = np.stack([batch.pop("char_ids" + s) for s in suffixes])
+            local_devices = len(self.mesh.local_devices)
+            fixed = int(np.prod(stacked.shape[:-1])) if n_processes > 1 else None
+            distinct, index = distinct_tokens(stacked, size=fixed, multiple=local_devices)
+            if n_processes > 1:  # index into the global table: this process's part comes at its offset
+                index += jax.process_index() * len(distinct)
             for k, suffix in enumerate(suffixes):
                 batch["token_index" + suffix] = index[k]
             batch["distinct_char_ids"] = distinct
-        return jax.device_put(batch, self.sharded)
+        if n_processes == 1:
+            return jax.device_put(batch, self.sharded)
+        return {k: jax.make_array_from_process_local_data(self.sharded, v) for k, v in batch.items()}
 
     def zero_lstm_state(self, batch_size: int):
         return jax.device_put(zero_state(self.options, batch_size), self.sharded)
@@ -246,12 +256,19 @@ def load_vocab(config: ml_collections.ConfigDict, vocab_file: Optional[str] = No
     return Vocabulary(vocab_file, validate_file=True)
 
 
-def make_dataset(config, vocab, prefix: str, batch_size: int, unroll_steps: int, test: bool, seed: int = 0):
+def make_dataset(config, vocab, prefix: str, batch_size: int, unroll_steps: int, test: bool, seed: int = 0,
+                 shard_subset: tuple[int, int] = (0, 1)):
     if not prefix:
         raise ValueError("no data: set --config.data.train_prefix=GLOB (and heldout_prefix for evaluation)")
     chars = config.model.char_cnn.max_characters_per_token if config_lib.use_character_inputs(config) else None
     cls = data.BidirectionalLMDataset if config.model.bidirectional else data.LMDataset
-    return cls(prefix, vocab, batch_size, unroll_steps, test=test, seed=seed, max_characters_per_token=chars)
+    return cls(prefix, vocab, batch_size, unroll_steps, test=test, seed=seed, max_characters_per_token=chars,
+               shard_subset=shard_subset)
+
+
+def _local_mesh() -> Mesh:
+    """This process's devices: evaluation and export run on process 0 alone."""
+    return Mesh(np.array(jax.local_devices()), ("data",))
 
 
 def _vocab_tokens(vocab: Vocabulary) -> list[str]:
@@ -282,7 +299,7 @@ def load_trained(path: str, softmax_file: str = "") -> tuple[dict, dict, list[st
         step, meta = checkpoint.restore_meta(path)
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
         vocab = Vocabulary(os.path.join(path, VOCAB_FILE))
-        trainer = Trainer(config, vocab.size, Mesh(np.array(jax.devices()[:1]), ("data",)))
+        trainer = Trainer(config, vocab.size, Mesh(np.array(jax.local_devices()[:1]), ("data",)))
         abstract = trainer.abstract_state()
         # the saved carry has the saved global batch; only params are needed here
         abstract = abstract.replace(lstm_state=jax.tree.map(
@@ -354,8 +371,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     total_steps = tc.n_epochs * steps_per_epoch
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
-    dataset = make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size, tc.unroll_steps,
-                           test=False, seed=tc.seed)
+    # Each process reads its own share of the shards and feeds its rows of the global batch.
+    process, n_processes = jax.process_index(), jax.process_count()
+    dataset = make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size // n_processes,
+                           tc.unroll_steps, test=False, seed=tc.seed, shard_subset=(process, n_processes))
 
     vocab_copy = os.path.join(workdir, VOCAB_FILE)
     if checkpoint.latest_step(workdir) is not None:
@@ -366,6 +385,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         if _vocab_tokens(Vocabulary(vocab_copy)) != _vocab_tokens(vocab):
             raise ValueError(f"{config.data.vocab_file}: not the vocabulary the checkpoint in {workdir} was trained with")
         state, meta = checkpoint.restore_state(workdir, trainer.abstract_state(), step)
+        if n_processes > 1:
+            meta["data"] = files.read_json(checkpoint.data_position_file(workdir, step, process))
         dataset.load_state_dict(meta["data"])
         log.info("resuming from %s at step %d", workdir, step)
     else:
@@ -375,12 +396,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             params = init_from(trainer, trainer.init_params(jax.random.fold_in(rng, 1)), config.init_from,
                                config.init_softmax_from, _vocab_tokens(vocab))
         state = trainer.create_state(rng, params)
-        with files.atomic_output(vocab_copy) as tmp:
-            shutil.copyfile(vocab.filename, tmp)
-        files.write_json(os.path.join(workdir, "options.json"), config_lib.options_json(config, vocab.size))
+        if process == 0:
+            with files.atomic_output(vocab_copy) as tmp:
+                shutil.copyfile(vocab.filename, tmp)
+            files.write_json(os.path.join(workdir, "options.json"), config_lib.options_json(config, vocab.size))
 
     checkpointer = checkpoint.Checkpointer(workdir, tc.keep_checkpoints)
-    writer = SummaryWriter(workdir)
+    writer = SummaryWriter(workdir) if process == 0 else None
     meta = {"config": config.to_json(), "options": config_lib.options_json(config, vocab.size),
             "global_batch_size": trainer.batch_size}
     step = int(state.step)
@@ -401,18 +423,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 elapsed = time.monotonic() - interval_start
                 tokens_per_second = interval_steps * tokens_per_step / elapsed
                 left = (total_steps - step) * elapsed / interval_steps
-                log.info("step %d/%d  %.0f tokens/s  train perplexity (sampled softmax) %.2f  %s left",
-                         step, total_steps, tokens_per_second, np.exp(loss), _duration(left))
-                writer.scalars(step, {"train/loss": loss, "train/sampled_perplexity": float(np.exp(loss)),
-                                      "train/grad_norm": float(metrics["grad_norm"]),
-                                      "train/tokens_per_second": tokens_per_second})
+                if writer is not None:
+                    log.info("step %d/%d  %.0f tokens/s  train perplexity (sampled softmax) %.2f  %s left",
+                             step, total_steps, tokens_per_second, np.exp(loss), _duration(left))
+                    writer.scalars(step, {"train/loss": loss, "train/sampled_perplexity": float(np.exp(loss)),
+                                          "train/grad_norm": float(metrics["grad_norm"]),
+                                          "train/tokens_per_second": tokens_per_second})
                 pending, interval_start, interval_steps = [], time.monotonic(), 0
             if step % tc.checkpoint_every == 0 or step == total_steps:
-                checkpointer.save(step, state, {**meta, "data": data_position})
+                if n_processes > 1:
+                    files.write_json(checkpoint.data_position_file(workdir, step, process), data_position)
+                checkpointer.save(step, state, {**meta, "data": data_position if n_processes == 1 else None})
     finally:
         batches.close()
     checkpointer.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
     return state
 
 
@@ -466,16 +492,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def evaluate(config: ml_collections.ConfigDict, path: str) -> dict:
-    """Heldout perplexity with the full softmax, state carried, every heldout token counted once."""
-    params, options_d, vocab_tokens = load_trained(path, config.init_softmax_from)
+def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[tuple] = None) -> dict:
+    """Heldout perplexity with the full softmax, state carried, every heldout token counted once.
+    `trained` (params, options.json dict, vocabulary) stands for what `path` holds, if given."""
+    params, options_d, vocab_tokens = trained or load_trained(path, config.init_softmax_from)
     eval_config = config_lib.config_from_options_json(options_d, source=path)
     eval_config.train.matmul_precision = config.train.matmul_precision
     vocab = load_vocab(eval_config, os.path.join(path, VOCAB_FILE) if os.path.isdir(path)
                        else _exported_files(path)["vocab"])
     if _vocab_tokens(vocab) != vocab_tokens:
         raise ValueError(f"{path}: its vocabulary file does not match the softmax's vocabulary")
-    trainer = Trainer(eval_config, vocab.size)
+    trainer = Trainer(eval_config, vocab.size, _local_mesh())
     batch_size = -(-config.eval.batch_size // trainer.n_devices) * trainer.n_devices
     dataset = make_dataset(eval_config, vocab, config.data.heldout_prefix, batch_size, config.eval.unroll_steps,
                            test=True)
@@ -510,10 +537,10 @@ def _unigram_perplexity(counts: np.ndarray) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def export(path: str, output: str) -> dict:
+def export(path: str, output: str, trained: Optional[tuple] = None) -> dict:
     """Writes a trained model as bilm-tf files: weights (hdf5), options.json (n_characters 262)
     beside them, the softmax (softmax/W, softmax/b, and the vocabulary) and vocab.txt."""
-    params, options_d, vocab_tokens = load_trained(path)
+    params, options_d, vocab_tokens = trained or load_trained(path)
     options = BiLMOptions.from_dict(options_d, source=path)
     exported = _exported_files(output)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -532,18 +559,24 @@ def export(path: str, output: str) -> dict:
     return exported
 
 
-def after_training(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+def after_training(config: ml_collections.ConfigDict, workdir: str, state: TrainState) -> list[str]:
     """What the config asks for once training ends: heldout evaluation, export, and embedding
-    the example sentences with the exported model. Returns lines to print."""
+    the example sentences with the exported model, all from the final `state`. Returns lines to
+    print."""
     lines = []
+    if jax.process_index() != 0:  # process 0 evaluates and exports on its own devices
+        return lines
+    vocab = _vocab_tokens(Vocabulary(os.path.join(workdir, VOCAB_FILE)))
+    params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+    trained = (params, config_lib.options_json(config, len(vocab)), vocab)
     if config.data.heldout_prefix:
-        result = evaluate(config, workdir)
+        result = evaluate(config, workdir, trained)
         lines.append(f"heldout perplexity {result['perplexity']:.2f} (forward {result['forward_perplexity']:.2f}, "
                      f"backward {result['backward_perplexity'] or float('nan'):.2f}) over {result['tokens']} tokens; "
                      f"unigram baseline {result['unigram_perplexity']:.2f}")
     if config.export_after_training:
         output = os.path.join(workdir, config.export_after_training)
-        exported = export(workdir, output)
+        exported = export(workdir, output, trained)
         lines.append(f"exported {exported['weights']} with {exported['options']} and {exported['softmax']}")
         if config.example_sentences and config.model.bidirectional and config_lib.use_character_inputs(config):
             lines.extend(_embed_examples(exported, list(config.example_sentences)))

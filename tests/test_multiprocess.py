@@ -1,0 +1,107 @@
+"""Two processes on localhost (CPU, gloo collectives) train like one process with the same
+global batch; and the command line runs as two processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = r"""
+import sys
+import jax, numpy as np
+pid, n_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if n_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n_processes, process_id=pid)
+sys.path.insert(0, "configs")
+import tiny
+from elmojax import train
+GLOBAL_BATCH = 4
+config = tiny.get_config("chars")
+config.train.batch_size = GLOBAL_BATCH // jax.device_count()
+vocab = train.load_vocab(config)
+trainer = train.Trainer(config, vocab.size)
+assert trainer.batch_size == GLOBAL_BATCH and jax.device_count() == n_processes
+state = trainer.create_state(jax.random.PRNGKey(0))
+# every process reads the same global batches and feeds its own rows
+dataset = train.make_dataset(config, vocab, config.data.train_prefix, GLOBAL_BATCH, 10, test=False)
+batches = dataset.iter_batches()
+rows = slice(pid * GLOBAL_BATCH // n_processes, (pid + 1) * GLOBAL_BATCH // n_processes)
+for _ in range(3):
+    batch = next(batches)
+    state, metrics = trainer.train_step(state, trainer.put_batch({k: v[rows] for k, v in batch.items()}))
+params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+if pid == 0:
+    np.savez(out, **{jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)})
+print("done", pid)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
+def _run_processes(commands, timeout=240):
+    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands]
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        results.append((p.returncode, out, err))
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    return results
+
+
+def test_two_processes_equal_one(tmp_path):
+    port = _free_port()
+    two = [[sys.executable, "-c", WORKER, str(i), "2", str(port), str(tmp_path / "two.npz")] for i in range(2)]
+    _run_processes(two)
+    _run_processes([[sys.executable, "-c", WORKER, "0", "1", "0", str(tmp_path / "one.npz")]])
+    two_params, one_params = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert sorted(two_params.files) == sorted(one_params.files) and len(one_params.files) > 10
+    for name in one_params.files:
+        np.testing.assert_allclose(two_params[name], one_params[name], atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_command_line_as_two_processes(tmp_path):
+    """elmojax.main with --coordinator_address etc.: each process reads its own shard, process 0
+    logs and evaluates, checkpoints are written across processes, and a rerun resumes."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    lines = open(os.path.join(ROOT, "tests", "fixtures", "train", "data.txt"), encoding="utf-8").read().splitlines()
+    (shards / "a.txt").write_text("\n".join(lines[:3]) + "\n", encoding="utf-8")
+    (shards / "b.txt").write_text("\n".join(lines[3:]) + "\n", encoding="utf-8")
+    workdir = str(tmp_path / "work")
+
+    def commands(steps):
+        port = _free_port()
+        return [[sys.executable, "-m", "elmojax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+                 f"--config.data.train_prefix={shards}/*.txt", f"--config.train.max_steps={steps}",
+                 "--config.train.batch_size=1", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}"] for i in range(2)]
+
+    results = _run_processes(commands(2))
+    assert "heldout perplexity" in results[0][1] and "heldout perplexity" not in results[1][1]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    positions = os.listdir(os.path.join(workdir, "checkpoints", "data_positions"))
+    assert sorted(positions) == ["step_2.process_0.json", "step_2.process_1.json"]
+    _run_processes(commands(4))  # resumes from step 2
+    assert "step_4.process_1.json" in os.listdir(os.path.join(workdir, "checkpoints", "data_positions"))
+    assert "resuming" in _run_processes(commands(4))[0][2]  # nothing left to do, but it resumes

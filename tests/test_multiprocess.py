@@ -102,6 +102,6 @@ def test_command_line_as_two_processes(tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
     positions = os.listdir(os.path.join(workdir, "checkpoints", "data_positions"))
     assert sorted(positions) == ["step_2.process_0.json", "step_2.process_1.json"]
-    _run_processes(commands(4))  # resumes from step 2
+    resumed = _run_processes(commands(4))
+    assert "resuming from" in resumed[0][2] and "at step 2" in resumed[0][2]
     assert "step_4.process_1.json" in os.listdir(os.path.join(workdir, "checkpoints", "data_positions"))
-    assert "resuming" in _run_processes(commands(4))[0][2]  # nothing left to do, but it resumes

@@ -313,7 +313,12 @@ class BiLM(nn.Module):
         new_state = {"forward": forward_state}
         backward = []
         if self.options.bidirectional:
+            # Adding an exact zero computed from the forward LM's output makes the backward LM
+            # wait for it, so XLA cannot hold both directions' (time, batch, 4 * dim) input
+            # products in memory at once.
+            after_forward = 0.0 * forward[-1][:1, :1, :1]
             reversed_outputs, new_state["backward"] = self.run_lstm(
-                "backward", reverse_sequence(embedding, lengths), mask, state["backward"], deterministic)
+                "backward", reverse_sequence(embedding, lengths) + after_forward, mask, state["backward"],
+                deterministic)
             backward = [reverse_sequence(x, lengths) for x in reversed_outputs]
         return BiLMOutput(embedding, mask, lengths, forward, backward), new_state

@@ -22,10 +22,6 @@ def data_position_file(workdir: str, step: int, process_index: int) -> str:
     return os.path.join(checkpoint_dir(workdir), "data_positions", f"step_{step}.process_{process_index}.json")
 
 
-def has_checkpoint(workdir: str) -> bool:
-    return os.path.isdir(checkpoint_dir(workdir)) and latest_step(workdir) is not None
-
-
 def latest_step(workdir: str) -> Optional[int]:
     manager = _manager(workdir, create=False)
     try:

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import sys
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import h5py
 import jax
@@ -106,10 +106,6 @@ def distinct_tokens(char_ids: np.ndarray, min_bucket: int = 64, size: Optional[i
     distinct = np.zeros((size, rows.shape[1]), rows.dtype)
     distinct[: len(first)] = rows[first]
     return distinct, inverse.reshape(char_ids.shape[:-1]).astype(np.int32)
-
-
-def _take_rows(state, rows: slice):
-    return jax.tree.map(lambda x: x[rows], state)
 
 
 class BidirectionalLanguageModel:

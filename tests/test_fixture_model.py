@@ -1,6 +1,5 @@
 """The reference fixture: embeddings bilm-tf produced for a tiny trained biLM."""
 
-import os
 
 import numpy as np
 

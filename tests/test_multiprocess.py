@@ -1,7 +1,6 @@
 """Two processes on localhost (CPU, gloo collectives) train like one process with the same
 global batch; and the command line runs as two processes."""
 
-import json
 import os
 import socket
 import subprocess

@@ -1,7 +1,8 @@
 """The biLM as Flax linen modules: pure functions of (params, inputs, state).
 
 The same modules serve inference (`elmojax.embed`) and training. Parameter shapes are those
-of bilm-tf's hdf5 weight file, and names follow it (see `elmojax.hdf5` for the mapping):
+of bilm-tf's hdf5 weight file, but for W_0, and names follow it (see `elmojax.hdf5` for the
+mapping):
 
   embedder/      char_embed (261, d), W_cnn_i (1, width, d, n), b_cnn_i, W_carry_i, b_carry_i,
                  W_transform_i, b_transform_i, W_proj, b_proj   (character inputs)

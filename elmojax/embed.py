@@ -190,10 +190,25 @@ class BidirectionalLanguageModel:
         if self.stateful and n > self.max_batch_size:
             raise ValueError(f"a stateful model keeps state for max_batch_size={self.max_batch_size} rows; "
                              f"got a batch of {n}")
-        pieces = [self._embed_chunk(ids[i : i + self.max_batch_size]) for i in range(0, n, self.max_batch_size)]
-        if len(pieces) == 1:
-            return pieces[0]
-        return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+        if n <= self.max_batch_size:
+            return self._embed_chunk(ids)
+        # A large batch goes in chunks of similar lengths, each cut to its own longest sentence,
+        # so that short sentences do not run the LSTMs over long ones' padding.
+        real = ids.any(axis=-1) if self.use_character_inputs else ids != 0
+        order = np.argsort(-real.sum(axis=1), kind="stable")
+        out = {"lm_embeddings": np.zeros((n, self.options.lstm.n_layers + 1, length - 2,
+                                          2 * self.options.lstm.output_dim), np.float32),
+               "lengths": np.zeros(n, np.int32), "mask": np.zeros((n, length - 2), bool),
+               "token_embeddings": np.zeros((n, length, self.options.projection_dim), np.float32)}
+        for start in range(0, n, self.max_batch_size):
+            rows = order[start : start + self.max_batch_size]
+            chunk_length = max(int(real[rows].sum(axis=1).max()), 2)
+            piece = self._embed_chunk(ids[rows, :chunk_length])
+            out["lengths"][rows] = piece["lengths"]
+            out["lm_embeddings"][rows, :, : chunk_length - 2] = piece["lm_embeddings"]
+            out["mask"][rows, : chunk_length - 2] = piece["mask"]
+            out["token_embeddings"][rows, :chunk_length] = piece["token_embeddings"]
+        return out
 
     def _embed_chunk(self, ids: np.ndarray) -> dict:
         n, length = ids.shape[:2]

@@ -36,7 +36,7 @@ def _manager(workdir: str, keep: Optional[int] = None, create: bool = True) -> o
 
 
 class Checkpointer:
-    """Saves every `every` steps (and when forced), keeping the last `keep`."""
+    """Saves the train state and its metadata at the steps it is given, keeping the last `keep`."""
 
     def __init__(self, workdir: str, keep: int = 3):
         self._manager = _manager(workdir, keep)
@@ -50,29 +50,27 @@ class Checkpointer:
         self._manager.close()
 
 
-def restore_meta(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
-    """The step and the JSON metadata of the latest (or the given) checkpoint."""
+def _restore(workdir: str, step: Optional[int], **items) -> tuple[int, Any]:
+    """The latest (or the given) step and the restored items of a workdir's checkpoint."""
     manager = _manager(workdir, create=False)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"{workdir}: no checkpoint found in {checkpoint_dir(workdir)}")
-        return step, manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return step, manager.restore(step, args=ocp.args.Composite(**items))
     finally:
         manager.close()
+
+
+def restore_meta(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
+    """The step and the JSON metadata of the latest (or the given) checkpoint."""
+    step, restored = _restore(workdir, step, meta=ocp.args.JsonRestore())
+    return step, restored.meta
 
 
 def restore_state(workdir: str, target: Any, step: Optional[int] = None) -> tuple[Any, dict]:
     """Restores the state into the structure, shapes and shardings of `target` (arrays or
     jax.ShapeDtypeStruct leaves), and the metadata."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    manager = _manager(workdir, create=False)
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise ValueError(f"{workdir}: no checkpoint found in {checkpoint_dir(workdir)}")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                 meta=ocp.args.JsonRestore()))
-        return restored.state, restored.meta
-    finally:
-        manager.close()
+    _, restored = _restore(workdir, step, state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    return restored.state, restored.meta

@@ -20,6 +20,7 @@ per layer, each of shape (batch, dim) and (batch, output_dim).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -51,6 +52,35 @@ def _normal(stddev: float):
 def _with_padding_row(table: Array) -> Array:
     """id 0 is padding: prepend a zero row so that ids + 1 index the trained table."""
     return jnp.concatenate([jnp.zeros((1, table.shape[1]), table.dtype), table], axis=0)
+
+
+@jax.custom_vjp
+def max_over_positions(conv: Array) -> Array:
+    """Max-pooling over the positions (axis 1) of (tokens, positions, filters).
+
+    Its gradient goes to one maximal position. jnp.max's (and TensorFlow's) splits it among
+    tied positions instead, which costs a mask and a count over the whole input; ties here are
+    windows of identical characters (the padding after a word), whose equal shares add up to the
+    same parameter gradients as one whole share.
+    """
+    return jnp.max(conv, axis=1)
+
+
+def _max_over_positions_fwd(conv):
+    pooled = jnp.max(conv, axis=1)
+    # the first maximal position, as a plain min-reduction (XLA's argmax is a slower pair reduction)
+    positions = jnp.arange(conv.shape[1], dtype=jnp.int32)[None, :, None]
+    position = jnp.min(jnp.where(conv == pooled[:, None, :], positions, conv.shape[1]), axis=1)
+    return pooled, (position, conv.shape[1])
+
+
+def _max_over_positions_bwd(residuals, grad):
+    position, n_positions = residuals
+    at_max = jnp.arange(n_positions, dtype=jnp.int32)[None, :, None] == position[:, None, :]
+    return (jnp.where(at_max, grad[:, None, :], 0.0),)
+
+
+max_over_positions.defvjp(_max_over_positions_fwd, _max_over_positions_bwd)
 
 
 class CharCNNEmbedder(nn.Module):
@@ -97,7 +127,7 @@ class CharCNNEmbedder(nn.Module):
                 conv = lax.conv_general_dilated(chars, kernel[0], window_strides=(1,), padding="VALID",
                                                 dimension_numbers=("NWC", "WIO", "NWC"), precision=self.precision)
                 # max(conv + b) == max(conv) + b exactly, so the bias is added after pooling.
-                pooled.append(activation(jnp.max(conv, axis=1) + bias))
+                pooled.append(activation(max_over_positions(conv) + bias))
             x = jnp.concatenate(pooled, axis=-1)
             for w_carry, b_carry, w_transform, b_transform in highways:
                 carry = jax.nn.sigmoid(jnp.dot(x, w_carry, precision=self.precision) + b_carry)
@@ -130,6 +160,105 @@ class TokenEmbedder(nn.Module):
     def __call__(self, token_ids: Array) -> Array:
         table = self.param("embedding", nn.initializers.glorot_uniform(), (self.n_tokens, self.dim))
         return jnp.take(_with_padding_row(table), token_ids, axis=0)
+
+
+def _recurrence(input_gates, mask, state, w_hidden, bias, w_proj, cell_clip, proj_clip, precision, unroll,
+                save_residuals):
+    """The LSTM over time (time-major) from precomputed input products; see `lstm_recurrence`."""
+
+    def step(carry, xs):
+        c_prev, h_prev = carry
+        x_gates, m = xs
+        # the bias is added here, fused with the step, not to the whole product in memory
+        gates = x_gates + jnp.dot(h_prev, w_hidden, precision=precision) + bias
+        i, j, f, o = jnp.split(gates, 4, axis=-1)
+        i, j, f, o = jax.nn.sigmoid(i), jnp.tanh(j), jax.nn.sigmoid(f + FORGET_BIAS), jax.nn.sigmoid(o)
+        c = f * c_prev + i * j
+        if cell_clip is not None:
+            c = jnp.clip(c, -cell_clip, cell_clip)
+        h = o * jnp.tanh(c)
+        if w_proj is not None:
+            h = jnp.dot(h, w_proj, precision=precision)
+            if proj_clip is not None:
+                h = jnp.clip(h, -proj_clip, proj_clip)
+        m = m[:, None]
+        c, h = jnp.where(m, c, c_prev), jnp.where(m, h, h_prev)
+        out = jnp.where(m, h, 0.0)
+        if save_residuals:  # what the backward pass needs: the gate activations and the carry
+            return (c, h), (out, jnp.concatenate([i, j, f, o], axis=-1), c, h)
+        return (c, h), out
+
+    return lax.scan(step, state, (input_gates, mask), unroll=unroll)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def lstm_recurrence(input_gates: Array, mask: Array, state: tuple[Array, Array], w_hidden: Array, bias: Array,
+                    w_proj: Optional[Array], cell_clip: Optional[float], proj_clip: Optional[float],
+                    precision: Any, unroll: int) -> tuple[Array, tuple[Array, Array]]:
+    """TensorFlow LSTMCell steps over time-major `input_gates` (time, batch, 4 * dim), the input
+    products x_t @ W_x. Returns the outputs (time, batch, out), zero where `mask` (time, batch)
+    is False, and the final (c, h).
+
+    Its gradient is written by hand (backpropagation through time): reverse-mode autodiff of the
+    scan would accumulate the weight gradients step by step in small (batch-row) products and
+    keep every intermediate of the step; here the backward scan carries only (dc, dh) and emits
+    the gates' gradients, and the weight gradients are each one large product after it.
+    """
+    final, outputs = _recurrence(input_gates, mask, state, w_hidden, bias, w_proj, cell_clip, proj_clip, precision,
+                                 unroll, save_residuals=False)
+    return outputs, final
+
+
+def _recurrence_fwd(input_gates, mask, state, w_hidden, bias, w_proj, cell_clip, proj_clip, precision, unroll):
+    final, (outputs, activations, c_seq, h_seq) = _recurrence(
+        input_gates, mask, state, w_hidden, bias, w_proj, cell_clip, proj_clip, precision, unroll,
+        save_residuals=True)
+    return (outputs, final), (mask, state, w_hidden, w_proj, activations, c_seq, h_seq)
+
+
+def _recurrence_bwd(cell_clip, proj_clip, precision, unroll, residuals, cotangents):
+    mask, (c0, h0), w_hidden, w_proj, activations, c_seq, h_seq = residuals
+    d_outputs, (dc_final, dh_final) = cotangents
+    c_prev_seq = jnp.concatenate([c0[None], c_seq[:-1]], axis=0)
+    h_prev_seq = jnp.concatenate([h0[None], h_seq[:-1]], axis=0)
+
+    def step(carry, xs):
+        dc, dh = carry  # gradients of the carry leaving this step
+        d_out, acts, c, c_prev, h, m = xs
+        i, j, f, o = jnp.split(acts, 4, axis=-1)
+        m = m[:, None]
+        dh_out = dh + d_out
+        d_projected = None
+        if w_proj is not None:
+            if proj_clip is not None:
+                dh_out = jnp.where(jnp.abs(h) < proj_clip, dh_out, 0.0)
+            d_projected = jnp.where(m, dh_out, 0.0)
+            dh_out = jnp.dot(d_projected, w_proj.T, precision=precision)
+        tanh_c = jnp.tanh(c)
+        dc_cell = dc + dh_out * o * (1.0 - tanh_c * tanh_c)
+        if cell_clip is not None:
+            dc_cell = jnp.where(jnp.abs(c) < cell_clip, dc_cell, 0.0)
+        d_gates = jnp.concatenate([dc_cell * j * i * (1.0 - i), dc_cell * i * (1.0 - j * j),
+                                   dc_cell * c_prev * f * (1.0 - f), dh_out * tanh_c * o * (1.0 - o)], axis=-1)
+        d_gates = jnp.where(m, d_gates, 0.0)
+        # masked rows pass the carry's gradient through unchanged
+        dh_prev = jnp.where(m, jnp.dot(d_gates, w_hidden.T, precision=precision), dh)
+        dc_prev = jnp.where(m, dc_cell * f, dc)
+        return (dc_prev, dh_prev), (d_gates, d_projected)
+
+    (dc0, dh0), (d_gates, d_projected) = lax.scan(
+        step, (dc_final, dh_final), (d_outputs, activations, c_seq, c_prev_seq, h_seq, mask), reverse=True,
+        unroll=unroll)
+    d_w_hidden = jnp.einsum("tbk,tbn->kn", h_prev_seq, d_gates, precision=precision)
+    d_bias = jnp.sum(d_gates, axis=(0, 1))
+    d_w_proj = None
+    if w_proj is not None:
+        hidden = activations[..., 3 * c_seq.shape[-1]:] * jnp.tanh(c_seq)  # o * tanh(c), the unprojected output
+        d_w_proj = jnp.einsum("tbk,tbn->kn", hidden, d_projected, precision=precision)
+    return d_gates, None, (dc0, dh0), d_w_hidden, d_bias, d_w_proj
+
+
+lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 class LSTMLayer(nn.Module):
@@ -176,24 +305,9 @@ class LSTMLayer(nn.Module):
         time_major = jnp.swapaxes(inputs, 0, 1).reshape(time * batch, in_dim)
         input_gates = jnp.dot(time_major, w_input, precision=self.precision).reshape(time, batch, 4 * self.dim)
 
-        def step(carry, xs):
-            c_prev, h_prev = carry
-            x_gates, m = xs
-            # the bias is added here, fused with the step, not to the whole product in memory
-            gates = x_gates + jnp.dot(h_prev, w_hidden, precision=self.precision) + bias
-            i, j, f, o = jnp.split(gates, 4, axis=-1)
-            c = jax.nn.sigmoid(f + FORGET_BIAS) * c_prev + jax.nn.sigmoid(i) * jnp.tanh(j)
-            if self.cell_clip is not None:
-                c = jnp.clip(c, -self.cell_clip, self.cell_clip)
-            h = jax.nn.sigmoid(o) * jnp.tanh(c)
-            if w_proj is not None:
-                h = jnp.dot(h, w_proj, precision=self.precision)
-                if self.proj_clip is not None:
-                    h = jnp.clip(h, -self.proj_clip, self.proj_clip)
-            m = m[:, None]
-            return (jnp.where(m, c, c_prev), jnp.where(m, h, h_prev)), jnp.where(m, h, 0.0)
-
-        new_state, outputs = lax.scan(step, state, (input_gates, jnp.swapaxes(mask, 0, 1)), unroll=self.unroll)
+        outputs, new_state = lstm_recurrence(
+            input_gates, jnp.swapaxes(mask, 0, 1), tuple(state), w_hidden, bias, w_proj,
+            self.cell_clip, self.proj_clip if w_proj is not None else None, self.precision, self.unroll)
         outputs = jnp.swapaxes(outputs, 0, 1)
         if self.residual:
             outputs = jnp.where(mask[..., None], outputs + inputs, 0.0)

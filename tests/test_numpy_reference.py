@@ -546,3 +546,98 @@ def test_weight_layers_and_scalar_mix(do_layer_norm, use_top_only, l2_coef):
     mixed, mix_reg = mix.apply({"params": mix_params}, jnp.asarray(x), jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(mixed), np.asarray(got), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(float(mix_reg), float(reg), rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Gradients: the hand-written backward passes against finite differences of the reference
+# --------------------------------------------------------------------------------------------
+
+def _directional_check(grads, loss_np, point, rng, what, eps=1e-6, rtol=1e-6):
+    """For each leaf of `point`: <grad, v> against a central difference of the float64 NumPy
+    loss along a random direction v (the other leaves held fixed)."""
+    leaves, treedef = jax.tree_util.tree_flatten(point)
+    grad_leaves = jax.tree_util.tree_leaves(grads)
+    assert len(grad_leaves) == len(leaves)
+    for k, (leaf, grad) in enumerate(zip(leaves, grad_leaves)):
+        v = rng.standard_normal(np.shape(leaf))
+
+        def shifted(sign):
+            moved = list(leaves)
+            moved[k] = np.asarray(leaf) + sign * eps * v
+            return loss_np(jax.tree_util.tree_unflatten(treedef, moved))
+
+        numeric = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
+        analytic = float(np.sum(np.asarray(grad, np.float64) * v))
+        assert abs(numeric) > 1e-3, f"{what}, leaf {k}: the loss hardly depends on it"
+        assert abs(analytic - numeric) <= rtol * max(1.0, abs(numeric)), \
+            f"{what}, leaf {k}: gradient {analytic} != finite difference {numeric}"
+
+
+@pytest.mark.parametrize("projection", [True, False])
+def test_lstm_layer_gradients(projection):
+    """The LSTM's hand-written backpropagation through time (float64) against central
+    differences of the NumPy layer: clipping active, a mask with holes, a nonzero initial state."""
+    rng = np.random.default_rng(11)
+    dim, proj, time = 6, 4, 5
+    out_dim = proj if projection else dim
+    cell_clip, proj_clip = 0.6, (0.5 if projection else None)
+    layer = LSTMLayer(dim=dim, projection_dim=proj if projection else None, cell_clip=cell_clip,
+                      proj_clip=proj_clip, precision="highest")
+    mask = np.array([[1, 1, 1, 1, 1], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0]], bool)
+    x = rng.standard_normal((BATCH, time, dim))
+    state = (rng.standard_normal((BATCH, dim)), rng.standard_normal((BATCH, out_dim)))
+    params = init_params(layer, 11, jnp.asarray(x, jnp.float32), jnp.asarray(mask),
+                         jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), state))["params"]
+    params = {k: 2.0 * np.asarray(v, np.float64) + 0.3 * rng.standard_normal(v.shape) for k, v in params.items()}
+    weights = (rng.standard_normal((BATCH, time, out_dim)), rng.standard_normal((BATCH, dim)),
+               rng.standard_normal((BATCH, out_dim)))
+
+    def loss_np(point):
+        p, inputs, s = point
+        out, (c, h) = np_lstm_layer(p, inputs, mask, s, cell_clip, proj_clip, use_projection=projection)
+        return np.sum(out * weights[0]) + np.sum(c * weights[1]) + np.sum(h * weights[2])
+
+    with jax.enable_x64(True):
+        def loss(point):
+            p, inputs, s = point
+            out, (c, h) = layer.apply({"params": p}, inputs, jnp.asarray(mask), s)
+            return jnp.sum(out * weights[0]) + jnp.sum(c * weights[1]) + jnp.sum(h * weights[2])
+
+        point = jax.tree_util.tree_map(jnp.asarray, (params, x, state))
+        assert point[1].dtype == jnp.float64
+        grads = jax.grad(loss)(point)
+        _, (c, _) = layer.apply({"params": point[0]}, point[1], jnp.asarray(mask), point[2])
+    # some cells sit on the clip (their gradient must be cut) and some do not
+    at_clip = np.isclose(np.abs(np.asarray(c)), cell_clip)
+    assert at_clip.any() and not at_clip.all()
+    _directional_check(grads, loss_np, (params, x, state), rng, f"LSTM layer (projection={projection})")
+
+
+def test_char_cnn_gradients():
+    """The char CNN's gradient (max-pooling's goes to one maximal position) against central
+    differences of the NumPy embedder, with padding characters whose windows tie at the max."""
+    rng = np.random.default_rng(12)
+    options = CharCNNOptions(filters=((1, 3), (2, 4), (3, 5)), embedding_dim=4, max_characters_per_token=MAX_CHARS,
+                             activation="relu", n_highway=1)
+    projection_dim = 6
+    ids = _cnn_ids(rng, (BATCH, 4, MAX_CHARS))
+    ids[0, 2, 3:] = 261  # a word followed by padding characters: identical windows
+    ids[2, 3, 2:] = 0
+    module = CharCNNEmbedder(options, projection_dim, precision="highest")
+    params = init_params(module, 12, jnp.asarray(ids))["params"]
+    params = {k: np.asarray(v, np.float64) + 0.3 * rng.standard_normal(v.shape) for k, v in params.items()}
+    weights = rng.standard_normal((BATCH, 4, projection_dim))
+
+    def loss_np(p):
+        return np.sum(np_char_cnn(p, options, projection_dim, ids) * weights)
+
+    with jax.enable_x64(True):
+        point = jax.tree_util.tree_map(jnp.asarray, params)
+        grads = jax.grad(lambda p: jnp.sum(module.apply({"params": p}, jnp.asarray(ids)) * weights))(point)
+        conv = jax.lax.conv_general_dilated(
+            jnp.take(jnp.concatenate([jnp.zeros((1, 4)), point["char_embed"]]), jnp.asarray(ids[0, 2]), axis=0)[None],
+            point["W_cnn_2"][0], (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))[0]
+    # the padding windows do tie at the maximum for some filter
+    top = np.asarray(conv).max(axis=0)
+    assert (np.sum(np.isclose(np.asarray(conv), top, rtol=0, atol=1e-12), axis=0) > 1).any()
+    _directional_check(grads, loss_np, params, rng, "char CNN")

@@ -71,9 +71,11 @@ def elmo_outputs(output: BiLMOutput) -> dict:
 
 
 def make_embed_fn(model: BiLM) -> Callable:
-    """jit((params, ids, state) -> (elmo_outputs dict, new_state)); ids in Batcher's layout."""
+    """jit((params, ids, state) -> (elmo_outputs dict, new_state)); ids in Batcher's layout,
+    state None for a zero state."""
 
     def embed_fn(params, ids, state):
+        state = zero_state(model.options, ids.shape[0]) if state is None else state
         output, new_state = model.apply({"params": params}, ids, state)
         return elmo_outputs(output), new_state
 
@@ -86,6 +88,7 @@ def make_distinct_embed_fn(model: BiLM) -> Callable:
     token_index (batch, time) points into distinct_char_ids (n_distinct, max_chars)."""
 
     def embed_fn(params, ids, distinct_char_ids, token_index, state):
+        state = zero_state(model.options, ids.shape[0]) if state is None else state
         table = model.apply({"params": params}, distinct_char_ids, method=BiLM.embed)
         output, new_state = model.apply({"params": params}, ids, state,
                                         embedding=jnp.take(table, token_index, axis=0))
@@ -219,7 +222,7 @@ class BidirectionalLanguageModel:
             state = jax.tree.map(lambda s: np.concatenate([s[:n], np.zeros((padded_n - n,) + s.shape[1:], s.dtype)]),
                                  self._state)
         else:
-            state = zero_state(self.options, padded_n)
+            state = None  # zeros, made inside the compiled function
         if self._distinct_embed_fn is not None:
             outputs, new_state = self._distinct_embed_fn(self.params, padded, *distinct_tokens(padded), state)
         else:
@@ -227,11 +230,12 @@ class BidirectionalLanguageModel:
         if self.stateful:
             self._state = jax.tree.map(lambda old, new: np.concatenate([np.asarray(new)[:n], old[n:]]),
                                        self._state, new_state)
+        outputs = jax.device_get(outputs)  # numpy from here: slicing device arrays would dispatch ops
         return {
-            "lm_embeddings": np.asarray(outputs["lm_embeddings"][:n, :, : length - 2]),
-            "lengths": np.asarray(outputs["lengths"][:n]),
-            "mask": np.asarray(outputs["mask"][:n, : length - 2]),
-            "token_embeddings": np.asarray(outputs["token_embeddings"][:n, :length]),
+            "lm_embeddings": outputs["lm_embeddings"][:n, :, : length - 2],
+            "lengths": outputs["lengths"][:n],
+            "mask": outputs["mask"][:n, : length - 2],
+            "token_embeddings": outputs["token_embeddings"][:n, :length],
         }
 
 

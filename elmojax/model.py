@@ -20,6 +20,7 @@ per layer, each of shape (batch, dim) and (batch, output_dim).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -162,63 +163,73 @@ class TokenEmbedder(nn.Module):
         return jnp.take(_with_padding_row(table), token_ids, axis=0)
 
 
-def _recurrence(input_gates, mask, state, w_hidden, bias, w_proj, cell_clip, proj_clip, precision, unroll,
-                save_residuals):
-    """The LSTM over time (time-major) from precomputed input products; see `lstm_recurrence`."""
+@dataclasses.dataclass(frozen=True)
+class RecurrenceSettings:
+    """The static settings of `lstm_recurrence`."""
+    cell_clip: Optional[float] = None
+    proj_clip: Optional[float] = None
+    precision: Any = DEFAULT_PRECISION
+    unroll: int = 1  # time steps per iteration of the scan's loop
+
+
+def _lstm_step(weights, settings: RecurrenceSettings, c_prev, h_prev, x_gates, m):
+    """One LSTMCell step: (c, h, out, gate activations); rows where m is False keep (c, h)."""
+    w_hidden, bias, w_proj = weights
+    # the bias is added here, fused with the step, not to the whole input product in memory
+    gates = x_gates + jnp.dot(h_prev, w_hidden, precision=settings.precision) + bias
+    i, j, f, o = jnp.split(gates, 4, axis=-1)
+    i, j, f, o = jax.nn.sigmoid(i), jnp.tanh(j), jax.nn.sigmoid(f + FORGET_BIAS), jax.nn.sigmoid(o)
+    c = f * c_prev + i * j
+    if settings.cell_clip is not None:
+        c = jnp.clip(c, -settings.cell_clip, settings.cell_clip)
+    h = o * jnp.tanh(c)
+    if w_proj is not None:
+        h = jnp.dot(h, w_proj, precision=settings.precision)
+        if settings.proj_clip is not None:
+            h = jnp.clip(h, -settings.proj_clip, settings.proj_clip)
+    m = m[:, None]
+    c, h = jnp.where(m, c, c_prev), jnp.where(m, h, h_prev)
+    return c, h, jnp.where(m, h, 0.0), (i, j, f, o)
+
+
+def _scan_steps(input_gates, mask, state, weights, settings: RecurrenceSettings, save_residuals: bool):
+    """The steps over time (a lax.scan); with the backward pass's residuals if asked."""
 
     def step(carry, xs):
-        c_prev, h_prev = carry
-        x_gates, m = xs
-        # the bias is added here, fused with the step, not to the whole product in memory
-        gates = x_gates + jnp.dot(h_prev, w_hidden, precision=precision) + bias
-        i, j, f, o = jnp.split(gates, 4, axis=-1)
-        i, j, f, o = jax.nn.sigmoid(i), jnp.tanh(j), jax.nn.sigmoid(f + FORGET_BIAS), jax.nn.sigmoid(o)
-        c = f * c_prev + i * j
-        if cell_clip is not None:
-            c = jnp.clip(c, -cell_clip, cell_clip)
-        h = o * jnp.tanh(c)
-        if w_proj is not None:
-            h = jnp.dot(h, w_proj, precision=precision)
-            if proj_clip is not None:
-                h = jnp.clip(h, -proj_clip, proj_clip)
-        m = m[:, None]
-        c, h = jnp.where(m, c, c_prev), jnp.where(m, h, h_prev)
-        out = jnp.where(m, h, 0.0)
-        if save_residuals:  # what the backward pass needs: the gate activations and the carry
-            return (c, h), (out, jnp.concatenate([i, j, f, o], axis=-1), c, h)
+        c, h, out, gates = _lstm_step(weights, settings, *carry, *xs)
+        if save_residuals:  # the gate activations and the carry
+            return (c, h), (out, jnp.concatenate(gates, axis=-1), c, h)
         return (c, h), out
 
-    return lax.scan(step, state, (input_gates, mask), unroll=unroll)
+    return lax.scan(step, state, (input_gates, mask), unroll=settings.unroll)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def lstm_recurrence(input_gates: Array, mask: Array, state: tuple[Array, Array], w_hidden: Array, bias: Array,
-                    w_proj: Optional[Array], cell_clip: Optional[float], proj_clip: Optional[float],
-                    precision: Any, unroll: int) -> tuple[Array, tuple[Array, Array]]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lstm_recurrence(input_gates: Array, mask: Array, state: tuple[Array, Array], weights: tuple,
+                    settings: RecurrenceSettings) -> tuple[Array, tuple[Array, Array]]:
     """TensorFlow LSTMCell steps over time-major `input_gates` (time, batch, 4 * dim), the input
-    products x_t @ W_x. Returns the outputs (time, batch, out), zero where `mask` (time, batch)
-    is False, and the final (c, h).
+    products x_t @ W_x; weights = (W_h, B, W_P_0 or None). Returns the outputs (time, batch,
+    out), zero where `mask` (time, batch) is False, and the final (c, h).
 
     Its gradient is written by hand (backpropagation through time): reverse-mode autodiff of the
     scan would accumulate the weight gradients step by step in small (batch-row) products and
     keep every intermediate of the step; here the backward scan carries only (dc, dh) and emits
     the gates' gradients, and the weight gradients are each one large product after it.
     """
-    final, outputs = _recurrence(input_gates, mask, state, w_hidden, bias, w_proj, cell_clip, proj_clip, precision,
-                                 unroll, save_residuals=False)
+    final, outputs = _scan_steps(input_gates, mask, state, weights, settings, save_residuals=False)
     return outputs, final
 
 
-def _recurrence_fwd(input_gates, mask, state, w_hidden, bias, w_proj, cell_clip, proj_clip, precision, unroll):
-    final, (outputs, activations, c_seq, h_seq) = _recurrence(
-        input_gates, mask, state, w_hidden, bias, w_proj, cell_clip, proj_clip, precision, unroll,
-        save_residuals=True)
-    return (outputs, final), (mask, state, w_hidden, w_proj, activations, c_seq, h_seq)
+def _recurrence_fwd(input_gates, mask, state, weights, settings):
+    final, (outputs, activations, c_seq, h_seq) = _scan_steps(input_gates, mask, state, weights, settings,
+                                                              save_residuals=True)
+    return (outputs, final), (mask, state, weights, activations, c_seq, h_seq)
 
 
-def _recurrence_bwd(cell_clip, proj_clip, precision, unroll, residuals, cotangents):
-    mask, (c0, h0), w_hidden, w_proj, activations, c_seq, h_seq = residuals
+def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
+    mask, (c0, h0), (w_hidden, _, w_proj), activations, c_seq, h_seq = residuals
     d_outputs, (dc_final, dh_final) = cotangents
+    precision, cell_clip, proj_clip = settings.precision, settings.cell_clip, settings.proj_clip
     c_prev_seq = jnp.concatenate([c0[None], c_seq[:-1]], axis=0)
     h_prev_seq = jnp.concatenate([h0[None], h_seq[:-1]], axis=0)
 
@@ -248,14 +259,14 @@ def _recurrence_bwd(cell_clip, proj_clip, precision, unroll, residuals, cotangen
 
     (dc0, dh0), (d_gates, d_projected) = lax.scan(
         step, (dc_final, dh_final), (d_outputs, activations, c_seq, c_prev_seq, h_seq, mask), reverse=True,
-        unroll=unroll)
+        unroll=settings.unroll)
     d_w_hidden = jnp.einsum("tbk,tbn->kn", h_prev_seq, d_gates, precision=precision)
     d_bias = jnp.sum(d_gates, axis=(0, 1))
     d_w_proj = None
     if w_proj is not None:
         hidden = activations[..., 3 * c_seq.shape[-1]:] * jnp.tanh(c_seq)  # o * tanh(c), the unprojected output
         d_w_proj = jnp.einsum("tbk,tbn->kn", hidden, d_projected, precision=precision)
-    return d_gates, None, (dc0, dh0), d_w_hidden, d_bias, d_w_proj
+    return d_gates, None, (dc0, dh0), (d_w_hidden, d_bias, d_w_proj)
 
 
 lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -305,9 +316,10 @@ class LSTMLayer(nn.Module):
         time_major = jnp.swapaxes(inputs, 0, 1).reshape(time * batch, in_dim)
         input_gates = jnp.dot(time_major, w_input, precision=self.precision).reshape(time, batch, 4 * self.dim)
 
-        outputs, new_state = lstm_recurrence(
-            input_gates, jnp.swapaxes(mask, 0, 1), tuple(state), w_hidden, bias, w_proj,
-            self.cell_clip, self.proj_clip if w_proj is not None else None, self.precision, self.unroll)
+        settings = RecurrenceSettings(self.cell_clip, self.proj_clip if w_proj is not None else None,
+                                      self.precision, self.unroll)
+        outputs, new_state = lstm_recurrence(input_gates, jnp.swapaxes(mask, 0, 1), tuple(state),
+                                             (w_hidden, bias, w_proj), settings)
         outputs = jnp.swapaxes(outputs, 0, 1)
         if self.residual:
             outputs = jnp.where(mask[..., None], outputs + inputs, 0.0)

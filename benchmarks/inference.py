@@ -30,6 +30,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--device", choices=["cpu", "gpu", "default"], default="default",
                         help="JAX platform (default: JAX's choice)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype of the matrix products (bfloat16: for GPUs)")
     parser.add_argument("--peak-gflops", type=float, default=0.0,
                         help="the machine's fp32 matmul rate; measured when 0")
     args = parser.parse_args(argv)
@@ -42,7 +44,8 @@ def main(argv=None) -> dict:
     sentences = common.sample_sentences(args.batch, args.min_length, args.max_length)
     ids = Batcher(os.path.join(common.SAMPLE, "vocab.txt"), 50).batch_sentences(sentences)
     n_tokens = sum(len(s) for s in sentences)
-    model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=max(args.batch, 1))
+    model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=max(args.batch, 1),
+                                       compute_dtype=args.dtype)
 
     start = time.perf_counter()
     model(ids)
@@ -57,10 +60,10 @@ def main(argv=None) -> dict:
     peak = args.peak_gflops or common.measure_matmul_gflops()
     result = {
         "benchmark": "inference", "size": args.size, "batch": args.batch, "tokens_per_batch": n_tokens,
-        "sentence_lengths": [args.min_length, args.max_length], "runs": args.runs,
+        "sentence_lengths": [args.min_length, args.max_length], "runs": args.runs, "compute_dtype": args.dtype,
         **common.speed_result(rates, compile_seconds, flops, peak), "environment": common.environment(),
     }
-    common.report(result, [("size / batch", f"{args.size} / {args.batch} sentences, {n_tokens} tokens")]
+    common.report(result, [("size / batch", f"{args.size} / {args.batch} sentences, {n_tokens} tokens, {args.dtype}")]
                   + common.speed_rows(result, "compile + first call"))
     return result
 

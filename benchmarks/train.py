@@ -70,6 +70,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--precision", default="default", help="matmul precision: default or highest")
     parser.add_argument("--unroll-scan", type=int, default=1, help="LSTM steps per scan iteration")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype of the matrix products (bfloat16: for GPUs)")
     parser.add_argument("--device", choices=["cpu", "gpu", "default"], default="default")
     parser.add_argument("--peak-gflops", type=float, default=0.0)
     args = parser.parse_args(argv)
@@ -88,7 +90,7 @@ def main(argv=None) -> dict:
     config.model.char_cnn.update(c["char_cnn"])
     config.model.lstm.update(c["lstm"])
     config.train.update(batch_size=args.batch, unroll_steps=args.unroll, n_negative_samples_batch=negatives,
-                        matmul_precision=args.precision, scan_unroll=args.unroll_scan)
+                        matmul_precision=args.precision, scan_unroll=args.unroll_scan, compute_dtype=args.dtype)
     config.data.update(train_prefix=os.path.join(common.SAMPLE, "train", "shard-*.txt"),
                        vocab_file=padded_vocab(vocab_size))
     vocab = train.load_vocab(config)
@@ -115,12 +117,12 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "train", "config": args.config, "batch_per_device": args.batch, "devices": trainer.n_devices,
         "unroll_steps": args.unroll, "negatives": negatives, "vocab_size": vocab.size, "runs": args.runs,
-        "precision": args.precision, "scan_unroll": args.unroll_scan,
+        "precision": args.precision, "scan_unroll": args.unroll_scan, "compute_dtype": args.dtype,
         **common.speed_result(rates, compile_seconds, flops, peak),
         "final_loss": float(metrics["loss"]), "environment": common.environment(),
     }
     common.report(result, [("config", f"{args.config}: batch {trainer.batch_size} x unroll {args.unroll}, "
-                                      f"{negatives} negatives, vocab {vocab.size}")]
+                                      f"{negatives} negatives, vocab {vocab.size}, {args.dtype}")]
                   + common.speed_rows(result, "compile + first step"))
     return result
 

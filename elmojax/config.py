@@ -4,7 +4,8 @@
                 the options.json fields, same names and meaning
   config.train  batch_size (per device), unroll_steps, n_negative_samples_batch, dropout,
                 all_clip_norm_val, learning_rate, n_epochs, n_train_tokens (None: counted from
-                the data), seed, logging and checkpoint cadence
+                the data), seed, logging and checkpoint cadence; speed knobs matmul_precision,
+                scan_unroll and compute_dtype ("float32", or "bfloat16" for GPUs)
   config.data   train_prefix, heldout_prefix (globs), vocab_file
   config.eval   batch_size
   config.init_from / init_softmax_from   start from a checkpoint or an exported weight file
@@ -53,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         matmul_precision="default",     # "highest" for full float32 on GPUs with TF32
         scan_unroll=1,                  # LSTM time steps per loop iteration (a speed knob)
+        compute_dtype="float32",        # "bfloat16": bf16 matmul operands, f32 accumulation (GPUs)
     ))
     c.data = ml_collections.ConfigDict(dict(train_prefix="", heldout_prefix="", vocab_file=""))
     c.eval = ml_collections.ConfigDict(dict(batch_size=64, unroll_steps=20))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elmojax import files, hdf5
+from elmojax import files, hdf5, numerics
 from elmojax.model import BiLM, BiLMOutput, zero_state
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
 from elmojax.vocab import Batcher, UnicodeCharsVocabulary
@@ -122,6 +122,8 @@ class BidirectionalLanguageModel:
     stateful: carry each row's final LSTM state into the next call, as bilm-tf does; rows
     beyond a call's batch size keep theirs. `reset_state()` zeroes it. The default, False,
     starts every call from zero state, so results do not depend on call order.
+    compute_dtype: "float32" (the default, bilm-tf's numerics) or "bfloat16" (matrix products
+    with bfloat16 operands and float32 accumulation: faster on GPUs, about 3 significant digits).
 
     Calling it returns numpy arrays: lm_embeddings (n, n_layers + 1, T, 2 * projection_dim),
     lengths (n,), mask (n, T) and token_embeddings (n, T + 2, projection_dim), where T + 2 is
@@ -130,7 +132,7 @@ class BidirectionalLanguageModel:
 
     def __init__(self, options_file: str, weight_file: str, use_character_inputs: bool = True,
                  embedding_weight_file: Optional[str] = None, max_batch_size: int = 128,
-                 stateful: bool = False):
+                 stateful: bool = False, compute_dtype: str = "float32"):
         options = load_options(options_file)
         if not options.bidirectional:
             raise ValueError(f"{options_file}: ELMo needs a bidirectional LM (bidirectional is false)")
@@ -152,7 +154,8 @@ class BidirectionalLanguageModel:
         self.use_character_inputs = use_character_inputs
         self.max_batch_size = max_batch_size
         self.stateful = stateful
-        self.model = BiLM(options, use_character_inputs, cnn_chunk_size=CNN_CHUNK_SIZE)
+        self.model = BiLM(options, use_character_inputs, cnn_chunk_size=CNN_CHUNK_SIZE,
+                          compute_dtype=numerics.compute_dtype(compute_dtype))
         self.params = params
         self.embed_fn = make_embed_fn(self.model)
         self._distinct_embed_fn = make_distinct_embed_fn(self.model) if use_character_inputs else None

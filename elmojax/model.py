@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from elmojax.numerics import conv1d, einsum
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, CharCNNOptions, LSTMOptions
 
 Array = jax.Array
@@ -95,6 +96,7 @@ class CharCNNEmbedder(nn.Module):
     projection_dim: int
     precision: Any = DEFAULT_PRECISION
     chunk_size: Optional[int] = None
+    compute_dtype: Any = None  # see elmojax.numerics
 
     @nn.compact
     def __call__(self, char_ids: Array) -> Array:
@@ -120,22 +122,22 @@ class CharCNNEmbedder(nn.Module):
                           self.param("b_proj", nn.initializers.zeros, (self.projection_dim,)))
         activation = jax.nn.relu if o.activation == "relu" else jnp.tanh
         padded_table = _with_padding_row(table)
+        numerics = dict(precision=self.precision, compute_dtype=self.compute_dtype)
 
         def embed(ids: Array) -> Array:  # (tokens, chars) -> (tokens, projection_dim)
             chars = jnp.take(padded_table, ids, axis=0)
             pooled = []
             for kernel, bias in convolutions:
-                conv = lax.conv_general_dilated(chars, kernel[0], window_strides=(1,), padding="VALID",
-                                                dimension_numbers=("NWC", "WIO", "NWC"), precision=self.precision)
+                conv = conv1d(chars, kernel[0], **numerics)
                 # max(conv + b) == max(conv) + b exactly, so the bias is added after pooling.
                 pooled.append(activation(max_over_positions(conv) + bias))
             x = jnp.concatenate(pooled, axis=-1)
             for w_carry, b_carry, w_transform, b_transform in highways:
-                carry = jax.nn.sigmoid(jnp.dot(x, w_carry, precision=self.precision) + b_carry)
-                transform = jax.nn.relu(jnp.dot(x, w_transform, precision=self.precision) + b_transform)
+                carry = jax.nn.sigmoid(einsum("nk,kd->nd", x, w_carry, **numerics) + b_carry)
+                transform = jax.nn.relu(einsum("nk,kd->nd", x, w_transform, **numerics) + b_transform)
                 x = carry * transform + (1.0 - carry) * x
             if projection is not None:
-                x = jnp.dot(x, projection[0], precision=self.precision) + projection[1]
+                x = einsum("nk,kd->nd", x, projection[0], **numerics) + projection[1]
             return x
 
         batch_shape, n_chars = char_ids.shape[:-1], char_ids.shape[-1]
@@ -170,13 +172,17 @@ class RecurrenceSettings:
     proj_clip: Optional[float] = None
     precision: Any = DEFAULT_PRECISION
     unroll: int = 1  # time steps per iteration of the scan's loop
+    compute_dtype: Any = None  # see elmojax.numerics
+
+    def einsum(self, subscripts: str, x: Array, y: Array) -> Array:
+        return einsum(subscripts, x, y, precision=self.precision, compute_dtype=self.compute_dtype)
 
 
 def _lstm_step(weights, settings: RecurrenceSettings, c_prev, h_prev, x_gates, m):
     """One LSTMCell step: (c, h, out, gate activations); rows where m is False keep (c, h)."""
     w_hidden, bias, w_proj = weights
     # the bias is added here, fused with the step, not to the whole input product in memory
-    gates = x_gates + jnp.dot(h_prev, w_hidden, precision=settings.precision) + bias
+    gates = x_gates + settings.einsum("bk,kn->bn", h_prev, w_hidden) + bias
     i, j, f, o = jnp.split(gates, 4, axis=-1)
     i, j, f, o = jax.nn.sigmoid(i), jnp.tanh(j), jax.nn.sigmoid(f + FORGET_BIAS), jax.nn.sigmoid(o)
     c = f * c_prev + i * j
@@ -184,7 +190,7 @@ def _lstm_step(weights, settings: RecurrenceSettings, c_prev, h_prev, x_gates, m
         c = jnp.clip(c, -settings.cell_clip, settings.cell_clip)
     h = o * jnp.tanh(c)
     if w_proj is not None:
-        h = jnp.dot(h, w_proj, precision=settings.precision)
+        h = settings.einsum("bk,kn->bn", h, w_proj)
         if settings.proj_clip is not None:
             h = jnp.clip(h, -settings.proj_clip, settings.proj_clip)
     m = m[:, None]
@@ -229,7 +235,7 @@ def _recurrence_fwd(input_gates, mask, state, weights, settings):
 def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
     mask, (c0, h0), (w_hidden, _, w_proj), activations, c_seq, h_seq = residuals
     d_outputs, (dc_final, dh_final) = cotangents
-    precision, cell_clip, proj_clip = settings.precision, settings.cell_clip, settings.proj_clip
+    cell_clip, proj_clip = settings.cell_clip, settings.proj_clip
     c_prev_seq = jnp.concatenate([c0[None], c_seq[:-1]], axis=0)
     h_prev_seq = jnp.concatenate([h0[None], h_seq[:-1]], axis=0)
 
@@ -244,7 +250,7 @@ def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
             if proj_clip is not None:
                 dh_out = jnp.where(jnp.abs(h) < proj_clip, dh_out, 0.0)
             d_projected = jnp.where(m, dh_out, 0.0)
-            dh_out = jnp.dot(d_projected, w_proj.T, precision=precision)
+            dh_out = settings.einsum("bp,kp->bk", d_projected, w_proj)
         tanh_c = jnp.tanh(c)
         dc_cell = dc + dh_out * o * (1.0 - tanh_c * tanh_c)
         if cell_clip is not None:
@@ -253,19 +259,19 @@ def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
                                    dc_cell * c_prev * f * (1.0 - f), dh_out * tanh_c * o * (1.0 - o)], axis=-1)
         d_gates = jnp.where(m, d_gates, 0.0)
         # masked rows pass the carry's gradient through unchanged
-        dh_prev = jnp.where(m, jnp.dot(d_gates, w_hidden.T, precision=precision), dh)
+        dh_prev = jnp.where(m, settings.einsum("bn,kn->bk", d_gates, w_hidden), dh)
         dc_prev = jnp.where(m, dc_cell * f, dc)
         return (dc_prev, dh_prev), (d_gates, d_projected)
 
     (dc0, dh0), (d_gates, d_projected) = lax.scan(
         step, (dc_final, dh_final), (d_outputs, activations, c_seq, c_prev_seq, h_seq, mask), reverse=True,
         unroll=settings.unroll)
-    d_w_hidden = jnp.einsum("tbk,tbn->kn", h_prev_seq, d_gates, precision=precision)
+    d_w_hidden = settings.einsum("tbk,tbn->kn", h_prev_seq, d_gates)
     d_bias = jnp.sum(d_gates, axis=(0, 1))
     d_w_proj = None
     if w_proj is not None:
         hidden = activations[..., 3 * c_seq.shape[-1]:] * jnp.tanh(c_seq)  # o * tanh(c), the unprojected output
-        d_w_proj = jnp.einsum("tbk,tbn->kn", hidden, d_projected, precision=precision)
+        d_w_proj = settings.einsum("tbk,tbn->kn", hidden, d_projected)
     return d_gates, None, (dc0, dh0), (d_w_hidden, d_bias, d_w_proj)
 
 
@@ -290,6 +296,7 @@ class LSTMLayer(nn.Module):
     dropout_rate: float = 0.0
     precision: Any = DEFAULT_PRECISION
     unroll: int = 1  # time steps per iteration of the scan's loop
+    compute_dtype: Any = None  # see elmojax.numerics
 
     @nn.compact
     def __call__(self, inputs: Array, mask: Array, state: tuple[Array, Array],
@@ -314,10 +321,9 @@ class LSTMLayer(nn.Module):
         # 4 * dim wide result.
         batch, time = inputs.shape[:2]
         time_major = jnp.swapaxes(inputs, 0, 1).reshape(time * batch, in_dim)
-        input_gates = jnp.dot(time_major, w_input, precision=self.precision).reshape(time, batch, 4 * self.dim)
-
         settings = RecurrenceSettings(self.cell_clip, self.proj_clip if w_proj is not None else None,
-                                      self.precision, self.unroll)
+                                      self.precision, self.unroll, self.compute_dtype)
+        input_gates = settings.einsum("nk,kd->nd", time_major, w_input).reshape(time, batch, 4 * self.dim)
         outputs, new_state = lstm_recurrence(input_gates, jnp.swapaxes(mask, 0, 1), tuple(state),
                                              (w_hidden, bias, w_proj), settings)
         outputs = jnp.swapaxes(outputs, 0, 1)
@@ -333,6 +339,7 @@ class LSTMStack(nn.Module):
     dropout_rate: float = 0.0
     precision: Any = DEFAULT_PRECISION
     unroll: int = 1
+    compute_dtype: Any = None
 
     @nn.compact
     def __call__(self, inputs: Array, mask: Array, state: Sequence[tuple[Array, Array]],
@@ -351,6 +358,7 @@ class LSTMStack(nn.Module):
                 dropout_rate=self.dropout_rate,
                 precision=self.precision,
                 unroll=self.unroll,
+                compute_dtype=self.compute_dtype,
                 name=f"layer_{i}",
             )(x, mask, state[i], deterministic)
             outputs.append(x)
@@ -405,6 +413,7 @@ class BiLM(nn.Module):
     precision: Any = DEFAULT_PRECISION
     cnn_chunk_size: Optional[int] = None
     scan_unroll: int = 1
+    compute_dtype: Any = None  # None: float32; jnp.bfloat16 for GPUs (see elmojax.numerics)
 
     def setup(self):
         o = self.options
@@ -412,14 +421,14 @@ class BiLM(nn.Module):
             if o.char_cnn is None:
                 raise ValueError("character inputs need the char_cnn section of the options")
             self.embedder = CharCNNEmbedder(o.char_cnn, o.projection_dim, precision=self.precision,
-                                            chunk_size=self.cnn_chunk_size)
+                                            chunk_size=self.cnn_chunk_size, compute_dtype=self.compute_dtype)
         else:
             if o.n_tokens_vocab is None:
                 raise ValueError("token inputs need n_tokens_vocab (the token embedding table's rows)")
             self.embedder = TokenEmbedder(o.n_tokens_vocab, o.projection_dim)
-        self.forward_lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision, self.scan_unroll)
+        self.forward_lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision, self.scan_unroll, self.compute_dtype)
         if o.bidirectional:
-            self.backward_lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision, self.scan_unroll)
+            self.backward_lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision, self.scan_unroll, self.compute_dtype)
 
     def embed(self, ids: Array) -> Array:
         return self.embedder(ids)

@@ -20,11 +20,13 @@ comes from explicit PRNG keys.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from elmojax.numerics import einsum
 
 Array = jax.Array
 
@@ -139,6 +141,7 @@ def sampled_softmax_loss(
     remove_accidental_hits: bool = True,
     *,
     precision: Optional[lax.PrecisionLike] = None,
+    compute_dtype: Optional[Any] = None,
 ) -> Array:
     """Per-example sampled softmax loss, as tf.nn.sampled_softmax_loss with bilm-tf's settings.
 
@@ -157,6 +160,7 @@ def sampled_softmax_loss(
       range_max: size of the sampler's range (static).
       remove_accidental_hits: drop sampled entries equal to the label.
       precision: lax precision of the matmuls.
+      compute_dtype: the matmuls' operand dtype (see elmojax.numerics); None keeps the inputs'.
 
     Returns:
       (N,) losses in float32 (or wider, if the inputs are).
@@ -168,10 +172,11 @@ def sampled_softmax_loss(
     out_dtype = jnp.promote_types(jnp.result_type(inputs, weights), jnp.float32)
 
     true_w = weights[labels]  # (N, D)
-    true_logits = jnp.einsum("nd,nd->n", inputs, true_w, precision=precision)
+    numerics = dict(precision=precision, compute_dtype=compute_dtype)
+    true_logits = einsum("nd,nd->n", inputs, true_w, **numerics)
     true_logits = true_logits.astype(out_dtype) + biases[labels].astype(out_dtype)
     sampled_w = weights[sampled_ids]  # (S, D)
-    sampled_logits = jnp.einsum("nd,sd->ns", inputs, sampled_w, precision=precision)
+    sampled_logits = einsum("nd,sd->ns", inputs, sampled_w, **numerics)
     sampled_logits = sampled_logits.astype(out_dtype) + biases[sampled_ids].astype(out_dtype)
 
     true_logits = true_logits - _log_expected_counts(labels, num_tries, range_max).astype(out_dtype)
@@ -193,6 +198,7 @@ def full_softmax_loss(
     labels: Array,
     *,
     precision: Optional[lax.PrecisionLike] = None,
+    compute_dtype: Optional[Any] = None,
 ) -> Array:
     """Per-example exact cross-entropy over all V classes (evaluation / perplexity).
 
@@ -202,7 +208,7 @@ def full_softmax_loss(
     n = inputs.shape[0]
     labels = jnp.reshape(labels, (n,)).astype(jnp.int32)
     out_dtype = jnp.promote_types(jnp.result_type(inputs, weights), jnp.float32)
-    logits = jnp.einsum("nd,vd->nv", inputs, weights, precision=precision).astype(out_dtype)
+    logits = einsum("nd,vd->nv", inputs, weights, precision=precision, compute_dtype=compute_dtype).astype(out_dtype)
     logits = logits + biases.astype(out_dtype)
     true_logits = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
     return jax.nn.logsumexp(logits, axis=1) - true_logits

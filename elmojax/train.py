@@ -31,7 +31,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from elmojax import checkpoint, config as config_lib, data, files, hdf5, softmax
+from elmojax import checkpoint, config as config_lib, data, files, hdf5, numerics, softmax
 from elmojax.embed import distinct_tokens
 from elmojax.model import BiLM, zero_state
 from elmojax.options import N_CHARACTERS_PREDICT, BiLMOptions
@@ -63,6 +63,7 @@ class LossSettings:
     n_negative_samples_batch: int
     n_vocab: int
     precision: Any = None
+    compute_dtype: Any = None  # see elmojax.numerics
 
 
 def _loss_settings(config: ml_collections.ConfigDict, n_vocab: int) -> LossSettings:
@@ -76,6 +77,7 @@ def _loss_settings(config: ml_collections.ConfigDict, n_vocab: int) -> LossSetti
         n_negative_samples_batch=int(config.train.n_negative_samples_batch),
         n_vocab=n_vocab,
         precision=None if precision == "default" else precision,
+        compute_dtype=numerics.compute_dtype(config.train.get("compute_dtype", "float32")),
     )
 
 
@@ -113,9 +115,11 @@ def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, m
             sampled, num_tries = softmax.sample_log_uniform_unique(
                 sample_key, settings.n_negative_samples_batch, settings.n_vocab)
             losses = softmax.sampled_softmax_loss(softmax_w, softmax_b, top, targets, sampled, num_tries,
-                                                  settings.n_vocab, precision=settings.precision)
+                                                  settings.n_vocab, precision=settings.precision,
+                                                  compute_dtype=settings.compute_dtype)
         else:
-            losses = softmax.full_softmax_loss(softmax_w, softmax_b, top, targets)
+            losses = softmax.full_softmax_loss(softmax_w, softmax_b, top, targets,
+                                               compute_dtype=settings.compute_dtype)
         token_weights = weights.reshape(-1)
         sums[direction] = (jnp.sum(losses * token_weights), jnp.sum(token_weights))
     return sums, new_state
@@ -168,7 +172,8 @@ class Trainer:
             raise ValueError(f"train.n_negative_samples_batch ({self.settings.n_negative_samples_batch}) exceeds "
                              f"the vocabulary ({n_vocab} tokens): the sampler draws distinct ids")
         self.model = BiLM(self.options, self.settings.use_character_inputs, dropout_rate=self.settings.dropout,
-                          precision=self.settings.precision, scan_unroll=config.train.get("scan_unroll", 1))
+                          precision=self.settings.precision, scan_unroll=config.train.get("scan_unroll", 1),
+                          compute_dtype=self.settings.compute_dtype)
         self.tx = make_optimizer(config)
         self.mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
         self.replicated = NamedSharding(self.mesh, P())

@@ -25,8 +25,9 @@ def test_inference_benchmark():
 
 def test_train_benchmark():
     out = _run("train.py", "--config", "small_char", "--batch", "2", "--unroll", "5", "--runs", "2",
-               "--negatives", "16", "--vocab-size", "3000", "--peak-gflops", "50")
+               "--negatives", "16", "--vocab-size", "3000", "--peak-gflops", "50", "--dtype", "bfloat16")
     assert out["tokens_per_second"]["median"] > 0 and out["vocab_size"] == 3000
+    assert out["compute_dtype"] == "bfloat16"
     assert out["final_loss"] > 0
 
 

@@ -101,3 +101,17 @@ def test_token_inputs_match_character_inputs(fixture_sentences, tmp_path):
         for k in range(3):
             got = by_tokens["lm_embeddings"][k, 2, : len(batch[k])]
             assert np.max(np.abs(got - expected[k][i])) <= 1e-6
+
+
+def test_bfloat16_compute_stays_near_float32(fixture_sentences):
+    """compute_dtype="bfloat16" (a GPU speed option) runs the matrix products in bfloat16:
+    results differ from float32 by bfloat16 rounding, no more."""
+    sentences, _ = fixture_sentences
+    ids = Batcher(VOCAB_FILE, 50).batch_sentences([sentences[k][0] for k in range(3)])
+    exact = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE)(ids)["lm_embeddings"]
+    model = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, compute_dtype="bfloat16")
+    assert "bf16" in model.embed_fn.lower(model.params, ids, None).as_text()
+    rounded = model(ids)["lm_embeddings"]
+    scale = np.max(np.abs(exact))
+    difference = np.max(np.abs(rounded - exact))
+    assert 1e-5 * scale < difference < 0.05 * scale, (difference, scale)

@@ -207,3 +207,23 @@ def test_word_input_export_is_its_own_embedding_file(tmp_path):
         jax.device_get(state.params["bilm"]), ids.astype(np.int32), zero_state(options, 2))
     assert np.max(np.abs(from_file["lm_embeddings"] - np.asarray(direct["lm_embeddings"]))) <= 1e-6
     assert np.abs(from_file["lm_embeddings"]).max() > 0.01
+
+
+def test_bfloat16_compute_trains_like_float32():
+    """train.compute_dtype="bfloat16" (a GPU speed option): the first step's loss and gradient
+    norm match float32's to bfloat16 rounding, and the compiled step does use bfloat16."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        config = _config(compute_dtype=dtype)
+        vocab = train.load_vocab(config)
+        trainer = train.Trainer(config, vocab.size)
+        dataset = train.make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size,
+                                     config.train.unroll_steps, test=True)
+        batch = trainer.put_batch(next(dataset.iter_batches()))
+        state = trainer.create_state(jax.random.PRNGKey(0))
+        assert ("bf16" in trainer.train_step.lower(state, batch).as_text()) == (dtype == "bfloat16")
+        _, metrics = trainer.train_step(state, batch)
+        results[dtype] = {k: float(v) for k, v in metrics.items()}
+    for key in ("loss", "grad_norm"):
+        exact, rounded = results["float32"][key], results["bfloat16"][key]
+        assert exact != rounded and abs(rounded - exact) < 0.02 * abs(exact), (key, results)

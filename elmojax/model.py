@@ -88,8 +88,8 @@ max_over_positions.defvjp(_max_over_positions_fwd, _max_over_positions_bwd)
 class CharCNNEmbedder(nn.Module):
     """Token embeddings from characters: char embedding, CNN + max-pool, highway, projection.
 
-    `chunk_size` runs the CNN over that many tokens at a time (lax.map), which bounds the
-    memory of the convolutions' outputs (tokens x positions x filters) for large models.
+    `chunk_size` runs the convolutions over that many tokens at a time (lax.map), which bounds
+    the memory of their outputs (tokens x positions x filters) for large models.
     """
 
     options: CharCNNOptions
@@ -124,32 +124,33 @@ class CharCNNEmbedder(nn.Module):
         padded_table = _with_padding_row(table)
         numerics = dict(precision=self.precision, compute_dtype=self.compute_dtype)
 
-        def embed(ids: Array) -> Array:  # (tokens, chars) -> (tokens, projection_dim)
+        def pool(ids: Array) -> Array:  # (tokens, chars) -> (tokens, n_filters)
             chars = jnp.take(padded_table, ids, axis=0)
             pooled = []
             for kernel, bias in convolutions:
                 conv = conv1d(chars, kernel[0], **numerics)
                 # max(conv + b) == max(conv) + b exactly, so the bias is added after pooling.
                 pooled.append(activation(max_over_positions(conv) + bias))
-            x = jnp.concatenate(pooled, axis=-1)
-            for w_carry, b_carry, w_transform, b_transform in highways:
-                carry = jax.nn.sigmoid(einsum("nk,kd->nd", x, w_carry, **numerics) + b_carry)
-                transform = jax.nn.relu(einsum("nk,kd->nd", x, w_transform, **numerics) + b_transform)
-                x = carry * transform + (1.0 - carry) * x
-            if projection is not None:
-                x = einsum("nk,kd->nd", x, projection[0], **numerics) + projection[1]
-            return x
+            return jnp.concatenate(pooled, axis=-1)
 
         batch_shape, n_chars = char_ids.shape[:-1], char_ids.shape[-1]
         flat = char_ids.reshape(-1, n_chars)
         n = flat.shape[0]
         chunk = self.chunk_size
         if chunk and n > chunk:
+            # Only the convolutions go in chunks: their outputs (tokens x positions x filters) are
+            # what is large; the highway products are more efficient over all tokens at once.
             n_chunks = -(-n // chunk)
             flat = jnp.pad(flat, ((0, n_chunks * chunk - n), (0, 0)))
-            x = lax.map(embed, flat.reshape(n_chunks, chunk, n_chars)).reshape(n_chunks * chunk, -1)[:n]
+            x = lax.map(pool, flat.reshape(n_chunks, chunk, n_chars)).reshape(n_chunks * chunk, -1)[:n]
         else:
-            x = embed(flat)
+            x = pool(flat)
+        for w_carry, b_carry, w_transform, b_transform in highways:
+            carry = jax.nn.sigmoid(einsum("nk,kd->nd", x, w_carry, **numerics) + b_carry)
+            transform = jax.nn.relu(einsum("nk,kd->nd", x, w_transform, **numerics) + b_transform)
+            x = carry * transform + (1.0 - carry) * x
+        if projection is not None:
+            x = einsum("nk,kd->nd", x, projection[0], **numerics) + projection[1]
         return x.reshape(batch_shape + (x.shape[-1],))
 
 

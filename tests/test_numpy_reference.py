@@ -385,8 +385,9 @@ def test_highway_layer():
     assert_close(got, want, "highway output")
 
 
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
-def test_char_cnn(activation):
+@pytest.mark.parametrize("activation, chunk_size", [("relu", None), ("tanh", None), ("relu", 5)])
+def test_char_cnn(activation, chunk_size):
+    """chunk_size 5: the convolutions over 12 tokens in 3 chunks, the last one padded."""
     rng = np.random.default_rng(3)
     # widths 1 (every position) to max_characters_per_token (a single position)
     filters = ((1, 3), (2, 4), (3, 5), (MAX_CHARS, 4))
@@ -394,7 +395,7 @@ def test_char_cnn(activation):
                              activation=activation, n_highway=2)
     projection_dim = 8
     ids = _cnn_ids(rng, (BATCH, 4, MAX_CHARS))
-    module = CharCNNEmbedder(options, projection_dim)
+    module = CharCNNEmbedder(options, projection_dim, chunk_size=chunk_size)
     params = perturb_biases(init_params(module, 3, jnp.asarray(ids))["params"], 3, scale=0.3)
     if activation == "relu":
         params = {k: (10.0 * v if k.startswith("W_cnn") else v) for k, v in params.items()}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elmojax import files, hdf5, numerics
-from elmojax.model import BiLM, BiLMOutput, zero_state
+from elmojax.model import BiLM, BiLMOutput, trim_char_ids, zero_state
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
 from elmojax.vocab import Batcher, UnicodeCharsVocabulary
 
@@ -84,12 +84,13 @@ def make_embed_fn(model: BiLM) -> Callable:
 
 def make_distinct_embed_fn(model: BiLM) -> Callable:
     """Like `make_embed_fn`, with the char CNN run once per distinct token of the batch:
-    jit((params, ids, distinct_char_ids, token_index, state) -> (outputs, new_state)), where
-    token_index (batch, time) points into distinct_char_ids (n_distinct, max_chars)."""
+    jit((params, ids, distinct_char_ids, tail_ids, token_index, state) -> (outputs, new_state)),
+    where token_index (batch, time) points into distinct_char_ids (n_distinct, chars), cut short
+    by `trim_char_ids` when tail_ids is not None."""
 
-    def embed_fn(params, ids, distinct_char_ids, token_index, state):
+    def embed_fn(params, ids, distinct_char_ids, tail_ids, token_index, state):
         state = zero_state(model.options, ids.shape[0]) if state is None else state
-        table = model.apply({"params": params}, distinct_char_ids, method=BiLM.embed)
+        table = model.apply({"params": params}, distinct_char_ids, tail_ids, method=BiLM.embed)
         output, new_state = model.apply({"params": params}, ids, state,
                                         embedding=jnp.take(table, token_index, axis=0))
         return elmo_outputs(output), new_state
@@ -227,7 +228,9 @@ class BidirectionalLanguageModel:
         else:
             state = None  # zeros, made inside the compiled function
         if self._distinct_embed_fn is not None:
-            outputs, new_state = self._distinct_embed_fn(self.params, padded, *distinct_tokens(padded), state)
+            distinct, token_index = distinct_tokens(padded)
+            distinct, tail_ids = trim_char_ids(distinct, self.options.char_cnn.max_width)
+            outputs, new_state = self._distinct_embed_fn(self.params, padded, distinct, tail_ids, token_index, state)
         else:
             outputs, new_state = self.embed_fn(self.params, padded, state)
         if self.stateful:

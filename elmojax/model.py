@@ -85,11 +85,32 @@ def _max_over_positions_bwd(residuals, grad):
 max_over_positions.defvjp(_max_over_positions_fwd, _max_over_positions_bwd)
 
 
+def trim_char_ids(char_ids: np.ndarray, max_width: int, multiple: int = 8) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Cuts (tokens, chars) ids short for CharCNNEmbedder's `tail_ids`: (ids[:, :k], tail_ids),
+    where each row's tail id is its last id, which fills the row from its tail's start on, and k
+    (a multiple of `multiple`) reaches max_width - 1 past the latest tail start, so that every
+    window left out lies wholly in its row's tail. (ids, None) when nothing would be cut."""
+    tokens, n_chars = char_ids.shape
+    tail_ids = char_ids[:, -1]
+    differs = char_ids != tail_ids[:, None]
+    tail_start = np.where(differs.any(axis=1), n_chars - np.argmax(differs[:, ::-1], axis=1), 0)
+    keep = max(-(-(int(tail_start.max(initial=0)) + max_width - 1) // multiple) * multiple, max_width)
+    if keep >= n_chars:
+        return char_ids, None
+    return np.ascontiguousarray(char_ids[:, :keep]), tail_ids
+
+
 class CharCNNEmbedder(nn.Module):
     """Token embeddings from characters: char embedding, CNN + max-pool, highway, projection.
 
     `chunk_size` runs the convolutions over that many tokens at a time (lax.map), which bounds
     the memory of their outputs (tokens x positions x filters) for large models.
+
+    `tail_ids`, when given, says that the char ids were cut short (see `trim_char_ids`): row r
+    stood for its ids followed by tail_ids[r] up to max_characters_per_token, and every window
+    left out lay wholly in that tail. Those windows all have the value of one window of the tail
+    character, which takes the place of all of them in the max-pooling: the same result without
+    convolving the padding after each word.
     """
 
     options: CharCNNOptions
@@ -99,7 +120,7 @@ class CharCNNEmbedder(nn.Module):
     compute_dtype: Any = None  # see elmojax.numerics
 
     @nn.compact
-    def __call__(self, char_ids: Array) -> Array:
+    def __call__(self, char_ids: Array, tail_ids: Optional[Array] = None) -> Array:
         o = self.options
         dim, n_filters = o.embedding_dim, o.n_filters
         table = self.param("char_embed", _uniform(-1.0, 1.0), (N_CHARACTERS_TRAIN, dim))
@@ -124,27 +145,34 @@ class CharCNNEmbedder(nn.Module):
         padded_table = _with_padding_row(table)
         numerics = dict(precision=self.precision, compute_dtype=self.compute_dtype)
 
-        def pool(ids: Array) -> Array:  # (tokens, chars) -> (tokens, n_filters)
+        def pool(ids: Array, tails: Optional[Array]) -> Array:  # (tokens, chars) -> (tokens, n_filters)
             chars = jnp.take(padded_table, ids, axis=0)
+            tail_chars = None if tails is None else jnp.take(padded_table, tails, axis=0)
             pooled = []
             for kernel, bias in convolutions:
                 conv = conv1d(chars, kernel[0], **numerics)
+                if tail_chars is not None:  # one window of the tail character, as one more position
+                    tail_window = einsum("nd,dk->nk", tail_chars, jnp.sum(kernel[0], axis=0), **numerics)
+                    conv = jnp.concatenate([conv, tail_window[:, None, :]], axis=1)
                 # max(conv + b) == max(conv) + b exactly, so the bias is added after pooling.
                 pooled.append(activation(max_over_positions(conv) + bias))
             return jnp.concatenate(pooled, axis=-1)
 
         batch_shape, n_chars = char_ids.shape[:-1], char_ids.shape[-1]
         flat = char_ids.reshape(-1, n_chars)
+        tails = None if tail_ids is None else tail_ids.reshape(-1)
         n = flat.shape[0]
         chunk = self.chunk_size
         if chunk and n > chunk:
             # Only the convolutions go in chunks: their outputs (tokens x positions x filters) are
             # what is large; the highway products are more efficient over all tokens at once.
             n_chunks = -(-n // chunk)
-            flat = jnp.pad(flat, ((0, n_chunks * chunk - n), (0, 0)))
-            x = lax.map(pool, flat.reshape(n_chunks, chunk, n_chars)).reshape(n_chunks * chunk, -1)[:n]
+            flat = jnp.pad(flat, ((0, n_chunks * chunk - n), (0, 0))).reshape(n_chunks, chunk, n_chars)
+            if tails is not None:
+                tails = jnp.pad(tails, (0, n_chunks * chunk - n)).reshape(n_chunks, chunk)
+            x = lax.map(lambda xs: pool(*xs), (flat, tails)).reshape(n_chunks * chunk, -1)[:n]
         else:
-            x = pool(flat)
+            x = pool(flat, tails)
         for w_carry, b_carry, w_transform, b_transform in highways:
             carry = jax.nn.sigmoid(einsum("nk,kd->nd", x, w_carry, **numerics) + b_carry)
             transform = jax.nn.relu(einsum("nk,kd->nd", x, w_transform, **numerics) + b_transform)
@@ -431,7 +459,10 @@ class BiLM(nn.Module):
         if o.bidirectional:
             self.backward_lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision, self.scan_unroll, self.compute_dtype)
 
-    def embed(self, ids: Array) -> Array:
+    def embed(self, ids: Array, tail_ids: Optional[Array] = None) -> Array:
+        """Token embeddings; `tail_ids` for char ids cut short (see CharCNNEmbedder)."""
+        if tail_ids is not None:
+            return self.embedder(ids, tail_ids)
         return self.embedder(ids)
 
     def run_lstm(self, direction: str, inputs: Array, mask: Array, state, deterministic: bool = True):

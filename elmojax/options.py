@@ -35,6 +35,10 @@ class CharCNNOptions:
     def n_filters(self) -> int:
         return sum(num for _, num in self.filters)
 
+    @property
+    def max_width(self) -> int:
+        return max(width for width, _ in self.filters)
+
 
 @dataclasses.dataclass(frozen=True)
 class LSTMOptions:

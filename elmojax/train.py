@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from elmojax import checkpoint, config as config_lib, data, files, hdf5, numerics, softmax
 from elmojax.embed import distinct_tokens
-from elmojax.model import BiLM, zero_state
+from elmojax.model import BiLM, trim_char_ids, zero_state
 from elmojax.options import N_CHARACTERS_PREDICT, BiLMOptions
 from elmojax.tensorboard import SummaryWriter
 from elmojax.vocab import UnicodeCharsVocabulary, Vocabulary
@@ -93,7 +93,8 @@ def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, m
     directions = DIRECTIONS if settings.bidirectional else DIRECTIONS[:1]
     if settings.use_character_inputs:
         # the char CNN runs once per distinct token of the batch (both streams), see put_batch
-        token_table = model.apply({"params": bilm_params}, batch["distinct_char_ids"], method=BiLM.embed)
+        token_table = model.apply({"params": bilm_params}, batch["distinct_char_ids"],
+                                  batch.get("distinct_tail_ids"), method=BiLM.embed)
     sums, new_state = {}, {}
     for direction, suffix in directions:
         rng, dropout_key, output_key, sample_key = jax.random.split(rng, 4)
@@ -221,7 +222,9 @@ class Trainer:
         each passes its own rows of the global batch. Character inputs go as the batch's
         distinct tokens and an index into them per position, so the char CNN runs once per
         distinct token. Their number is padded to a power of two (few shapes to compile); with
-        several processes, to one fixed size, so that every process's part has the same shape."""
+        several processes, to one fixed size, so that every process's part has the same shape.
+        With one process their char ids are also cut short past the longest word (trim_char_ids):
+        the CNN does not convolve the padding characters."""
         batch = {k: np.asarray(v) for k, v in batch.items()}
         # does the mesh span other processes' devices?
         n_processes = self.mesh.devices.size // len(self.mesh.local_devices)
@@ -235,6 +238,10 @@ class Trainer:
                 index += jax.process_index() * len(distinct)
             for k, suffix in enumerate(suffixes):
                 batch["token_index" + suffix] = index[k]
+            if n_processes == 1:  # with several, every process's part must have the same width
+                distinct, tail_ids = trim_char_ids(distinct, self.options.char_cnn.max_width)
+                if tail_ids is not None:
+                    batch["distinct_tail_ids"] = tail_ids
             batch["distinct_char_ids"] = distinct
         if n_processes == 1:
             return jax.device_put(batch, self.sharded)

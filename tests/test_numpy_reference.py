@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from elmojax.elmo import ScalarMix, weight_layers
-from elmojax.model import BiLM, CharCNNEmbedder, LSTMLayer, zero_state
+from elmojax.model import BiLM, CharCNNEmbedder, LSTMLayer, trim_char_ids, zero_state
 from elmojax.options import BiLMOptions, CharCNNOptions, LSTMOptions
 
 # float32 against float64: tight enough that a wrong gate order, forget bias, clip or
@@ -642,3 +642,74 @@ def test_char_cnn_gradients():
     top = np.asarray(conv).max(axis=0)
     assert (np.sum(np.isclose(np.asarray(conv), top, rtol=0, atol=1e-12), axis=0) > 1).any()
     _directional_check(grads, loss_np, params, rng, "char CNN")
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Char ids cut short after the longest word
+# --------------------------------------------------------------------------------------------
+
+def _spelled_ids(rng, n_tokens, n_chars, max_word):
+    """Batcher-like rows: bow, chars, eow, then the padding character 261; plus an all-zero row."""
+    ids = np.full((n_tokens, n_chars), 261, np.int32)
+    for row in ids:
+        k = rng.integers(1, max_word + 1)
+        row[0], row[1 : k + 1], row[k + 1] = 259, rng.integers(1, 257, size=k), 260
+    ids[-1] = 0
+    return ids
+
+
+def test_trim_char_ids():
+    ids = np.array([[5, 6, 261, 261, 261, 261, 261, 261, 261, 261, 261, 261],
+                    [5, 261, 7, 261, 261, 261, 261, 261, 261, 261, 261, 261],
+                    [0] * 12], np.int32)
+    trimmed, tails = trim_char_ids(ids, max_width=3, multiple=2)
+    # the latest tail starts at 3; windows of 3 starting at 3 or later lie in it: keep 3 + 2 -> 6
+    assert trimmed.shape == (3, 6) and list(tails) == [261, 261, 0]
+    np.testing.assert_array_equal(trimmed, ids[:, :6])
+    # a row without a tail: nothing can be cut
+    full = ids.copy()
+    full[0, -1] = 9
+    assert trim_char_ids(full, max_width=3)[1] is None
+
+
+def test_char_cnn_on_trimmed_ids():
+    """The CNN on ids cut short (one window of the tail character standing for the left-out
+    ones) against the NumPy reference on the full ids, values and gradients."""
+    rng = np.random.default_rng(13)
+    n_chars = 24
+    options = CharCNNOptions(filters=((1, 3), (2, 4), (4, 5)), embedding_dim=4, max_characters_per_token=n_chars,
+                             activation="relu", n_highway=1)
+    projection_dim = 6
+    ids = _spelled_ids(rng, 7, n_chars, max_word=6)
+    # cut as short as allowed: the longest word's widest windows all hold some of its characters
+    trimmed, tails = trim_char_ids(ids, options.max_width, multiple=1)
+    assert trimmed.shape[1] < n_chars
+    module = CharCNNEmbedder(options, projection_dim, precision="highest", chunk_size=3)
+    params = init_params(module, 13, jnp.asarray(ids))["params"]
+    params = {k: np.asarray(v, np.float64) + 0.3 * rng.standard_normal(v.shape) for k, v in params.items()}
+    params["char_embed"][260] *= 4.0  # the padding character (id 261): its windows often win the max
+    weights = rng.standard_normal((len(ids), projection_dim))
+
+    # for some token and filter, only a left-out window reaches the max
+    chars = np.where(ids[..., None] > 0, params["char_embed"][np.maximum(ids, 1) - 1], 0.0)
+    tail_wins = False
+    for i, (width, _) in enumerate(options.filters):
+        kernel = params[f"W_cnn_{i}"][0]
+        conv = np.stack([sum(chars[:, p + k] @ kernel[k] for k in range(width))
+                         for p in range(n_chars - width + 1)], axis=1)
+        kept = trimmed.shape[1] - width + 1
+        tail_wins |= bool((conv[:, kept:].max(axis=1) > conv[:, :kept].max(axis=1) + 1e-6).any())
+    assert tail_wins
+
+    def loss_np(p):
+        return np.sum(np_char_cnn(p, options, projection_dim, ids) * weights)
+
+    params32 = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    got = module.apply({"params": params32}, jnp.asarray(trimmed), jnp.asarray(tails))
+    want = np_char_cnn(params, options, projection_dim, ids)
+    assert_close(got, want, "char cnn on trimmed ids")
+    with jax.enable_x64(True):
+        point = jax.tree_util.tree_map(jnp.asarray, params)
+        grads = jax.grad(lambda p: jnp.sum(
+            module.apply({"params": p}, jnp.asarray(trimmed), jnp.asarray(tails)) * weights))(point)
+    _directional_check(grads, loss_np, params, rng, "char CNN on trimmed ids")

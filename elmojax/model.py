@@ -208,7 +208,8 @@ class RecurrenceSettings:
 
 
 def _lstm_step(weights, settings: RecurrenceSettings, c_prev, h_prev, x_gates, m):
-    """One LSTMCell step: (c, h, out, gate activations); rows where m is False keep (c, h)."""
+    """One LSTMCell step: (c, h, out, gate activations, the output before its projection); rows
+    where m is False keep (c, h)."""
     w_hidden, bias, w_proj = weights
     # the bias is added here, fused with the step, not to the whole input product in memory
     gates = x_gates + settings.einsum("bk,kn->bn", h_prev, w_hidden) + bias
@@ -217,23 +218,23 @@ def _lstm_step(weights, settings: RecurrenceSettings, c_prev, h_prev, x_gates, m
     c = f * c_prev + i * j
     if settings.cell_clip is not None:
         c = jnp.clip(c, -settings.cell_clip, settings.cell_clip)
-    h = o * jnp.tanh(c)
+    h = hidden = o * jnp.tanh(c)
     if w_proj is not None:
-        h = settings.einsum("bk,kn->bn", h, w_proj)
+        h = settings.einsum("bk,kn->bn", hidden, w_proj)
         if settings.proj_clip is not None:
             h = jnp.clip(h, -settings.proj_clip, settings.proj_clip)
     m = m[:, None]
     c, h = jnp.where(m, c, c_prev), jnp.where(m, h, h_prev)
-    return c, h, jnp.where(m, h, 0.0), (i, j, f, o)
+    return c, h, jnp.where(m, h, 0.0), (i, j, f, o), hidden
 
 
 def _scan_steps(input_gates, mask, state, weights, settings: RecurrenceSettings, save_residuals: bool):
     """The steps over time (a lax.scan); with the backward pass's residuals if asked."""
 
     def step(carry, xs):
-        c, h, out, gates = _lstm_step(weights, settings, *carry, *xs)
-        if save_residuals:  # the gate activations and the carry
-            return (c, h), (out, jnp.concatenate(gates, axis=-1), c, h)
+        c, h, out, gates, hidden = _lstm_step(weights, settings, *carry, *xs)
+        if save_residuals:  # the gate activations, the carry, and what the projection's gradient needs
+            return (c, h), (out, jnp.concatenate(gates, axis=-1), c, h, None if weights[2] is None else hidden)
         return (c, h), out
 
     return lax.scan(step, state, (input_gates, mask), unroll=settings.unroll)
@@ -256,13 +257,12 @@ def lstm_recurrence(input_gates: Array, mask: Array, state: tuple[Array, Array],
 
 
 def _recurrence_fwd(input_gates, mask, state, weights, settings):
-    final, (outputs, activations, c_seq, h_seq) = _scan_steps(input_gates, mask, state, weights, settings,
-                                                              save_residuals=True)
-    return (outputs, final), (mask, state, weights, activations, c_seq, h_seq)
+    final, (outputs, *residuals) = _scan_steps(input_gates, mask, state, weights, settings, save_residuals=True)
+    return (outputs, final), (mask, state, weights, *residuals)
 
 
 def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
-    mask, (c0, h0), (w_hidden, _, w_proj), activations, c_seq, h_seq = residuals
+    mask, (c0, h0), (w_hidden, _, w_proj), activations, c_seq, h_seq, hidden_seq = residuals
     d_outputs, (dc_final, dh_final) = cotangents
     cell_clip, proj_clip = settings.cell_clip, settings.proj_clip
     c_prev_seq = jnp.concatenate([c0[None], c_seq[:-1]], axis=0)
@@ -299,8 +299,7 @@ def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
     d_bias = jnp.sum(d_gates, axis=(0, 1))
     d_w_proj = None
     if w_proj is not None:
-        hidden = activations[..., 3 * c_seq.shape[-1]:] * jnp.tanh(c_seq)  # o * tanh(c), the unprojected output
-        d_w_proj = settings.einsum("tbk,tbn->kn", hidden, d_projected)
+        d_w_proj = settings.einsum("tbk,tbn->kn", hidden_seq, d_projected)
     return d_gates, None, (dc0, dh0), (d_w_hidden, d_bias, d_w_proj)
 
 

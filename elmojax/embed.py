@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elmojax import files, hdf5, numerics
-from elmojax.model import BiLM, BiLMOutput, trim_char_ids, zero_state
+from elmojax.model import BiLM, BiLMOutput, zero_state
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
 from elmojax.vocab import Batcher, UnicodeCharsVocabulary
 
@@ -110,6 +110,21 @@ def distinct_tokens(char_ids: np.ndarray, min_bucket: int = 64, size: Optional[i
     distinct = np.zeros((size, rows.shape[1]), rows.dtype)
     distinct[: len(first)] = rows[first]
     return distinct, inverse.reshape(char_ids.shape[:-1]).astype(np.int32)
+
+
+def trim_char_ids(char_ids: np.ndarray, max_width: int, multiple: int = 8) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Cuts (tokens, chars) ids short for CharCNNEmbedder's `tail_ids`: (ids[:, :k], tail_ids),
+    where each row's tail id is its last id, which fills the row from its tail's start on, and k
+    (a multiple of `multiple`) reaches max_width - 1 past the latest tail start, so that every
+    window left out lies wholly in its row's tail. (ids, None) when nothing would be cut."""
+    tokens, n_chars = char_ids.shape
+    tail_ids = char_ids[:, -1]
+    differs = char_ids != tail_ids[:, None]
+    tail_start = np.where(differs.any(axis=1), n_chars - np.argmax(differs[:, ::-1], axis=1), 0)
+    keep = max(-(-(int(tail_start.max(initial=0)) + max_width - 1) // multiple) * multiple, max_width)
+    if keep >= n_chars:
+        return char_ids, None
+    return np.ascontiguousarray(char_ids[:, :keep]), tail_ids
 
 
 class BidirectionalLanguageModel:

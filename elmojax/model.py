@@ -85,30 +85,15 @@ def _max_over_positions_bwd(residuals, grad):
 max_over_positions.defvjp(_max_over_positions_fwd, _max_over_positions_bwd)
 
 
-def trim_char_ids(char_ids: np.ndarray, max_width: int, multiple: int = 8) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Cuts (tokens, chars) ids short for CharCNNEmbedder's `tail_ids`: (ids[:, :k], tail_ids),
-    where each row's tail id is its last id, which fills the row from its tail's start on, and k
-    (a multiple of `multiple`) reaches max_width - 1 past the latest tail start, so that every
-    window left out lies wholly in its row's tail. (ids, None) when nothing would be cut."""
-    tokens, n_chars = char_ids.shape
-    tail_ids = char_ids[:, -1]
-    differs = char_ids != tail_ids[:, None]
-    tail_start = np.where(differs.any(axis=1), n_chars - np.argmax(differs[:, ::-1], axis=1), 0)
-    keep = max(-(-(int(tail_start.max(initial=0)) + max_width - 1) // multiple) * multiple, max_width)
-    if keep >= n_chars:
-        return char_ids, None
-    return np.ascontiguousarray(char_ids[:, :keep]), tail_ids
-
-
 class CharCNNEmbedder(nn.Module):
     """Token embeddings from characters: char embedding, CNN + max-pool, highway, projection.
 
     `chunk_size` runs the convolutions over that many tokens at a time (lax.map), which bounds
     the memory of their outputs (tokens x positions x filters) for large models.
 
-    `tail_ids`, when given, says that the char ids were cut short (see `trim_char_ids`): row r
-    stood for its ids followed by tail_ids[r] up to max_characters_per_token, and every window
-    left out lay wholly in that tail. Those windows all have the value of one window of the tail
+    `tail_ids`, when given, says that the char ids were cut short (elmojax.embed.trim_char_ids):
+    row r stood for its ids followed by tail_ids[r] up to max_characters_per_token, and every
+    window left out lay wholly in that tail. Those windows all have the value of one window of the tail
     character, which takes the place of all of them in the max-pooling: the same result without
     convolving the padding after each word.
     """

@@ -32,8 +32,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from elmojax import checkpoint, config as config_lib, data, files, hdf5, numerics, softmax
-from elmojax.embed import distinct_tokens
-from elmojax.model import BiLM, trim_char_ids, zero_state
+from elmojax.embed import distinct_tokens, trim_char_ids
+from elmojax.model import BiLM, zero_state
 from elmojax.options import N_CHARACTERS_PREDICT, BiLMOptions
 from elmojax.tensorboard import SummaryWriter
 from elmojax.vocab import UnicodeCharsVocabulary, Vocabulary

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from elmojax.elmo import ScalarMix, weight_layers
-from elmojax.model import BiLM, CharCNNEmbedder, LSTMLayer, trim_char_ids, zero_state
+from elmojax.embed import trim_char_ids
+from elmojax.model import BiLM, CharCNNEmbedder, LSTMLayer, zero_state
 from elmojax.options import BiLMOptions, CharCNNOptions, LSTMOptions
 
 # float32 against float64: tight enough that a wrong gate order, forget bias, clip or

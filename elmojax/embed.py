@@ -30,8 +30,15 @@ from elmojax.vocab import Batcher, UnicodeCharsVocabulary
 
 log = logging.getLogger(__name__)
 
-# The char CNN runs over this many distinct tokens at a time, bounding its activations' memory.
-CNN_CHUNK_SIZE = 256
+# The char CNN's convolutions run over as many distinct tokens at a time as keep their outputs
+# (tokens x characters x filters, float32) within this many bytes: a few hundred tokens at
+# ELMo's size, every token at once for small models.
+CNN_CHUNK_BYTES = 100 * 2**20
+
+
+def cnn_chunk_size(options: BiLMOptions) -> int:
+    cnn = options.char_cnn
+    return max(1, CNN_CHUNK_BYTES // (4 * cnn.max_characters_per_token * cnn.n_filters))
 
 # Sequence lengths (with <S> and </S>) are padded up to one of these, then to multiples of 512.
 LENGTH_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -170,7 +177,8 @@ class BidirectionalLanguageModel:
         self.use_character_inputs = use_character_inputs
         self.max_batch_size = max_batch_size
         self.stateful = stateful
-        self.model = BiLM(options, use_character_inputs, cnn_chunk_size=CNN_CHUNK_SIZE,
+        self.model = BiLM(options, use_character_inputs,
+                          cnn_chunk_size=cnn_chunk_size(options) if use_character_inputs else None,
                           compute_dtype=numerics.compute_dtype(compute_dtype))
         self.params = params
         self.embed_fn = make_embed_fn(self.model)

@@ -93,9 +93,9 @@ class CharCNNEmbedder(nn.Module):
 
     `tail_ids`, when given, says that the char ids were cut short (elmojax.embed.trim_char_ids):
     row r stood for its ids followed by tail_ids[r] up to max_characters_per_token, and every
-    window left out lay wholly in that tail. Those windows all have the value of one window of the tail
-    character, which takes the place of all of them in the max-pooling: the same result without
-    convolving the padding after each word.
+    window left out lay wholly in that tail. Those windows all have the value of one window of
+    the tail character, which takes the place of all of them in the max-pooling: the same result
+    without convolving the padding after each word.
     """
 
     options: CharCNNOptions
@@ -135,12 +135,12 @@ class CharCNNEmbedder(nn.Module):
             tail_chars = None if tails is None else jnp.take(padded_table, tails, axis=0)
             pooled = []
             for kernel, bias in convolutions:
-                conv = conv1d(chars, kernel[0], **numerics)
-                if tail_chars is not None:  # one window of the tail character, as one more position
+                pooled_conv = max_over_positions(conv1d(chars, kernel[0], **numerics))
+                if tail_chars is not None:  # one window of the tail character, for all those left out
                     tail_window = einsum("nd,dk->nk", tail_chars, jnp.sum(kernel[0], axis=0), **numerics)
-                    conv = jnp.concatenate([conv, tail_window[:, None, :]], axis=1)
+                    pooled_conv = jnp.maximum(pooled_conv, tail_window)
                 # max(conv + b) == max(conv) + b exactly, so the bias is added after pooling.
-                pooled.append(activation(max_over_positions(conv) + bias))
+                pooled.append(activation(pooled_conv + bias))
             return jnp.concatenate(pooled, axis=-1)
 
         batch_shape, n_chars = char_ids.shape[:-1], char_ids.shape[-1]

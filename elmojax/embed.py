@@ -302,7 +302,7 @@ def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, 
         raise ValueError(f"{options_file}: token embeddings are computed by the char CNN; options have none")
     vocab = UnicodeCharsVocabulary(vocab_file, options.char_cnn.max_characters_per_token)
     params = hdf5.load_weights(weight_file, options)
-    model = BiLM(options)
+    model = BiLM(options, cnn_chunk_size=cnn_chunk_size(options))  # batches of 4096 tokens, in chunks
     embed = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=BiLM.embed))
 
     char_ids = vocab.word_char_ids + 1

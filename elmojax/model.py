@@ -214,12 +214,14 @@ def _lstm_step(weights, settings: RecurrenceSettings, c_prev, h_prev, x_gates, m
 
 
 def _scan_steps(input_gates, mask, state, weights, settings: RecurrenceSettings, save_residuals: bool):
-    """The steps over time (a lax.scan); with the backward pass's residuals if asked."""
+    """The steps over time (a lax.scan). With save_residuals, it returns what the backward pass
+    needs instead of the outputs: every step's gate activations, carry (c, h) and, when
+    projecting, output before the projection (the outputs are the carry's h where the mask is set)."""
 
     def step(carry, xs):
         c, h, out, gates, hidden = _lstm_step(weights, settings, *carry, *xs)
-        if save_residuals:  # the gate activations, the carry, and what the projection's gradient needs
-            return (c, h), (out, jnp.concatenate(gates, axis=-1), c, h, None if weights[2] is None else hidden)
+        if save_residuals:
+            return (c, h), (jnp.concatenate(gates, axis=-1), c, h, None if weights[2] is None else hidden)
         return (c, h), out
 
     return lax.scan(step, state, (input_gates, mask), unroll=settings.unroll)
@@ -242,44 +244,54 @@ def lstm_recurrence(input_gates: Array, mask: Array, state: tuple[Array, Array],
 
 
 def _recurrence_fwd(input_gates, mask, state, weights, settings):
-    final, (outputs, *residuals) = _scan_steps(input_gates, mask, state, weights, settings, save_residuals=True)
-    return (outputs, final), (mask, state, weights, *residuals)
+    final, (activations, c_seq, h_seq, hidden_seq) = _scan_steps(input_gates, mask, state, weights, settings,
+                                                                  save_residuals=True)
+    outputs = jnp.where(mask[..., None], h_seq, 0.0)
+    return (outputs, final), (mask, state, weights, activations, c_seq, h_seq, hidden_seq)
 
 
 def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
     mask, (c0, h0), (w_hidden, _, w_proj), activations, c_seq, h_seq, hidden_seq = residuals
     d_outputs, (dc_final, dh_final) = cotangents
-    cell_clip, proj_clip = settings.cell_clip, settings.proj_clip
     c_prev_seq = jnp.concatenate([c0[None], c_seq[:-1]], axis=0)
     h_prev_seq = jnp.concatenate([h0[None], h_seq[:-1]], axis=0)
+    m = mask[..., None]
+    # All that does not depend on the carried gradients is computed for all steps at once, which
+    # leaves the loop few and small operations per step; its products take the weights transposed
+    # once here (a transposed operand in the loop would be slower at every step).
+    i, j, f, o = jnp.split(activations, 4, axis=-1)
+    tanh_c = jnp.tanh(c_seq)
+    per_step = dict(
+        d_out=d_outputs, m=m, f=f,
+        dc_dh=o * (1.0 - tanh_c * tanh_c),  # d c / d (unprojected output), through o * tanh(c)
+        # d (gate pre-activations) / d (c, c, c, unprojected output); zero on masked steps
+        gate_factors=jnp.where(m, jnp.concatenate(
+            [j * i * (1.0 - i), i * (1.0 - j * j), c_prev_seq * f * (1.0 - f), tanh_c * o * (1.0 - o)], axis=-1), 0.0),
+        # where the clips pass gradient (None: everywhere)
+        keep_c=None if settings.cell_clip is None else jnp.abs(c_seq) < settings.cell_clip,
+        keep_h=None if w_proj is None else (
+            m if settings.proj_clip is None else m & (jnp.abs(h_seq) < settings.proj_clip)))
+    w_hidden_t = w_hidden.T
+    w_proj_t = None if w_proj is None else w_proj.T
 
     def step(carry, xs):
         dc, dh = carry  # gradients of the carry leaving this step
-        d_out, acts, c, c_prev, h, m = xs
-        i, j, f, o = jnp.split(acts, 4, axis=-1)
-        m = m[:, None]
-        dh_out = dh + d_out
+        dh_out = dh + xs["d_out"]
         d_projected = None
         if w_proj is not None:
-            if proj_clip is not None:
-                dh_out = jnp.where(jnp.abs(h) < proj_clip, dh_out, 0.0)
-            d_projected = jnp.where(m, dh_out, 0.0)
-            dh_out = settings.einsum("bp,kp->bk", d_projected, w_proj)
-        tanh_c = jnp.tanh(c)
-        dc_cell = dc + dh_out * o * (1.0 - tanh_c * tanh_c)
-        if cell_clip is not None:
-            dc_cell = jnp.where(jnp.abs(c) < cell_clip, dc_cell, 0.0)
-        d_gates = jnp.concatenate([dc_cell * j * i * (1.0 - i), dc_cell * i * (1.0 - j * j),
-                                   dc_cell * c_prev * f * (1.0 - f), dh_out * tanh_c * o * (1.0 - o)], axis=-1)
-        d_gates = jnp.where(m, d_gates, 0.0)
+            d_projected = jnp.where(xs["keep_h"], dh_out, 0.0)
+            dh_out = settings.einsum("bp,pk->bk", d_projected, w_proj_t)
+        dc_cell = dc + dh_out * xs["dc_dh"]
+        if xs["keep_c"] is not None:
+            dc_cell = jnp.where(xs["keep_c"], dc_cell, 0.0)
+        d_gates = jnp.concatenate([dc_cell, dc_cell, dc_cell, dh_out], axis=-1) * xs["gate_factors"]
         # masked rows pass the carry's gradient through unchanged
-        dh_prev = jnp.where(m, settings.einsum("bn,kn->bk", d_gates, w_hidden), dh)
-        dc_prev = jnp.where(m, dc_cell * f, dc)
+        dh_prev = jnp.where(xs["m"], settings.einsum("bn,nk->bk", d_gates, w_hidden_t), dh)
+        dc_prev = jnp.where(xs["m"], dc_cell * xs["f"], dc)
         return (dc_prev, dh_prev), (d_gates, d_projected)
 
-    (dc0, dh0), (d_gates, d_projected) = lax.scan(
-        step, (dc_final, dh_final), (d_outputs, activations, c_seq, c_prev_seq, h_seq, mask), reverse=True,
-        unroll=settings.unroll)
+    (dc0, dh0), (d_gates, d_projected) = lax.scan(step, (dc_final, dh_final), per_step, reverse=True,
+                                                  unroll=settings.unroll)
     d_w_hidden = settings.einsum("tbk,tbn->kn", h_prev_seq, d_gates)
     d_bias = jnp.sum(d_gates, axis=(0, 1))
     d_w_proj = None

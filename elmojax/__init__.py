@@ -1,5 +1,10 @@
 """elmojax: ELMo's character-based bidirectional LSTM language model in JAX/Flax."""
 
+from elmojax import hostmem
+
+# Before JAX starts its CPU client: see elmojax.hostmem.
+hostmem.keep_freed_memory()
+
 from elmojax.elmo import ScalarMix, weight_layers
 from elmojax.embed import BidirectionalLanguageModel, dump_bilm_embeddings, dump_token_embeddings
 from elmojax.vocab import Batcher, TokenBatcher, UnicodeCharsVocabulary, Vocabulary

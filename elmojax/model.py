@@ -218,13 +218,27 @@ def _scan_steps(input_gates, mask, state, weights, settings: RecurrenceSettings,
     needs instead of the outputs: every step's gate activations, carry (c, h) and, when
     projecting, output before the projection (the outputs are the carry's h where the mask is set)."""
 
-    def step(carry, xs):
-        c, h, out, gates, hidden = _lstm_step(weights, settings, *carry, *xs)
-        if save_residuals:
-            return (c, h), (jnp.concatenate(gates, axis=-1), c, h, None if weights[2] is None else hidden)
-        return (c, h), out
+    if not save_residuals:
+        def step(carry, xs):
+            c, h, out, _, _ = _lstm_step(weights, settings, *carry, *xs)
+            return (c, h), out
 
-    return lax.scan(step, state, (input_gates, mask), unroll=settings.unroll)
+        return lax.scan(step, state, (input_gates, mask), unroll=settings.unroll)
+
+    # The activations overwrite the input products step by step, in their buffer (a scan output
+    # would be a new buffer, zero-filled first, at every call).
+    def residual_step(carry, xs):
+        c_prev, h_prev, buffer = carry
+        t, m = xs
+        c, h, _, gates, hidden = _lstm_step(weights, settings, c_prev, h_prev,
+                                            lax.dynamic_index_in_dim(buffer, t, keepdims=False), m)
+        buffer = lax.dynamic_update_index_in_dim(buffer, jnp.concatenate(gates, axis=-1), t, 0)
+        return (c, h, buffer), (c, h, None if weights[2] is None else hidden)
+
+    steps = jnp.arange(input_gates.shape[0])
+    (c, h, activations), (c_seq, h_seq, hidden_seq) = lax.scan(
+        residual_step, (*state, input_gates), (steps, mask), unroll=settings.unroll)
+    return (c, h), (activations, c_seq, h_seq, hidden_seq)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -262,20 +276,21 @@ def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
     i, j, f, o = jnp.split(activations, 4, axis=-1)
     tanh_c = jnp.tanh(c_seq)
     per_step = dict(
-        d_out=d_outputs, m=m, f=f,
+        t=jnp.arange(mask.shape[0]), d_out=d_outputs, m=m, f=f,
         dc_dh=o * (1.0 - tanh_c * tanh_c),  # d c / d (unprojected output), through o * tanh(c)
-        # d (gate pre-activations) / d (c, c, c, unprojected output); zero on masked steps
-        gate_factors=jnp.where(m, jnp.concatenate(
-            [j * i * (1.0 - i), i * (1.0 - j * j), c_prev_seq * f * (1.0 - f), tanh_c * o * (1.0 - o)], axis=-1), 0.0),
         # where the clips pass gradient (None: everywhere)
         keep_c=None if settings.cell_clip is None else jnp.abs(c_seq) < settings.cell_clip,
         keep_h=None if w_proj is None else (
             m if settings.proj_clip is None else m & (jnp.abs(h_seq) < settings.proj_clip)))
+    # d (gate pre-activations) / d (c, c, c, unprojected output), zero on masked steps; the
+    # loop overwrites each step's factors with its gate gradients (no new zero-filled buffer)
+    gate_factors = jnp.where(m, jnp.concatenate(
+        [j * i * (1.0 - i), i * (1.0 - j * j), c_prev_seq * f * (1.0 - f), tanh_c * o * (1.0 - o)], axis=-1), 0.0)
     w_hidden_t = w_hidden.T
     w_proj_t = None if w_proj is None else w_proj.T
 
     def step(carry, xs):
-        dc, dh = carry  # gradients of the carry leaving this step
+        dc, dh, buffer = carry  # gradients of the carry leaving this step; factors / d_gates
         dh_out = dh + xs["d_out"]
         d_projected = None
         if w_proj is not None:
@@ -284,14 +299,15 @@ def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
         dc_cell = dc + dh_out * xs["dc_dh"]
         if xs["keep_c"] is not None:
             dc_cell = jnp.where(xs["keep_c"], dc_cell, 0.0)
-        d_gates = jnp.concatenate([dc_cell, dc_cell, dc_cell, dh_out], axis=-1) * xs["gate_factors"]
+        factors = lax.dynamic_index_in_dim(buffer, xs["t"], keepdims=False)
+        d_gates = jnp.concatenate([dc_cell, dc_cell, dc_cell, dh_out], axis=-1) * factors
         # masked rows pass the carry's gradient through unchanged
         dh_prev = jnp.where(xs["m"], settings.einsum("bn,nk->bk", d_gates, w_hidden_t), dh)
         dc_prev = jnp.where(xs["m"], dc_cell * xs["f"], dc)
-        return (dc_prev, dh_prev), (d_gates, d_projected)
+        return (dc_prev, dh_prev, lax.dynamic_update_index_in_dim(buffer, d_gates, xs["t"], 0)), d_projected
 
-    (dc0, dh0), (d_gates, d_projected) = lax.scan(step, (dc_final, dh_final), per_step, reverse=True,
-                                                  unroll=settings.unroll)
+    (dc0, dh0, d_gates), d_projected = lax.scan(step, (dc_final, dh_final, gate_factors), per_step, reverse=True,
+                                                unroll=settings.unroll)
     d_w_hidden = settings.einsum("tbk,tbn->kn", h_prev_seq, d_gates)
     d_bias = jnp.sum(d_gates, axis=(0, 1))
     d_w_proj = None

@@ -250,8 +250,9 @@ def lstm_recurrence(input_gates: Array, mask: Array, state: tuple[Array, Array],
 
     Its gradient is written by hand (backpropagation through time): reverse-mode autodiff of the
     scan would accumulate the weight gradients step by step in small (batch-row) products and
-    keep every intermediate of the step; here the backward scan carries only (dc, dh) and emits
-    the gates' gradients, and the weight gradients are each one large product after it.
+    keep every intermediate of the step; here the backward scan runs only the (dc, dh)
+    recurrence and writes the gates' gradients, and the weight gradients are each one large
+    product after it.
     """
     final, outputs = _scan_steps(input_gates, mask, state, weights, settings, save_residuals=False)
     return outputs, final

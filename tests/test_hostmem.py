@@ -51,5 +51,6 @@ def test_import_stops_page_faults_of_repeated_calls():
     # glibc's default top pad (128 KiB), as if elmojax had not set it
     default = float(run_python(FAULTS_PER_CALL, MALLOC_TOP_PAD_="131072"))
     # ~8,300 faults per call with glibc's default, ~260 with the pad, on the development machine
-    assert default > 1000
+    if default < 1000:  # e.g. transparent huge pages: few faults to save, nothing to compare
+        pytest.skip(f"only {default:.0f} page faults per call with glibc's default here")
     assert kept < default / 4

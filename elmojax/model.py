@@ -193,8 +193,8 @@ class RecurrenceSettings:
 
 
 def _lstm_step(weights, settings: RecurrenceSettings, c_prev, h_prev, x_gates, m):
-    """One LSTMCell step: (c, h, out, gate activations, the output before its projection); rows
-    where m is False keep (c, h)."""
+    """One LSTMCell step: (c, h, gate activations, the output before its projection); rows where
+    m is False keep (c, h)."""
     w_hidden, bias, w_proj = weights
     # the bias is added here, fused with the step, not to the whole input product in memory
     gates = x_gates + settings.einsum("bk,kn->bn", h_prev, w_hidden) + bias
@@ -209,8 +209,7 @@ def _lstm_step(weights, settings: RecurrenceSettings, c_prev, h_prev, x_gates, m
         if settings.proj_clip is not None:
             h = jnp.clip(h, -settings.proj_clip, settings.proj_clip)
     m = m[:, None]
-    c, h = jnp.where(m, c, c_prev), jnp.where(m, h, h_prev)
-    return c, h, jnp.where(m, h, 0.0), (i, j, f, o), hidden
+    return jnp.where(m, c, c_prev), jnp.where(m, h, h_prev), (i, j, f, o), hidden
 
 
 def _scan_steps(input_gates, mask, state, weights, settings: RecurrenceSettings, save_residuals: bool):
@@ -220,8 +219,9 @@ def _scan_steps(input_gates, mask, state, weights, settings: RecurrenceSettings,
 
     if not save_residuals:
         def step(carry, xs):
-            c, h, out, _, _ = _lstm_step(weights, settings, *carry, *xs)
-            return (c, h), out
+            x_gates, m = xs
+            c, h, _, _ = _lstm_step(weights, settings, *carry, x_gates, m)
+            return (c, h), jnp.where(m[:, None], h, 0.0)  # no output where the mask is not set
 
         return lax.scan(step, state, (input_gates, mask), unroll=settings.unroll)
 
@@ -230,8 +230,8 @@ def _scan_steps(input_gates, mask, state, weights, settings: RecurrenceSettings,
     def residual_step(carry, xs):
         c_prev, h_prev, buffer = carry
         t, m = xs
-        c, h, _, gates, hidden = _lstm_step(weights, settings, c_prev, h_prev,
-                                            lax.dynamic_index_in_dim(buffer, t, keepdims=False), m)
+        c, h, gates, hidden = _lstm_step(weights, settings, c_prev, h_prev,
+                                         lax.dynamic_index_in_dim(buffer, t, keepdims=False), m)
         buffer = lax.dynamic_update_index_in_dim(buffer, jnp.concatenate(gates, axis=-1), t, 0)
         return (c, h, buffer), (c, h, None if weights[2] is None else hidden)
 

@@ -305,12 +305,17 @@ def _exported_files(weight_file: str, softmax_file: str = "") -> dict:
             "softmax": softmax_file or f"{stem}_softmax.hdf5", "vocab": os.path.join(directory, VOCAB_FILE)}
 
 
+def trained_vocab_file(path: str) -> str:
+    """The vocabulary of a workdir (copied into it) or of an exported weight file (beside it)."""
+    return os.path.join(path, VOCAB_FILE) if os.path.isdir(path) else _exported_files(path)["vocab"]
+
+
 def load_trained(path: str, softmax_file: str = "") -> tuple[dict, dict, list[str]]:
     """(params, options.json dict, vocabulary tokens) of a workdir's latest checkpoint or an export."""
     if os.path.isdir(path):
         step, meta = checkpoint.restore_meta(path)
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
-        vocab = Vocabulary(os.path.join(path, VOCAB_FILE))
+        vocab = Vocabulary(trained_vocab_file(path))
         trainer = Trainer(config, vocab.size, Mesh(np.array(jax.local_devices()[:1]), ("data",)))
         abstract = trainer.abstract_state()
         # the saved carry has the saved global batch; only params are needed here
@@ -510,8 +515,7 @@ def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[tup
     params, options_d, vocab_tokens = trained or load_trained(path, config.init_softmax_from)
     eval_config = config_lib.config_from_options_json(options_d, source=path)
     eval_config.train.matmul_precision = config.train.matmul_precision
-    vocab = load_vocab(eval_config, os.path.join(path, VOCAB_FILE) if os.path.isdir(path)
-                       else _exported_files(path)["vocab"])
+    vocab = load_vocab(eval_config, trained_vocab_file(path))
     if _vocab_tokens(vocab) != vocab_tokens:
         raise ValueError(f"{path}: its vocabulary file does not match the softmax's vocabulary")
     trainer = Trainer(eval_config, vocab.size, _local_mesh())

@@ -20,7 +20,7 @@ comes from explicit PRNG keys.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +140,7 @@ def sampled_softmax_loss(
     range_max: int,
     remove_accidental_hits: bool = True,
     *,
+    row_ids: Optional[Array] = None,
     precision: Optional[lax.PrecisionLike] = None,
     compute_dtype: Optional[Any] = None,
 ) -> Array:
@@ -159,6 +160,8 @@ def sampled_softmax_loss(
       num_tries: scalar, number of sampler draws (for the expected counts).
       range_max: size of the sampler's range (static).
       remove_accidental_hits: drop sampled entries equal to the label.
+      row_ids: when weights and biases hold only some rows of the softmax (see `touched_rows`),
+        the vocabulary id of each; labels and sampled_ids then index those rows.
       precision: lax precision of the matmuls.
       compute_dtype: the matmuls' operand dtype (see elmojax.numerics); None keeps the inputs'.
 
@@ -179,8 +182,9 @@ def sampled_softmax_loss(
     sampled_logits = einsum("nd,sd->ns", inputs, sampled_w, **numerics)
     sampled_logits = sampled_logits.astype(out_dtype) + biases[sampled_ids].astype(out_dtype)
 
-    true_logits = true_logits - _log_expected_counts(labels, num_tries, range_max).astype(out_dtype)
-    sampled_log_q = _log_expected_counts(sampled_ids, num_tries, range_max).astype(out_dtype)
+    label_ids, sampled_vocab_ids = (labels, sampled_ids) if row_ids is None else (row_ids[labels], row_ids[sampled_ids])
+    true_logits = true_logits - _log_expected_counts(label_ids, num_tries, range_max).astype(out_dtype)
+    sampled_log_q = _log_expected_counts(sampled_vocab_ids, num_tries, range_max).astype(out_dtype)
     sampled_logits = sampled_logits - sampled_log_q
 
     if remove_accidental_hits:
@@ -189,6 +193,17 @@ def sampled_softmax_loss(
 
     logits = jnp.concatenate([true_logits[:, None], sampled_logits], axis=1)
     return jax.nn.logsumexp(logits, axis=1) - true_logits
+
+
+def touched_rows(ids: Sequence[Array], range_max: int) -> Optional[Array]:
+    """The distinct ids among `ids` (the labels and sampled ids of a step), sorted and padded
+    with range_max (an id past the vocabulary) to their total number: the only softmax rows a
+    sampled-softmax step reads, and so the only ones its gradient and an Adagrad update change.
+    None when that number reaches range_max (then every row, as it is)."""
+    flat = jnp.concatenate([jnp.ravel(i) for i in ids]).astype(jnp.int32)
+    if flat.size >= range_max:
+        return None
+    return jnp.unique(flat, size=flat.size, fill_value=range_max)
 
 
 def full_softmax_loss(

@@ -81,23 +81,32 @@ def _loss_settings(config: ml_collections.ConfigDict, n_vocab: int) -> LossSetti
     )
 
 
+def _directions(settings: LossSettings):
+    return DIRECTIONS if settings.bidirectional else DIRECTIONS[:1]
+
+
 def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, model: BiLM,
-                     settings: LossSettings, training: bool):
-    """Per direction (sum of token losses, number of tokens), and the new LSTM carry."""
+                     settings: LossSettings, samples: Optional[dict] = None, rows: Optional[jax.Array] = None):
+    """Per direction (sum of token losses, number of tokens), and the new LSTM carry.
+
+    Training passes `samples` (see draw_samples) and scores with the sampled softmax; without
+    them this is evaluation: the full softmax, no dropout. `rows` (softmax.touched_rows), when
+    given, says that the softmax params hold only those vocabulary rows.
+    """
+    training = samples is not None
     bilm_params = params["bilm"]
     if settings.share_embedding_softmax:
         softmax_w = bilm_params["embedder"]["embedding"]
     else:
         softmax_w = params["softmax"]["W"]
     softmax_b = params["softmax"]["b"]
-    directions = DIRECTIONS if settings.bidirectional else DIRECTIONS[:1]
     if settings.use_character_inputs:
         # the char CNN runs once per distinct token of the batch (both streams), see put_batch
         token_table = model.apply({"params": bilm_params}, batch["distinct_char_ids"],
                                   batch.get("distinct_tail_ids"), method=BiLM.embed)
     sums, new_state = {}, {}
-    for direction, suffix in directions:
-        rng, dropout_key, output_key, sample_key = jax.random.split(rng, 4)
+    for direction, suffix in _directions(settings):
+        rng, dropout_key, output_key = jax.random.split(rng, 3)
         weights = batch["weights" + suffix]
         if settings.use_character_inputs:
             embedding = jnp.take(token_table, batch["token_index" + suffix], axis=0)
@@ -113,10 +122,11 @@ def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, m
             top = jnp.where(keep, top / (1.0 - settings.dropout), 0.0)
         targets = batch["next_token_id" + suffix].reshape(-1)
         if training:
-            sampled, num_tries = softmax.sample_log_uniform_unique(
-                sample_key, settings.n_negative_samples_batch, settings.n_vocab)
+            sampled, num_tries = samples[direction]
+            if rows is not None:  # ids -> their rows' positions
+                targets, sampled = jnp.searchsorted(rows, targets), jnp.searchsorted(rows, sampled)
             losses = softmax.sampled_softmax_loss(softmax_w, softmax_b, top, targets, sampled, num_tries,
-                                                  settings.n_vocab, precision=settings.precision,
+                                                  settings.n_vocab, row_ids=rows, precision=settings.precision,
                                                   compute_dtype=settings.compute_dtype)
         else:
             losses = softmax.full_softmax_loss(softmax_w, softmax_b, top, targets,
@@ -126,28 +136,72 @@ def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, m
     return sums, new_state
 
 
+def draw_samples(rng: jax.Array, settings: LossSettings) -> dict:
+    """Each direction's sampled softmax negatives for a step: (sampled ids, number of draws)."""
+    keys = jax.random.split(rng, len(_directions(settings)))
+    return {direction: softmax.sample_log_uniform_unique(key, settings.n_negative_samples_batch, settings.n_vocab)
+            for (direction, _), key in zip(_directions(settings), keys)}
+
+
+def _is_softmax_table(path) -> bool:
+    """Whether a leaf is softmax W or b, in params or in an optimizer state's params-shaped parts."""
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return keys[-2:-1] == ["softmax"]
+
+
+def _take_rows(tree, rows: jax.Array):
+    """tree with its softmax tables cut to `rows` (padding rows, past the table, read as zeros)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.take(x, rows, axis=0, mode="fill", fill_value=0) if _is_softmax_table(path) else x, tree)
+
+
+def _put_rows(tree, part, rows: jax.Array):
+    """`part` (a tree from _take_rows) with its softmax rows written back into tree's whole tables."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x, y: x.at[rows].set(y, mode="drop") if _is_softmax_table(path) else y, tree, part)
+
+
 def train_step(state: TrainState, batch: dict, *, model: BiLM, tx: optax.GradientTransformation,
                settings: LossSettings) -> tuple[TrainState, dict]:
-    """One Adagrad step on the mean of the directions' mean sampled-softmax losses."""
-    rng, step_rng = jax.random.split(state.rng)
+    """One Adagrad step on the mean of the directions' mean sampled-softmax losses.
+
+    The sampled softmax reads a few thousand rows of a vocabulary-sized table (793k rows for
+    the 1B Word Benchmark), and its gradient is zero elsewhere, where Adagrad changes nothing.
+    So the step takes the rows it touches out of the softmax params and Adagrad's accumulators,
+    differentiates and updates those, and writes them back: the same numbers as a dense
+    update (zero rows add nothing to the global norm either), without passes over the table.
+    """
+    rng, loss_rng, sample_rng = jax.random.split(state.rng, 3)
+    samples = draw_samples(sample_rng, settings)
+    rows = None
+    if not settings.share_embedding_softmax:  # (a shared table is also read by the embedder)
+        rows = softmax.touched_rows([ids for ids, _ in samples.values()]
+                                    + [batch["next_token_id" + suffix] for _, suffix in _directions(settings)],
+                                    settings.n_vocab)
+    params, opt_state = state.params, state.opt_state
+    if rows is not None:
+        params, opt_state = _take_rows(params, rows), _take_rows(opt_state, rows)
 
     def loss_fn(params):
-        sums, new_lstm_state = direction_losses(params, batch, state.lstm_state, step_rng, model=model,
-                                                settings=settings, training=True)
+        sums, new_lstm_state = direction_losses(params, batch, state.lstm_state, loss_rng, model=model,
+                                                settings=settings, samples=samples, rows=rows)
         loss = sum(total / count for total, count in sums.values()) / len(sums)
         # bilm-tf differentiates the loss times unroll_steps (a per-window sum, in effect).
         return loss * settings.unroll_steps, (loss, new_lstm_state)
 
-    grads, (loss, new_lstm_state) = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state, lstm_state=new_lstm_state, rng=rng)
+    grads, (loss, new_lstm_state) = jax.grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if rows is not None:
+        params, opt_state = _put_rows(state.params, params, rows), _put_rows(state.opt_state, opt_state, rows)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, lstm_state=new_lstm_state,
+                              rng=rng)
     return new_state, {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
 
 
 def eval_step(params, lstm_state: dict, batch: dict, *, model: BiLM, settings: LossSettings):
     sums, new_lstm_state = direction_losses(params, batch, lstm_state, jax.random.PRNGKey(0), model=model,
-                                            settings=settings, training=False)
+                                            settings=settings)
     return new_lstm_state, sums
 
 

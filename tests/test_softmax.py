@@ -209,6 +209,27 @@ def test_sampled_softmax_loss_matches_numpy():
     assert np.isfinite(np.asarray(gW)).all() and np.isfinite(np.asarray(gx)).all()
 
 
+def test_sampled_softmax_loss_on_the_touched_rows_only():
+    """The loss from the rows a step touches (touched_rows, labels and samples as row positions,
+    row_ids for the expected counts) equals NumPy's loss over the whole table."""
+    V = 30
+    W, b, x = loss_problem(seed=2, V=V)
+    y = np.array([0, 3, 17, 3, 29, 5], np.int32)
+    sampled = np.array([3, 0, 8, 25, 11, 1, 14], np.int32)
+    rows = softmax.touched_rows([jnp.asarray(sampled), jnp.asarray(y)], V)
+    # sorted distinct ids, then padding with V (past the table) to the 13 ids given
+    want_rows = np.unique(np.concatenate([sampled, y]))
+    np.testing.assert_array_equal(np.asarray(rows), np.concatenate([want_rows, np.full(13 - len(want_rows), V)]))
+    take = lambda a: jnp.take(jnp.asarray(a), rows, axis=0, mode="fill", fill_value=0)
+    got = softmax.sampled_softmax_loss(take(W), take(b), jnp.asarray(x), jnp.searchsorted(rows, y),
+                                       jnp.searchsorted(rows, sampled), jnp.float32(11.0), V, row_ids=rows,
+                                       precision="highest")
+    want = np_sampled_softmax_loss(W, b, x, y, sampled, 11.0, V)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    # as many ids as the vocabulary (or more): every row, as it is
+    assert softmax.touched_rows([jnp.arange(20), jnp.arange(10)], V) is None
+
+
 def test_full_softmax_loss_matches_numpy():
     W, b, x = loss_problem(seed=1)
     y = np.array([0, 3, 17, 3, 29, 5], np.int32)

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from elmojax import BidirectionalLanguageModel, Batcher, hdf5, train
@@ -138,6 +139,8 @@ results = []
 for n_devices in (4, 1):
     config = tiny.get_config("chars")
     config.train.batch_size = 4 // n_devices  # the same global batch of 4
+    # few enough ids per step (2 x 4 samples + 2 x 4 x 2 targets < 32) for the softmax row update
+    config.train.update(n_negative_samples_batch=4, unroll_steps=2)
     vocab = train.load_vocab(config)
     trainer = train.Trainer(config, vocab.size, Mesh(np.array(jax.devices()[:n_devices]), ("data",)))
     state = trainer.create_state(jax.random.PRNGKey(0))
@@ -207,6 +210,46 @@ def test_word_input_export_is_its_own_embedding_file(tmp_path):
         jax.device_get(state.params["bilm"]), ids.astype(np.int32), zero_state(options, 2))
     assert np.max(np.abs(from_file["lm_embeddings"] - np.asarray(direct["lm_embeddings"]))) <= 1e-6
     assert np.abs(from_file["lm_embeddings"]).max() > 0.01
+
+
+@pytest.mark.parametrize("inputs", ["chars", "words"])
+def test_softmax_row_update_equals_the_dense_update(inputs):
+    """train_step updates only the softmax rows a step touches (and their Adagrad accumulators).
+    It must give what a dense step gives: the gradient of the same loss with respect to the
+    whole table, clipped by the global norm and applied by the optimizer to every row."""
+    config = _config(inputs, n_negative_samples_batch=4, batch_size=1, unroll_steps=3)  # 14 ids < 32 rows
+    vocab = train.load_vocab(config)
+    trainer = train.Trainer(config, vocab.size)
+    dataset = train.make_dataset(config, vocab, config.data.train_prefix, 1, 3, test=False)
+    batch = trainer.put_batch(next(dataset.iter_batches()))
+    before = jax.device_get(trainer.create_state(jax.random.PRNGKey(1)))
+    settings = trainer.settings
+
+    # the dense step, written out
+    _, loss_rng, sample_rng = jax.random.split(before.rng, 3)
+    samples = train.draw_samples(sample_rng, settings)
+
+    def loss_fn(params):
+        sums, _ = train.direction_losses(params, batch, before.lstm_state, loss_rng, model=trainer.model,
+                                         settings=settings, samples=samples)
+        return sum(total / count for total, count in sums.values()) / len(sums) * settings.unroll_steps
+
+    grads = jax.grad(loss_fn)(before.params)
+    updates, want_opt_state = trainer.tx.update(grads, before.opt_state, before.params)
+    want_params = jax.device_get(optax.apply_updates(before.params, updates))
+    want_opt_state = jax.device_get(want_opt_state)
+
+    after, metrics = trainer.train_step(trainer.create_state(jax.random.PRNGKey(1)), batch)
+    after = jax.device_get(after)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree_utils.tree_norm(grads)), rtol=1e-6)
+    assert float(optax.tree_utils.tree_norm(grads)) > config.train.all_clip_norm_val  # the clip is in play
+    got_leaves = jax.tree_util.tree_leaves_with_path((after.params, after.opt_state))
+    for (path, got), want in zip(got_leaves, jax.tree.leaves((want_params, want_opt_state))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    # some softmax rows moved, and the untouched ones kept their values exactly
+    old_w, new_w = before.params["softmax"]["W"], after.params["softmax"]["W"]
+    moved = np.abs(new_w - old_w).max(axis=1) > 0
+    assert 0 < moved.sum() <= 14 and moved.sum() < len(moved)
 
 
 def test_bfloat16_compute_trains_like_float32():

@@ -23,12 +23,14 @@ from elmojax import train
 GLOBAL_BATCH = 4
 config = tiny.get_config("chars")
 config.train.batch_size = GLOBAL_BATCH // jax.device_count()
+# few enough ids per step (2 x 4 samples + 2 x 4 x 2 targets < 32) for the softmax row update
+config.train.update(n_negative_samples_batch=4, unroll_steps=2)
 vocab = train.load_vocab(config)
 trainer = train.Trainer(config, vocab.size)
 assert trainer.batch_size == GLOBAL_BATCH and jax.device_count() == n_processes
 state = trainer.create_state(jax.random.PRNGKey(0))
 # every process reads the same global batches and feeds its own rows
-dataset = train.make_dataset(config, vocab, config.data.train_prefix, GLOBAL_BATCH, 10, test=False)
+dataset = train.make_dataset(config, vocab, config.data.train_prefix, GLOBAL_BATCH, 2, test=False)
 batches = dataset.iter_batches()
 rows = slice(pid * GLOBAL_BATCH // n_processes, (pid + 1) * GLOBAL_BATCH // n_processes)
 for _ in range(3):

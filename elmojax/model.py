@@ -167,6 +167,11 @@ class CharCNNEmbedder(nn.Module):
         return x.reshape(batch_shape + (x.shape[-1],))
 
 
+def lookup_tokens(table: Array, token_ids: Array) -> Array:
+    """The table's rows for ids + 1; id 0 (padding) gives a zero vector."""
+    return jnp.take(_with_padding_row(table), token_ids, axis=0)
+
+
 class TokenEmbedder(nn.Module):
     """Token embeddings looked up in a table (a dumped token-embedding file, or word-input training)."""
 
@@ -175,8 +180,8 @@ class TokenEmbedder(nn.Module):
 
     @nn.compact
     def __call__(self, token_ids: Array) -> Array:
-        table = self.param("embedding", nn.initializers.glorot_uniform(), (self.n_tokens, self.dim))
-        return jnp.take(_with_padding_row(table), token_ids, axis=0)
+        return lookup_tokens(self.param("embedding", nn.initializers.glorot_uniform(), (self.n_tokens, self.dim)),
+                             token_ids)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -196,10 +196,11 @@ def sampled_softmax_loss(
 
 
 def touched_rows(ids: Sequence[Array], range_max: int) -> Optional[Array]:
-    """The distinct ids among `ids` (the labels and sampled ids of a step), sorted and padded
-    with range_max (an id past the vocabulary) to their total number: the only softmax rows a
-    sampled-softmax step reads, and so the only ones its gradient and an Adagrad update change.
-    None when that number reaches range_max (then every row, as it is)."""
+    """The distinct ids among `ids` (a step's labels, sampled ids and, for word inputs, input
+    ids; range_max, past the vocabulary, stands for none), sorted and padded with range_max to
+    their total number: the only rows of the vocabulary tables a sampled-softmax step reads, and
+    so the only ones its gradient and an Adagrad update change. None when that number reaches
+    range_max (then every row, as it is)."""
     flat = jnp.concatenate([jnp.ravel(i) for i in ids]).astype(jnp.int32)
     if flat.size >= range_max:
         return None

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from elmojax import checkpoint, config as config_lib, data, files, hdf5, numerics, softmax
 from elmojax.embed import distinct_tokens, trim_char_ids
-from elmojax.model import BiLM, zero_state
+from elmojax.model import BiLM, lookup_tokens, zero_state
 from elmojax.options import N_CHARACTERS_PREDICT, BiLMOptions
 from elmojax.tensorboard import SummaryWriter
 from elmojax.vocab import UnicodeCharsVocabulary, Vocabulary
@@ -91,7 +91,7 @@ def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, m
 
     Training passes `samples` (see draw_samples) and scores with the sampled softmax; without
     them this is evaluation: the full softmax, no dropout. `rows` (softmax.touched_rows), when
-    given, says that the softmax params hold only those vocabulary rows.
+    given, says that the vocabulary tables (softmax, word embedding) hold only those rows.
     """
     training = samples is not None
     bilm_params = params["bilm"]
@@ -110,8 +110,11 @@ def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, m
         weights = batch["weights" + suffix]
         if settings.use_character_inputs:
             embedding = jnp.take(token_table, batch["token_index" + suffix], axis=0)
-        else:
-            embedding = model.apply({"params": bilm_params}, batch["token_ids" + suffix], method=BiLM.embed)
+        else:  # the embedder's lookup, on its table as the step has it (maybe only `rows`)
+            token_ids = batch["token_ids" + suffix]
+            if rows is not None:  # ids + 1 (0: padding) -> their rows' positions + 1
+                token_ids = jnp.where(token_ids > 0, jnp.searchsorted(rows, token_ids - 1) + 1, 0)
+            embedding = lookup_tokens(bilm_params["embedder"]["embedding"], token_ids)
         outputs, new_state[direction] = model.apply(
             {"params": bilm_params}, direction, embedding, weights > 0, lstm_state[direction],
             not training, rngs={"dropout": dropout_key}, method=BiLM.run_lstm)
@@ -143,22 +146,23 @@ def draw_samples(rng: jax.Array, settings: LossSettings) -> dict:
             for (direction, _), key in zip(_directions(settings), keys)}
 
 
-def _is_softmax_table(path) -> bool:
-    """Whether a leaf is softmax W or b, in params or in an optimizer state's params-shaped parts."""
+def _is_vocab_table(path) -> bool:
+    """Whether a leaf is a vocabulary-sized table (softmax W or b, a word-input embedding), in
+    params or in an optimizer state's params-shaped parts."""
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    return keys[-2:-1] == ["softmax"]
+    return keys[-2:-1] == ["softmax"] or keys[-2:] == ["embedder", "embedding"]
 
 
 def _take_rows(tree, rows: jax.Array):
-    """tree with its softmax tables cut to `rows` (padding rows, past the table, read as zeros)."""
+    """tree with its vocabulary tables cut to `rows` (padding rows, past the table, read as zeros)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.take(x, rows, axis=0, mode="fill", fill_value=0) if _is_softmax_table(path) else x, tree)
+        lambda path, x: jnp.take(x, rows, axis=0, mode="fill", fill_value=0) if _is_vocab_table(path) else x, tree)
 
 
 def _put_rows(tree, part, rows: jax.Array):
-    """`part` (a tree from _take_rows) with its softmax rows written back into tree's whole tables."""
+    """`part` (a tree from _take_rows) with its rows written back into tree's whole tables."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x, y: x.at[rows].set(y, mode="drop") if _is_softmax_table(path) else y, tree, part)
+        lambda path, x, y: x.at[rows].set(y, mode="drop") if _is_vocab_table(path) else y, tree, part)
 
 
 def train_step(state: TrainState, batch: dict, *, model: BiLM, tx: optax.GradientTransformation,
@@ -166,18 +170,20 @@ def train_step(state: TrainState, batch: dict, *, model: BiLM, tx: optax.Gradien
     """One Adagrad step on the mean of the directions' mean sampled-softmax losses.
 
     The sampled softmax reads a few thousand rows of a vocabulary-sized table (793k rows for
-    the 1B Word Benchmark), and its gradient is zero elsewhere, where Adagrad changes nothing.
-    So the step takes the rows it touches out of the softmax params and Adagrad's accumulators,
-    differentiates and updates those, and writes them back: the same numbers as a dense
-    update (zero rows add nothing to the global norm either), without passes over the table.
+    the 1B Word Benchmark), and its gradient is zero elsewhere, where Adagrad changes nothing;
+    so does a word-input embedding. So the step takes the rows it reads (sampled, target and
+    input ids) out of these tables and Adagrad's accumulators, differentiates and updates
+    those, and writes them back: the same numbers as a dense update (zero rows add nothing to
+    the global norm either), without passes over the tables.
     """
     rng, loss_rng, sample_rng = jax.random.split(state.rng, 3)
     samples = draw_samples(sample_rng, settings)
-    rows = None
-    if not settings.share_embedding_softmax:  # (a shared table is also read by the embedder)
-        rows = softmax.touched_rows([ids for ids, _ in samples.values()]
-                                    + [batch["next_token_id" + suffix] for _, suffix in _directions(settings)],
-                                    settings.n_vocab)
+    ids = [sampled for sampled, _ in samples.values()]
+    ids += [batch["next_token_id" + suffix] for _, suffix in _directions(settings)]
+    if not settings.use_character_inputs:  # ids + 1, 0 for padding (n_vocab: past the tables, like touched_rows's)
+        ids += [jnp.where(batch["token_ids" + suffix] > 0, batch["token_ids" + suffix] - 1, settings.n_vocab)
+                for _, suffix in _directions(settings)]
+    rows = softmax.touched_rows(ids, settings.n_vocab)
     params, opt_state = state.params, state.opt_state
     if rows is not None:
         params, opt_state = _take_rows(params, rows), _take_rows(opt_state, rows)

@@ -212,12 +212,15 @@ def test_word_input_export_is_its_own_embedding_file(tmp_path):
     assert np.abs(from_file["lm_embeddings"]).max() > 0.01
 
 
-@pytest.mark.parametrize("inputs", ["chars", "words"])
-def test_softmax_row_update_equals_the_dense_update(inputs):
-    """train_step updates only the softmax rows a step touches (and their Adagrad accumulators).
-    It must give what a dense step gives: the gradient of the same loss with respect to the
-    whole table, clipped by the global norm and applied by the optimizer to every row."""
-    config = _config(inputs, n_negative_samples_batch=4, batch_size=1, unroll_steps=3)  # 14 ids < 32 rows
+@pytest.mark.parametrize("inputs,shared", [("chars", False), ("words", False), ("words", True)])
+def test_vocabulary_row_update_equals_the_dense_update(inputs, shared):
+    """train_step updates only the rows of the softmax (and word embedding) a step reads, and
+    their Adagrad accumulators. It must give what a dense step gives: the gradient of the same
+    loss with respect to the whole tables, clipped by the global norm and applied by the
+    optimizer to every row."""
+    # 2 x 4 samples + 2 x 3 targets (+ 2 x 3 input words) < 32 rows
+    config = _config(inputs, n_negative_samples_batch=4, batch_size=1, unroll_steps=3)
+    config.model.share_embedding_softmax = shared
     vocab = train.load_vocab(config)
     trainer = train.Trainer(config, vocab.size)
     dataset = train.make_dataset(config, vocab, config.data.train_prefix, 1, 3, test=False)
@@ -246,10 +249,10 @@ def test_softmax_row_update_equals_the_dense_update(inputs):
     got_leaves = jax.tree_util.tree_leaves_with_path((after.params, after.opt_state))
     for (path, got), want in zip(got_leaves, jax.tree.leaves((want_params, want_opt_state))):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-    # some softmax rows moved, and the untouched ones kept their values exactly
-    old_w, new_w = before.params["softmax"]["W"], after.params["softmax"]["W"]
-    moved = np.abs(new_w - old_w).max(axis=1) > 0
-    assert 0 < moved.sum() <= 14 and moved.sum() < len(moved)
+    # some rows moved, and the untouched ones kept their values exactly
+    table = (lambda p: p["bilm"]["embedder"]["embedding"]) if shared else (lambda p: p["softmax"]["W"])
+    moved = np.abs(table(after.params) - table(before.params)).max(axis=1) > 0
+    assert 0 < moved.sum() <= (14 if inputs == "chars" else 20) and moved.sum() < len(moved)
 
 
 def test_bfloat16_compute_trains_like_float32():

@@ -180,9 +180,9 @@ def train_step(state: TrainState, batch: dict, *, model: BiLM, tx: optax.Gradien
     samples = draw_samples(sample_rng, settings)
     ids = [sampled for sampled, _ in samples.values()]
     ids += [batch["next_token_id" + suffix] for _, suffix in _directions(settings)]
-    if not settings.use_character_inputs:  # ids + 1, 0 for padding (n_vocab: past the tables, like touched_rows's)
-        ids += [jnp.where(batch["token_ids" + suffix] > 0, batch["token_ids" + suffix] - 1, settings.n_vocab)
-                for _, suffix in _directions(settings)]
+    if not settings.use_character_inputs:  # input ids are ids + 1, with 0 (padding) for none: n_vocab
+        inputs = [batch["token_ids" + suffix] for _, suffix in _directions(settings)]
+        ids += [jnp.where(token_ids > 0, token_ids - 1, settings.n_vocab) for token_ids in inputs]
     rows = softmax.touched_rows(ids, settings.n_vocab)
     params, opt_state = state.params, state.opt_state
     if rows is not None:

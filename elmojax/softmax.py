@@ -195,14 +195,20 @@ def sampled_softmax_loss(
     return jax.nn.logsumexp(logits, axis=1) - true_logits
 
 
+# The row update (see touched_rows) pays where the vocabulary tables are much larger than the
+# rows a step reads. Measured on a 2-core CPU at projection 64 (small char's training step):
+# 5% slower than the dense update with 2.8x as many rows, equal at 11x, 1.2x faster at 28x.
+ROW_UPDATE_MIN_RATIO = 8
+
+
 def touched_rows(ids: Sequence[Array], range_max: int) -> Optional[Array]:
     """The distinct ids among `ids` (a step's labels, sampled ids and, for word inputs, input
     ids; range_max, past the vocabulary, stands for none), sorted and padded with range_max to
     their total number: the only rows of the vocabulary tables a sampled-softmax step reads, and
-    so the only ones its gradient and an Adagrad update change. None when that number reaches
-    range_max (then every row, as it is)."""
+    so the only ones its gradient and an Adagrad update change. None (every row, as it is) when
+    the vocabulary is less than ROW_UPDATE_MIN_RATIO times that number."""
     flat = jnp.concatenate([jnp.ravel(i) for i in ids]).astype(jnp.int32)
-    if flat.size >= range_max:
+    if range_max < ROW_UPDATE_MIN_RATIO * flat.size:
         return None
     return jnp.unique(flat, size=flat.size, fill_value=range_max)
 

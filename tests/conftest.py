@@ -10,6 +10,18 @@ MODEL = os.path.join(FIXTURES, "model")
 OPTIONS_FILE = os.path.join(MODEL, "options.json")
 WEIGHT_FILE = os.path.join(MODEL, "lm_weights.hdf5")
 VOCAB_FILE = os.path.join(MODEL, "vocab_test.txt")
+TRAIN_VOCAB_FILE = os.path.join(FIXTURES, "train", "vocab.txt")
+
+
+def padded_vocab_file(directory, size: int) -> str:
+    """The toy corpus's vocabulary with unused tokens appended up to `size` entries: softmax
+    tables large enough for the train step's row update (elmojax.softmax.ROW_UPDATE_MIN_RATIO)."""
+    with open(TRAIN_VOCAB_FILE, encoding="utf-8") as f:
+        tokens = f.read().split()
+    path = os.path.join(directory, "padded_vocab.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(tokens + [f"<unused{i}>" for i in range(size - len(tokens))]) + "\n")
+    return path
 
 
 @pytest.fixture(scope="session")

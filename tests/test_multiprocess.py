@@ -17,14 +17,17 @@ pid, n_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], s
 if n_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n_processes, process_id=pid)
-sys.path.insert(0, "configs")
+sys.path[:0] = ["configs", "tests"]
+import tempfile
 import tiny
+from conftest import padded_vocab_file
 from elmojax import train
 GLOBAL_BATCH = 4
 config = tiny.get_config("chars")
 config.train.batch_size = GLOBAL_BATCH // jax.device_count()
-# few enough ids per step (2 x 4 samples + 2 x 4 x 2 targets < 32) for the softmax row update
+# a softmax over 8x the ids per step (2 x 4 samples + 2 x 4 x 2 targets): the row update
 config.train.update(n_negative_samples_batch=4, unroll_steps=2)
+config.data.vocab_file = padded_vocab_file(tempfile.mkdtemp(), 256)
 vocab = train.load_vocab(config)
 trainer = train.Trainer(config, vocab.size)
 assert trainer.batch_size == GLOBAL_BATCH and jax.device_count() == n_processes

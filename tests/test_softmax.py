@@ -212,10 +212,11 @@ def test_sampled_softmax_loss_matches_numpy():
 def test_sampled_softmax_loss_on_the_touched_rows_only():
     """The loss from the rows a step touches (touched_rows, labels and samples as row positions,
     row_ids for the expected counts) equals NumPy's loss over the whole table."""
-    V = 30
+    V = 8 * 13  # ROW_UPDATE_MIN_RATIO times the 13 ids below: the smallest table that takes rows
+    assert softmax.ROW_UPDATE_MIN_RATIO == 8
     W, b, x = loss_problem(seed=2, V=V)
-    y = np.array([0, 3, 17, 3, 29, 5], np.int32)
-    sampled = np.array([3, 0, 8, 25, 11, 1, 14], np.int32)
+    y = np.array([0, 3, 17, 3, 99, 5], np.int32)
+    sampled = np.array([3, 0, 8, 25, 103, 1, 14], np.int32)
     rows = softmax.touched_rows([jnp.asarray(sampled), jnp.asarray(y)], V)
     # sorted distinct ids, then padding with V (past the table) to the 13 ids given
     want_rows = np.unique(np.concatenate([sampled, y]))
@@ -226,8 +227,8 @@ def test_sampled_softmax_loss_on_the_touched_rows_only():
                                        precision="highest")
     want = np_sampled_softmax_loss(W, b, x, y, sampled, 11.0, V)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    # as many ids as the vocabulary (or more): every row, as it is
-    assert softmax.touched_rows([jnp.arange(20), jnp.arange(10)], V) is None
+    # a table less than 8x the ids: every row, as it is
+    assert softmax.touched_rows([jnp.asarray(sampled), jnp.asarray(y)], V - 1) is None
 
 
 def test_full_softmax_loss_matches_numpy():

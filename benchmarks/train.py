@@ -5,7 +5,7 @@
 
 Configs: small_char (LSTM 256/64, 2 layers, skip, filters [[1,16],[2,16],[3,32],[4,64],[5,64]],
 char dim 8, 1 highway), elmo_small (LSTM 1024/128, 2048 filters, 1 highway), billion_word (the
-reference recipe). Batches come from the bundled corpus sample through the real data pipeline;
+reference recipe, at its batch of 128 per device). Batches come from the bundled corpus sample through the real data pipeline;
 the vocabulary is its own, padded with unused entries to --vocab-size (the softmax's size).
 Tokens are batch x unroll_steps per step. Prints a table on stderr and one JSON object on stdout.
 """
@@ -26,17 +26,17 @@ CONFIGS = {
         char_cnn=dict(filters=[[1, 16], [2, 16], [3, 32], [4, 64], [5, 64]], embedding=dict(dim=8), n_highway=1,
                       activation="relu", n_characters=261, max_characters_per_token=50),
         lstm=dict(dim=256, projection_dim=64, n_layers=2, cell_clip=3.0, proj_clip=3.0, use_skip_connections=True),
-        negatives=256, vocab_size=5000),
+        negatives=256, vocab_size=5000, batch=32),
     "elmo_small": dict(
         char_cnn=dict(filters=common.ELMO_FILTERS, embedding=dict(dim=16), n_highway=1, activation="relu",
                       n_characters=261, max_characters_per_token=50),
         lstm=dict(dim=1024, projection_dim=128, n_layers=2, cell_clip=3.0, proj_clip=3.0, use_skip_connections=True),
-        negatives=8192, vocab_size=13500),
+        negatives=8192, vocab_size=13500, batch=32),
     "billion_word": dict(
         char_cnn=dict(filters=common.ELMO_FILTERS, embedding=dict(dim=16), n_highway=2, activation="relu",
                       n_characters=261, max_characters_per_token=50),
         lstm=dict(dim=4096, projection_dim=512, n_layers=2, cell_clip=3.0, proj_clip=3.0, use_skip_connections=True),
-        negatives=8192, vocab_size=793471),
+        negatives=8192, vocab_size=793471, batch=128),  # the recipe's batch per device
 }
 
 
@@ -63,7 +63,8 @@ def padded_vocab(size: int) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small_char")
-    parser.add_argument("--batch", type=int, default=32, help="per device")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="per device; default: the config's (32; billion_word's recipe: 128)")
     parser.add_argument("--unroll", type=int, default=20)
     parser.add_argument("--negatives", type=int, default=0, help="default: the config's")
     parser.add_argument("--vocab-size", type=int, default=0, help="default: the config's")
@@ -84,12 +85,13 @@ def main(argv=None) -> dict:
     from elmojax.config import base_config
 
     c = CONFIGS[args.config]
+    batch_size = args.batch or c["batch"]
     negatives = args.negatives or c["negatives"]
     vocab_size = args.vocab_size or c["vocab_size"]
     config = base_config()
     config.model.char_cnn.update(c["char_cnn"])
     config.model.lstm.update(c["lstm"])
-    config.train.update(batch_size=args.batch, unroll_steps=args.unroll, n_negative_samples_batch=negatives,
+    config.train.update(batch_size=batch_size, unroll_steps=args.unroll, n_negative_samples_batch=negatives,
                         matmul_precision=args.precision, scan_unroll=args.unroll_scan, compute_dtype=args.dtype)
     config.data.update(train_prefix=os.path.join(common.SAMPLE, "train", "shard-*.txt"),
                        vocab_file=padded_vocab(vocab_size))
@@ -115,7 +117,7 @@ def main(argv=None) -> dict:
     flops = training_flops(c, negatives)
     peak = args.peak_gflops or common.measure_matmul_gflops()
     result = {
-        "benchmark": "train", "config": args.config, "batch_per_device": args.batch, "devices": trainer.n_devices,
+        "benchmark": "train", "config": args.config, "batch_per_device": batch_size, "devices": trainer.n_devices,
         "unroll_steps": args.unroll, "negatives": negatives, "vocab_size": vocab.size, "runs": args.runs,
         "precision": args.precision, "scan_unroll": args.unroll_scan, "compute_dtype": args.dtype,
         **common.speed_result(rates, compile_seconds, flops, peak),

@@ -20,10 +20,11 @@ comes from explicit PRNG keys.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from elmojax.numerics import einsum
@@ -201,16 +202,23 @@ def sampled_softmax_loss(
 ROW_UPDATE_MIN_RATIO = 8
 
 
-def touched_rows(ids: Sequence[Array], range_max: int) -> Optional[Array]:
-    """The distinct ids among `ids` (a step's labels, sampled ids and, for word inputs, input
-    ids; range_max, past the vocabulary, stands for none), sorted and padded with range_max to
-    their total number: the only rows of the vocabulary tables a sampled-softmax step reads, and
-    so the only ones its gradient and an Adagrad update change. None (every row, as it is) when
-    the vocabulary is less than ROW_UPDATE_MIN_RATIO times that number."""
-    flat = jnp.concatenate([jnp.ravel(i) for i in ids]).astype(jnp.int32)
+def touched_rows(ids: dict, range_max: int) -> Optional[tuple[Array, dict]]:
+    """The rows of the vocabulary tables a sampled-softmax step reads, and so the only ones its
+    gradient and an Adagrad update change: the distinct ids among the arrays of `ids` (a step's
+    labels, sampled ids and, for word inputs, input ids; range_max, past the vocabulary, stands
+    for none), sorted and padded with range_max to their total number. With them, each array's
+    ids as positions in those rows (a dict of the same keys and shapes).
+
+    None (every row, as it is) when the vocabulary is less than ROW_UPDATE_MIN_RATIO times the
+    number of ids."""
+    arrays = [jnp.asarray(a, jnp.int32) for a in ids.values()]
+    flat = jnp.concatenate([a.ravel() for a in arrays])
     if range_max < ROW_UPDATE_MIN_RATIO * flat.size:
         return None
-    return jnp.unique(flat, size=flat.size, fill_value=range_max)
+    # the inverse gives every id's position directly (no search, which is a loop on GPUs)
+    rows, inverse = jnp.unique(flat, size=flat.size, fill_value=range_max, return_inverse=True)
+    parts = jnp.split(inverse.ravel(), np.cumsum([a.size for a in arrays])[:-1])
+    return rows, {key: part.reshape(a.shape) for key, part, a in zip(ids, parts, arrays)}
 
 
 def full_softmax_loss(

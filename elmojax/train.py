@@ -86,13 +86,15 @@ def _directions(settings: LossSettings):
 
 
 def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, model: BiLM,
-                     settings: LossSettings, samples: Optional[dict] = None, rows: Optional[jax.Array] = None):
+                     settings: LossSettings, samples: Optional[dict] = None, rows: Optional[tuple] = None):
     """Per direction (sum of token losses, number of tokens), and the new LSTM carry.
 
     Training passes `samples` (see draw_samples) and scores with the sampled softmax; without
-    them this is evaluation: the full softmax, no dropout. `rows` (softmax.touched_rows), when
-    given, says that the vocabulary tables (softmax, word embedding) hold only those rows.
+    them this is evaluation: the full softmax, no dropout. `rows` (from softmax.touched_rows),
+    when given, says that the vocabulary tables (softmax, word embedding) hold only those rows,
+    and where the step's ids are among them.
     """
+    row_ids, positions = rows if rows is not None else (None, None)
     training = samples is not None
     bilm_params = params["bilm"]
     if settings.share_embedding_softmax:
@@ -112,8 +114,8 @@ def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, m
             embedding = jnp.take(token_table, batch["token_index" + suffix], axis=0)
         else:  # the embedder's lookup, on its table as the step has it (maybe only `rows`)
             token_ids = batch["token_ids" + suffix]
-            if rows is not None:  # ids + 1 (0: padding) -> their rows' positions + 1
-                token_ids = jnp.where(token_ids > 0, jnp.searchsorted(rows, token_ids - 1) + 1, 0)
+            if positions is not None:  # ids + 1 (0: padding) -> their rows' positions + 1
+                token_ids = jnp.where(token_ids > 0, positions["token_ids" + suffix] + 1, 0)
             embedding = lookup_tokens(bilm_params["embedder"]["embedding"], token_ids)
         outputs, new_state[direction] = model.apply(
             {"params": bilm_params}, direction, embedding, weights > 0, lstm_state[direction],
@@ -126,10 +128,10 @@ def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, m
         targets = batch["next_token_id" + suffix].reshape(-1)
         if training:
             sampled, num_tries = samples[direction]
-            if rows is not None:  # ids -> their rows' positions
-                targets, sampled = jnp.searchsorted(rows, targets), jnp.searchsorted(rows, sampled)
+            if positions is not None:  # ids -> their rows' positions
+                targets, sampled = positions["next_token_id" + suffix].reshape(-1), positions["sampled" + suffix]
             losses = softmax.sampled_softmax_loss(softmax_w, softmax_b, top, targets, sampled, num_tries,
-                                                  settings.n_vocab, row_ids=rows, precision=settings.precision,
+                                                  settings.n_vocab, row_ids=row_ids, precision=settings.precision,
                                                   compute_dtype=settings.compute_dtype)
         else:
             losses = softmax.full_softmax_loss(softmax_w, softmax_b, top, targets,
@@ -178,15 +180,17 @@ def train_step(state: TrainState, batch: dict, *, model: BiLM, tx: optax.Gradien
     """
     rng, loss_rng, sample_rng = jax.random.split(state.rng, 3)
     samples = draw_samples(sample_rng, settings)
-    ids = [sampled for sampled, _ in samples.values()]
-    ids += [batch["next_token_id" + suffix] for _, suffix in _directions(settings)]
-    if not settings.use_character_inputs:  # input ids are ids + 1, with 0 (padding) for none: n_vocab
-        inputs = [batch["token_ids" + suffix] for _, suffix in _directions(settings)]
-        ids += [jnp.where(token_ids > 0, token_ids - 1, settings.n_vocab) for token_ids in inputs]
+    ids = {}
+    for direction, suffix in _directions(settings):
+        ids["sampled" + suffix] = samples[direction][0]
+        ids["next_token_id" + suffix] = batch["next_token_id" + suffix]
+        if not settings.use_character_inputs:  # input ids are ids + 1, with 0 (padding) for none: n_vocab
+            token_ids = batch["token_ids" + suffix]
+            ids["token_ids" + suffix] = jnp.where(token_ids > 0, token_ids - 1, settings.n_vocab)
     rows = softmax.touched_rows(ids, settings.n_vocab)
     params, opt_state = state.params, state.opt_state
     if rows is not None:
-        params, opt_state = _take_rows(params, rows), _take_rows(opt_state, rows)
+        params, opt_state = _take_rows(params, rows[0]), _take_rows(opt_state, rows[0])
 
     def loss_fn(params):
         sums, new_lstm_state = direction_losses(params, batch, state.lstm_state, loss_rng, model=model,
@@ -199,7 +203,7 @@ def train_step(state: TrainState, batch: dict, *, model: BiLM, tx: optax.Gradien
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     if rows is not None:
-        params, opt_state = _put_rows(state.params, params, rows), _put_rows(state.opt_state, opt_state, rows)
+        params, opt_state = _put_rows(state.params, params, rows[0]), _put_rows(state.opt_state, opt_state, rows[0])
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, lstm_state=new_lstm_state,
                               rng=rng)
     return new_state, {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}

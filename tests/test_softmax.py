@@ -217,18 +217,19 @@ def test_sampled_softmax_loss_on_the_touched_rows_only():
     W, b, x = loss_problem(seed=2, V=V)
     y = np.array([0, 3, 17, 3, 99, 5], np.int32)
     sampled = np.array([3, 0, 8, 25, 103, 1, 14], np.int32)
-    rows = softmax.touched_rows([jnp.asarray(sampled), jnp.asarray(y)], V)
+    rows, positions = softmax.touched_rows({"sampled": sampled, "labels": y}, V)
     # sorted distinct ids, then padding with V (past the table) to the 13 ids given
     want_rows = np.unique(np.concatenate([sampled, y]))
     np.testing.assert_array_equal(np.asarray(rows), np.concatenate([want_rows, np.full(13 - len(want_rows), V)]))
+    for key, ids in [("sampled", sampled), ("labels", y)]:  # positions: where each id is in the rows
+        np.testing.assert_array_equal(np.asarray(rows)[np.asarray(positions[key])], ids)
     take = lambda a: jnp.take(jnp.asarray(a), rows, axis=0, mode="fill", fill_value=0)
-    got = softmax.sampled_softmax_loss(take(W), take(b), jnp.asarray(x), jnp.searchsorted(rows, y),
-                                       jnp.searchsorted(rows, sampled), jnp.float32(11.0), V, row_ids=rows,
-                                       precision="highest")
+    got = softmax.sampled_softmax_loss(take(W), take(b), jnp.asarray(x), positions["labels"], positions["sampled"],
+                                       jnp.float32(11.0), V, row_ids=rows, precision="highest")
     want = np_sampled_softmax_loss(W, b, x, y, sampled, 11.0, V)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     # a table less than 8x the ids: every row, as it is
-    assert softmax.touched_rows([jnp.asarray(sampled), jnp.asarray(y)], V - 1) is None
+    assert softmax.touched_rows({"sampled": sampled, "labels": y}, V - 1) is None
 
 
 def test_full_softmax_loss_matches_numpy():

@@ -3,11 +3,12 @@
   python benchmarks/train.py --config small_char --runs 20
   python benchmarks/train.py --config elmo_small --batch 32 --negatives 8192 --vocab-size 13500
 
-Configs: small_char (LSTM 256/64, 2 layers, skip, filters [[1,16],[2,16],[3,32],[4,64],[5,64]],
-char dim 8, 1 highway), elmo_small (LSTM 1024/128, 2048 filters, 1 highway), billion_word (the
-reference recipe, at its batch of 128 per device). Batches come from the bundled corpus sample through the real data pipeline;
-the vocabulary is its own, padded with unused entries to --vocab-size (the softmax's size).
-Tokens are batch x unroll_steps per step. Prints a table on stderr and one JSON object on stdout.
+Configs: small_char (LSTM 256/64, 2 layers, skip, filters [[1,16],[2,16],[3,32],[4,64],[5,64]], char
+dim 8, 1 highway), elmo_small (LSTM 1024/128, 2048 filters, 1 highway), billion_word (the reference
+recipe, at its batch of 128 per device). Batches come from the bundled corpus sample through the
+real data pipeline; the vocabulary is its own, padded with unused entries to --vocab-size (the
+softmax's size). Tokens are batch x unroll_steps per step. Prints a table on stderr and one JSON
+object on stdout.
 """
 
 from __future__ import annotations

@@ -187,10 +187,11 @@ def train_step(state: TrainState, batch: dict, *, model: BiLM, tx: optax.Gradien
         if not settings.use_character_inputs:  # input ids are ids + 1, with 0 (padding) for none: n_vocab
             token_ids = batch["token_ids" + suffix]
             ids["token_ids" + suffix] = jnp.where(token_ids > 0, token_ids - 1, settings.n_vocab)
-    rows = softmax.touched_rows(ids, settings.n_vocab)
+    rows = softmax.touched_rows(ids, settings.n_vocab)  # (row ids, each id's position), or None: all rows
     params, opt_state = state.params, state.opt_state
     if rows is not None:
-        params, opt_state = _take_rows(params, rows[0]), _take_rows(opt_state, rows[0])
+        row_ids = rows[0]
+        params, opt_state = _take_rows(params, row_ids), _take_rows(opt_state, row_ids)
 
     def loss_fn(params):
         sums, new_lstm_state = direction_losses(params, batch, state.lstm_state, loss_rng, model=model,
@@ -203,7 +204,7 @@ def train_step(state: TrainState, batch: dict, *, model: BiLM, tx: optax.Gradien
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     if rows is not None:
-        params, opt_state = _put_rows(state.params, params, rows[0]), _put_rows(state.opt_state, opt_state, rows[0])
+        params, opt_state = _put_rows(state.params, params, row_ids), _put_rows(state.opt_state, opt_state, row_ids)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, lstm_state=new_lstm_state,
                               rng=rng)
     return new_state, {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}

@@ -198,8 +198,7 @@ class RecurrenceSettings:
 
 
 def _lstm_step(weights, settings: RecurrenceSettings, c_prev, h_prev, x_gates, m):
-    """One LSTMCell step: (c, h, gate activations, the output before its projection); rows where
-    m is False keep (c, h)."""
+    """One LSTMCell step: (c, h, gate activations); rows where m is False keep (c, h)."""
     w_hidden, bias, w_proj = weights
     # the bias is added here, fused with the step, not to the whole input product in memory
     gates = x_gates + settings.einsum("bk,kn->bn", h_prev, w_hidden) + bias
@@ -208,24 +207,24 @@ def _lstm_step(weights, settings: RecurrenceSettings, c_prev, h_prev, x_gates, m
     c = f * c_prev + i * j
     if settings.cell_clip is not None:
         c = jnp.clip(c, -settings.cell_clip, settings.cell_clip)
-    h = hidden = o * jnp.tanh(c)
+    h = o * jnp.tanh(c)
     if w_proj is not None:
-        h = settings.einsum("bk,kn->bn", hidden, w_proj)
+        h = settings.einsum("bk,kn->bn", h, w_proj)
         if settings.proj_clip is not None:
             h = jnp.clip(h, -settings.proj_clip, settings.proj_clip)
     m = m[:, None]
-    return jnp.where(m, c, c_prev), jnp.where(m, h, h_prev), (i, j, f, o), hidden
+    return jnp.where(m, c, c_prev), jnp.where(m, h, h_prev), (i, j, f, o)
 
 
 def _scan_steps(input_gates, mask, state, weights, settings: RecurrenceSettings, save_residuals: bool):
     """The steps over time (a lax.scan). With save_residuals, it returns what the backward pass
-    needs instead of the outputs: every step's gate activations, carry (c, h) and, when
-    projecting, output before the projection (the outputs are the carry's h where the mask is set)."""
+    needs instead of the outputs: every step's gate activations and carry (c, h) (the outputs
+    are the carry's h where the mask is set)."""
 
     if not save_residuals:
         def step(carry, xs):
             x_gates, m = xs
-            c, h, _, _ = _lstm_step(weights, settings, *carry, x_gates, m)
+            c, h, _ = _lstm_step(weights, settings, *carry, x_gates, m)
             return (c, h), jnp.where(m[:, None], h, 0.0)  # no output where the mask is not set
 
         return lax.scan(step, state, (input_gates, mask), unroll=settings.unroll)
@@ -235,15 +234,15 @@ def _scan_steps(input_gates, mask, state, weights, settings: RecurrenceSettings,
     def residual_step(carry, xs):
         c_prev, h_prev, buffer = carry
         t, m = xs
-        c, h, gates, hidden = _lstm_step(weights, settings, c_prev, h_prev,
-                                         lax.dynamic_index_in_dim(buffer, t, keepdims=False), m)
+        c, h, gates = _lstm_step(weights, settings, c_prev, h_prev,
+                                 lax.dynamic_index_in_dim(buffer, t, keepdims=False), m)
         buffer = lax.dynamic_update_index_in_dim(buffer, jnp.concatenate(gates, axis=-1), t, 0)
-        return (c, h, buffer), (c, h, None if weights[2] is None else hidden)
+        return (c, h, buffer), (c, h)
 
     steps = jnp.arange(input_gates.shape[0])
-    (c, h, activations), (c_seq, h_seq, hidden_seq) = lax.scan(
+    (c, h, activations), (c_seq, h_seq) = lax.scan(
         residual_step, (*state, input_gates), (steps, mask), unroll=settings.unroll)
-    return (c, h), (activations, c_seq, h_seq, hidden_seq)
+    return (c, h), (activations, c_seq, h_seq)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -264,14 +263,14 @@ def lstm_recurrence(input_gates: Array, mask: Array, state: tuple[Array, Array],
 
 
 def _recurrence_fwd(input_gates, mask, state, weights, settings):
-    final, (activations, c_seq, h_seq, hidden_seq) = _scan_steps(input_gates, mask, state, weights, settings,
-                                                                  save_residuals=True)
+    final, (activations, c_seq, h_seq) = _scan_steps(input_gates, mask, state, weights, settings,
+                                                     save_residuals=True)
     outputs = jnp.where(mask[..., None], h_seq, 0.0)
-    return (outputs, final), (mask, state, weights, activations, c_seq, h_seq, hidden_seq)
+    return (outputs, final), (mask, state, weights, activations, c_seq, h_seq)
 
 
 def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
-    mask, (c0, h0), (w_hidden, _, w_proj), activations, c_seq, h_seq, hidden_seq = residuals
+    mask, (c0, h0), (w_hidden, _, w_proj), activations, c_seq, h_seq = residuals
     d_outputs, (dc_final, dh_final) = cotangents
     c_prev_seq = jnp.concatenate([c0[None], c_seq[:-1]], axis=0)
     h_prev_seq = jnp.concatenate([h0[None], h_seq[:-1]], axis=0)
@@ -318,7 +317,11 @@ def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
     d_bias = jnp.sum(d_gates, axis=(0, 1))
     d_w_proj = None
     if w_proj is not None:
-        d_w_proj = settings.einsum("tbk,tbn->kn", hidden_seq, d_projected)
+        # the outputs before the projection, o * tanh(c), recomputed rather than saved by the
+        # forward scan (a saved sequence costs a zero-filled buffer and a write per step); on
+        # masked steps c_seq holds the carried c, but d_projected is zero there
+        # (the small d_projected is the operand transposed for the product, not this one)
+        d_w_proj = settings.einsum("tbp,tbk->pk", d_projected, o * tanh_c).T
     return d_gates, None, (dc0, dh0), (d_w_hidden, d_bias, d_w_proj)
 
 

@@ -289,8 +289,12 @@ def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
             m if settings.proj_clip is None else m & (jnp.abs(h_seq) < settings.proj_clip)))
     # d (gate pre-activations) / d (c, c, c, unprojected output), zero on masked steps; the
     # loop overwrites each step's factors with its gate gradients (no new zero-filled buffer)
-    gate_factors = jnp.where(m, jnp.concatenate(
-        [j * i * (1.0 - i), i * (1.0 - j * j), c_prev_seq * f * (1.0 - f), tanh_c * o * (1.0 - o)], axis=-1), 0.0)
+    # (one elementwise pass over (time, batch, gate, dim): the activations' derivatives, sigmoid's
+    # a (1 - a) and tanh's (j) 1 - a^2, times what each gate multiplies: j, i, c_prev, tanh(c))
+    gates = activations.reshape(activations.shape[:2] + (4, -1))
+    derivatives = jnp.where(jnp.arange(4)[:, None] == 1, 1.0 - gates * gates, gates * (1.0 - gates))
+    multipliers = jnp.stack([j, i, c_prev_seq, tanh_c], axis=2)
+    gate_factors = jnp.where(m[..., None], derivatives * multipliers, 0.0).reshape(activations.shape)
     w_hidden_t = w_hidden.T
     w_proj_t = None if w_proj is None else w_proj.T
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from elmojax.elmo import ScalarMix, weight_layers
-from elmojax.embed import trim_char_ids
+from elmojax import embed
+from elmojax.embed import distinct_tokens, trim_char_ids
 from elmojax.model import BiLM, CharCNNEmbedder, LSTMLayer, zero_state
 from elmojax.options import BiLMOptions, CharCNNOptions, LSTMOptions
 
@@ -658,6 +659,23 @@ def _spelled_ids(rng, n_tokens, n_chars, max_word):
         row[0], row[1 : k + 1], row[k + 1] = 259, rng.integers(1, 257, size=k), 260
     ids[-1] = 0
     return ids
+
+
+@pytest.mark.parametrize("hash_collides", [False, True])
+def test_distinct_tokens(monkeypatch, hash_collides):
+    if hash_collides:  # every row hashes alike: the check must catch it and compare the rows
+        monkeypatch.setattr(embed, "_row_hash_multipliers", lambda width: np.zeros(width, np.uint64))
+    rng = np.random.default_rng(5)
+    vocabulary = rng.integers(0, 262, size=(40, 12)).astype(np.int32)
+    vocabulary[1] = vocabulary[0]
+    vocabulary[1, -1] += 1  # two rows that differ in their last id only
+    char_ids = vocabulary[rng.integers(0, 40, size=(6, 30))]
+    distinct, index = distinct_tokens(char_ids, multiple=48)
+    n = len(np.unique(char_ids.reshape(-1, 12), axis=0))
+    assert distinct.shape == (96, 12) and index.shape == (6, 30) and index.dtype == np.int32
+    assert index.max() == n - 1 and len(np.unique(distinct[:n], axis=0)) == n
+    np.testing.assert_array_equal(distinct[index], char_ids)
+    np.testing.assert_array_equal(distinct[n:], 0)
 
 
 def test_trim_char_ids():

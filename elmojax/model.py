@@ -324,8 +324,10 @@ def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
         # the outputs before the projection, o * tanh(c), recomputed rather than saved by the
         # forward scan (a saved sequence costs a zero-filled buffer and a write per step); on
         # masked steps c_seq holds the carried c, but d_projected is zero there
-        # (the small d_projected is the operand transposed for the product, not this one)
-        d_w_proj = settings.einsum("tbp,tbk->pk", d_projected, o * tanh_c).T
+        # (the small d_projected is the operand transposed for the product, not this one; as 2-D
+        # operands, which XLA:CPU also multiplies in bfloat16)
+        d_w_proj = settings.einsum("np,nk->pk", d_projected.reshape(-1, w_proj.shape[1]),
+                                   (o * tanh_c).reshape(-1, w_proj.shape[0])).T
     return d_gates, None, (dc0, dh0), (d_w_hidden, d_bias, d_w_proj)
 
 

@@ -26,6 +26,7 @@ Prints a table on stderr and one JSON object on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -154,8 +155,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--peak-gflops", type=float, default=0.0,
                         help="the machine's fp32 matmul rate (from elmojax's benchmarks), for the fraction")
     args = parser.parse_args(argv)
-    tf, bilm = _import_bilm()
-    result = {"implementation": "bilm-tf", **(inference if args.work == "inference" else train)(args, tf, bilm)}
+    with contextlib.redirect_stdout(sys.stderr):  # bilm prints as it builds; stdout is for the JSON
+        tf, bilm = _import_bilm()
+        result = {"implementation": "bilm-tf", **(inference if args.work == "inference" else train)(args, tf, bilm)}
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     import tensorflow

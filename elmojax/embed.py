@@ -87,7 +87,7 @@ def make_embed_fn(model: BiLM) -> Callable:
         output, new_state = model.apply({"params": params}, ids, state)
         return elmo_outputs(output), new_state
 
-    return jax.jit(embed_fn)
+    return numerics.jit(embed_fn)
 
 
 def make_distinct_embed_fn(model: BiLM) -> Callable:
@@ -103,7 +103,7 @@ def make_distinct_embed_fn(model: BiLM) -> Callable:
                                         embedding=jnp.take(table, token_index, axis=0))
         return elmo_outputs(output), new_state
 
-    return jax.jit(embed_fn)
+    return numerics.jit(embed_fn)
 
 
 @functools.lru_cache(maxsize=None)
@@ -314,7 +314,7 @@ def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, 
     vocab = UnicodeCharsVocabulary(vocab_file, options.char_cnn.max_characters_per_token)
     params = hdf5.load_weights(weight_file, options)
     model = BiLM(options, cnn_chunk_size=cnn_chunk_size(options))  # batches of 4096 tokens, in chunks
-    embed = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=BiLM.embed))
+    embed = numerics.jit(lambda p, ids: model.apply({"params": p}, ids, method=BiLM.embed))
 
     char_ids = vocab.word_char_ids + 1
     out = np.zeros((vocab.size, options.projection_dim), np.float32)

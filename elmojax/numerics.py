@@ -16,6 +16,19 @@ from jax import lax
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
+# XLA:CPU vectorizes elementwise code 256 bits wide unless told otherwise; at 512 its tanh and
+# exp, most of an LSTM step's elementwise work, run about 1.6x faster on CPUs with AVX-512 (and
+# as before on others). Other backends do not read xla_cpu_* options.
+CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+
+
+def jit(fun, **kwargs):
+    """jax.jit, with CPU_COMPILER_OPTIONS when JAX computes on the CPU."""
+    if jax.default_backend() == "cpu":
+        kwargs["compiler_options"] = {**CPU_COMPILER_OPTIONS, **kwargs.get("compiler_options", {})}
+    return jax.jit(fun, **kwargs)
+
+
 def compute_dtype(name: str) -> Optional[Any]:
     """The compute dtype for its config name ("float32" or "bfloat16")."""
     if name not in COMPUTE_DTYPES:

@@ -249,11 +249,11 @@ class Trainer:
         self.state_sharding = TrainState(
             step=self.replicated, params=self.replicated, opt_state=self.replicated,
             lstm_state=self.sharded, rng=self.replicated)
-        self.train_step = jax.jit(
+        self.train_step = numerics.jit(
             functools.partial(train_step, model=self.model, tx=self.tx, settings=self.settings),
             in_shardings=(self.state_sharding, self.sharded), out_shardings=(self.state_sharding, self.replicated),
             donate_argnums=(0,))
-        self.eval_step = jax.jit(
+        self.eval_step = numerics.jit(
             functools.partial(eval_step, model=self.model, settings=self.settings),
             in_shardings=(self.replicated, self.sharded, self.sharded), out_shardings=(self.sharded, self.replicated))
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from elmojax.dropout import Dropout
 from elmojax.numerics import conv1d, einsum
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, CharCNNOptions, LSTMOptions
 
@@ -370,7 +371,7 @@ class LSTMLayer(nn.Module):
             w_proj = self.param("W_P_0", nn.initializers.glorot_uniform(), (self.dim, self.projection_dim))
 
         if self.dropout_rate > 0.0:
-            inputs = nn.Dropout(self.dropout_rate)(inputs, deterministic=deterministic)
+            inputs = Dropout(self.dropout_rate)(inputs, deterministic=deterministic)
 
         # The input-to-hidden products of all steps in one matrix product, before the scan, laid
         # out time-major for it: a plain 2-D product, transposing the small input rather than the

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from elmojax import checkpoint, config as config_lib, data, files, hdf5, numerics, softmax
+from elmojax.dropout import dropout
 from elmojax.embed import distinct_tokens, trim_char_ids
 from elmojax.model import BiLM, lookup_tokens, zero_state
 from elmojax.options import N_CHARACTERS_PREDICT, BiLMOptions
@@ -123,8 +124,7 @@ def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, m
         top = outputs[-1].reshape(-1, outputs[-1].shape[-1])
         if training and settings.dropout > 0:
             # bilm-tf also drops the top LSTM output before the softmax
-            keep = jax.random.bernoulli(output_key, 1.0 - settings.dropout, top.shape)
-            top = jnp.where(keep, top / (1.0 - settings.dropout), 0.0)
+            top = dropout(top, settings.dropout, output_key)
         targets = batch["next_token_id" + suffix].reshape(-1)
         if training:
             sampled, num_tries = samples[direction]

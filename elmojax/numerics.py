@@ -1,4 +1,4 @@
-"""Matrix products and convolutions in a chosen compute dtype.
+"""Matrix products and convolutions in a chosen compute dtype, and the jit that compiles the steps.
 
 float32 (compute_dtype None) is the default and the parity reference. compute_dtype
 jnp.bfloat16, for GPUs, rounds the operands of every matrix product and convolution to

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import sys
 import time
 
@@ -158,12 +157,9 @@ def main(argv=None) -> dict:
     with contextlib.redirect_stdout(sys.stderr):  # bilm prints as it builds; stdout is for the JSON
         tf, bilm = _import_bilm()
         result = {"implementation": "bilm-tf", **(inference if args.work == "inference" else train)(args, tf, bilm)}
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     import tensorflow
 
-    result["environment"] = {"python": platform.python_version(), "tensorflow": tensorflow.__version__,
-                             "cpu": cpu, "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    result["environment"] = {**common.machine(), "tensorflow": tensorflow.__version__}
     what = f"{args.size} / {args.batch} sentences" if args.work == "inference" else args.config
     rows = [("bilm-tf " + args.work, what),
             ("tokens/s (min/median/max)", "{min:.0f} / {median:.0f} / {max:.0f}".format(**result["tokens_per_second"])),

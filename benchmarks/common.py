@@ -115,18 +115,22 @@ def measure_matmul_gflops(n: int = 2048, runs: int = 5) -> float:
     return 2 * n ** 3 / min(times) / 1e9
 
 
-def environment() -> dict:
-    import jax
-
+def machine() -> dict:
+    """The machine and the date, for any implementation's results (no JAX needed)."""
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"python": sys.version.split()[0], "jax": jax.__version__, "numpy": np.__version__,
-            "devices": [str(d) for d in jax.devices()], "cpu": cpu, "cpu_count": os.cpu_count(),
+    return {"python": sys.version.split()[0], "numpy": np.__version__, "cpu": cpu, "cpu_count": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d")}
+
+
+def environment() -> dict:
+    import jax
+
+    return {**machine(), "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
 
 
 def peak_rss_mib() -> float:

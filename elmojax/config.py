@@ -2,7 +2,8 @@
 
   config.model  char_cnn (or None for word inputs), lstm, bidirectional, share_embedding_softmax:
                 the options.json fields, same names and meaning
-  config.train  batch_size (per device), unroll_steps, n_negative_samples_batch, dropout,
+  config.train  batch_size (per device), unroll_steps, n_negative_samples_batch, sample_softmax
+                (False: the full softmax, as bilm-tf's option), dropout,
                 all_clip_norm_val, learning_rate, n_epochs, n_train_tokens (None: counted from
                 the data), seed, logging and checkpoint cadence; speed knobs matmul_precision,
                 scan_unroll and compute_dtype ("float32", or "bfloat16" for GPUs)
@@ -23,7 +24,7 @@ from elmojax.options import BiLMOptions
 
 # options.json's training fields and where they live in the config.
 TRAIN_FIELDS = ("n_epochs", "n_train_tokens", "batch_size", "unroll_steps", "n_negative_samples_batch",
-                "dropout", "all_clip_norm_val", "learning_rate")
+                "sample_softmax", "dropout", "all_clip_norm_val", "learning_rate")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -42,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=128,                 # per device, as bilm-tf's batch_size is per GPU
         unroll_steps=20,
         n_negative_samples_batch=8192,
+        sample_softmax=True,            # False: train with the full softmax (bilm-tf's option)
+        state_reset_probability=0.0,    # zero each batch row's LSTM carry with this probability
         dropout=0.1,
         all_clip_norm_val=10.0,
         learning_rate=0.2,
@@ -95,11 +98,15 @@ def config_from_options_json(d: dict, source: str) -> ml_collections.ConfigDict:
         raise ValueError(f"{source}: unknown options field '{unknown[0]}'")
     if "lstm" not in d:
         raise ValueError(f"{source}: missing field 'lstm'")
+    BiLMOptions.from_dict(d, source=source)  # the architecture, checked before it is copied
+    for field in ("bidirectional", "share_embedding_softmax", "sample_softmax"):
+        if not isinstance(d.get(field, False), bool):
+            raise ValueError(f"{source}: field '{field}' must be true or false, got {d[field]!r}")
     c.model.lstm = ml_collections.ConfigDict({**dict(cell_clip=None, proj_clip=None, n_layers=1,
                                                      use_skip_connections=False), **d["lstm"]})
     c.model.char_cnn = ml_collections.ConfigDict(d["char_cnn"]) if d.get("char_cnn") else None
-    c.model.bidirectional = bool(d.get("bidirectional", False))  # bilm-tf's default
-    c.model.share_embedding_softmax = bool(d.get("share_embedding_softmax", False))
+    c.model.bidirectional = d.get("bidirectional", False)  # bilm-tf's default
+    c.model.share_embedding_softmax = d.get("share_embedding_softmax", False)
     for field in TRAIN_FIELDS:
         if field in d:
             c.train[field] = d[field]

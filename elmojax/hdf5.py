@@ -68,6 +68,12 @@ def lstm_layout(options: BiLMOptions) -> list[Entry]:
     return entries
 
 
+def split_lstm_kernel(w_0: np.ndarray, options: BiLMOptions) -> tuple[np.ndarray, np.ndarray]:
+    """An LSTM kernel W_0 (in + out, 4 * dim) as the model's two row blocks (W_x, W_h)."""
+    split = w_0.shape[0] - options.lstm.output_dim
+    return w_0[:split], w_0[split:]
+
+
 def _join_lstm_kernels(params: Params) -> Params:
     """The model's W_x and W_h as the file's W_0 (a shallow copy of params; inputs untouched)."""
     params = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
@@ -155,9 +161,9 @@ def load_weights(weight_file: str, options: BiLMOptions, use_character_inputs: b
         for name, path, shape in wanted:
             value = _read(f, weight_file, name, shape)
             if path[-1] == "W_0":  # the model keeps W_0 = [W_x; W_h] as two params
-                split = shape[0] - options.lstm.output_dim
-                _set(params, path[:-1] + ("W_x",), convert(value[:split]))
-                _set(params, path[:-1] + ("W_h",), convert(value[split:]))
+                w_x, w_h = split_lstm_kernel(value, options)
+                _set(params, path[:-1] + ("W_x",), convert(w_x))
+                _set(params, path[:-1] + ("W_h",), convert(w_h))
             else:
                 _set(params, path, convert(value))
     return params

@@ -68,7 +68,10 @@ def main(argv) -> None:
         elif jax.process_index() != 0:
             return  # evaluation and export run in process 0
         elif _MODE.value == "evaluate":
-            print(json.dumps(train.evaluate(config, model)))
+            result = train.evaluate(config, model)
+            if train.health_warning(result):
+                print(train.health_warning(result), file=sys.stderr)
+            print(json.dumps(result))
         else:
             if not _OUTPUT.value:
                 raise ValueError("--mode=export needs --output=FILE.hdf5")

@@ -390,7 +390,10 @@ class LSTMLayer(nn.Module):
 
 
 class LSTMStack(nn.Module):
-    """Stacked LSTM layers (one direction); skip connections from the second layer on."""
+    """Stacked LSTM layers (one direction); skip connections from the second layer on.
+
+    `drop_output` (training) also drops the top layer's output, which bilm-tf's training graph
+    does before its softmax."""
 
     options: LSTMOptions
     dropout_rate: float = 0.0
@@ -400,7 +403,7 @@ class LSTMStack(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: Array, mask: Array, state: Sequence[tuple[Array, Array]],
-                 deterministic: bool = True) -> tuple[list[Array], tuple]:
+                 deterministic: bool = True, drop_output: bool = False) -> tuple[list[Array], tuple]:
         o = self.options
         outputs, new_state = [], []
         x = inputs
@@ -420,6 +423,8 @@ class LSTMStack(nn.Module):
             )(x, mask, state[i], deterministic)
             outputs.append(x)
             new_state.append(layer_state)
+        if drop_output and self.dropout_rate > 0.0:
+            outputs[-1] = Dropout(self.dropout_rate, name="output_dropout")(outputs[-1], deterministic)
         return outputs, tuple(new_state)
 
 
@@ -493,9 +498,10 @@ class BiLM(nn.Module):
             return self.embedder(ids, tail_ids)
         return self.embedder(ids)
 
-    def run_lstm(self, direction: str, inputs: Array, mask: Array, state, deterministic: bool = True):
+    def run_lstm(self, direction: str, inputs: Array, mask: Array, state, deterministic: bool = True,
+                 drop_output: bool = False):
         stack = self.forward_lstm if direction == "forward" else self.backward_lstm
-        return stack(inputs, mask, state, deterministic)
+        return stack(inputs, mask, state, deterministic, drop_output)
 
     def __call__(self, ids: Array, state: dict, deterministic: bool = True,
                  embedding: Optional[Array] = None) -> tuple[BiLMOutput, dict]:

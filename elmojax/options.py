@@ -22,6 +22,11 @@ N_CHARACTERS_TRAIN = 261
 N_CHARACTERS_PREDICT = N_CHARACTERS_TRAIN + 1
 
 
+# The fields of options.json's sections that bilm-tf reads.
+LSTM_FIELDS = ("dim", "projection_dim", "n_layers", "cell_clip", "proj_clip", "use_skip_connections")
+CHAR_CNN_FIELDS = ("filters", "embedding", "max_characters_per_token", "activation", "n_highway", "n_characters")
+
+
 @dataclasses.dataclass(frozen=True)
 class CharCNNOptions:
     filters: tuple[tuple[int, int], ...]
@@ -72,6 +77,9 @@ class BiLMOptions:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "options") -> "BiLMOptions":
+        """Reads and checks options.json's architecture: every field of its `lstm` and `char_cnn`
+        sections must be one bilm-tf reads (no misspelling passes unnoticed), booleans must be
+        JSON booleans; other top-level fields (training ones) are left to the caller."""
         def need(section: dict, key: str, where: str) -> Any:
             if key not in section:
                 raise ValueError(f"{source}: missing field '{where}{key}'")
@@ -84,7 +92,21 @@ class BiLMOptions:
                 raise ValueError(f"{source}: field '{where}' must be positive, got {value!r}")
             return kind(value)
 
-        lstm_d = need(d, "lstm", "")
+        def known(section: Any, fields: tuple[str, ...], where: str) -> dict:
+            if not isinstance(section, dict):
+                raise ValueError(f"{source}: field '{where}' must be an object")
+            unknown = sorted(set(section) - set(fields))
+            if unknown:
+                raise ValueError(f"{source}: unknown field '{where}.{unknown[0]}' (bilm-tf's are {', '.join(fields)})")
+            return section
+
+        def flag(section: dict, key: str, default: bool, where: str) -> bool:
+            value = section.get(key, default)
+            if not isinstance(value, bool):
+                raise ValueError(f"{source}: field '{where}' must be true or false, got {value!r}")
+            return value
+
+        lstm_d = known(need(d, "lstm", ""), LSTM_FIELDS, "lstm")
         clip = lambda k: None if lstm_d.get(k) is None else number(lstm_d[k], f"lstm.{k}", float)
         lstm = LSTMOptions(
             dim=number(need(lstm_d, "dim", "lstm."), "lstm.dim"),
@@ -92,7 +114,7 @@ class BiLMOptions:
             n_layers=number(lstm_d.get("n_layers", 1), "lstm.n_layers"),
             cell_clip=clip("cell_clip"),
             proj_clip=clip("proj_clip"),
-            use_skip_connections=bool(lstm_d.get("use_skip_connections", False)),
+            use_skip_connections=flag(lstm_d, "use_skip_connections", False, "lstm.use_skip_connections"),
         )
         if lstm.projection_dim > lstm.dim:
             raise ValueError(
@@ -101,7 +123,7 @@ class BiLMOptions:
 
         char_cnn = None
         if d.get("char_cnn") is not None:
-            c = d["char_cnn"]
+            c = known(d["char_cnn"], CHAR_CNN_FIELDS, "char_cnn")
             filters = need(c, "filters", "char_cnn.")
             try:
                 filters = tuple((int(w), int(n)) for w, n in filters)
@@ -117,8 +139,8 @@ class BiLMOptions:
                     f"{N_CHARACTERS_PREDICT} (prediction), got {n_characters}")
             char_cnn = CharCNNOptions(
                 filters=filters,
-                embedding_dim=number(need(need(c, "embedding", "char_cnn."), "dim", "char_cnn.embedding."),
-                                     "char_cnn.embedding.dim"),
+                embedding_dim=number(need(known(need(c, "embedding", "char_cnn."), ("dim",), "char_cnn.embedding"),
+                                          "dim", "char_cnn.embedding."), "char_cnn.embedding.dim"),
                 max_characters_per_token=number(need(c, "max_characters_per_token", "char_cnn."),
                                                 "char_cnn.max_characters_per_token"),
                 activation=activation,
@@ -137,7 +159,7 @@ class BiLMOptions:
         if n_tokens_vocab is not None:
             n_tokens_vocab = number(n_tokens_vocab, "n_tokens_vocab")
         return cls(lstm=lstm, char_cnn=char_cnn, n_tokens_vocab=n_tokens_vocab,
-                   bidirectional=bool(d.get("bidirectional", True)))
+                   bidirectional=flag(d, "bidirectional", True, "bidirectional"))
 
     def to_dict(self, n_characters: Optional[int] = None) -> dict:
         """The options.json form; `n_characters` overrides the stored one (262 for prediction)."""

@@ -126,9 +126,18 @@ def expected_counts(probs: Array, num_tries: Array) -> Array:
     return -jnp.expm1(jnp.asarray(num_tries, probs.dtype) * jnp.log1p(-probs))
 
 
-def _log_expected_counts(ids: Array, num_tries: Array, range_max: int) -> Array:
+def sampler_expected_counts(ids: Array, num_tries: Array, range_max: int, num_sampled: int) -> Array:
+    """The expected counts TF's unique log-uniform sampler reports for ids, after `num_tries`
+    draws for `num_sampled` distinct ids: expected_counts, but p * num_sampled when no draw was
+    repeated (num_tries == num_sampled), as TensorFlow's range sampler computes it then."""
+    probs = log_uniform_probs(ids, range_max)
+    num_tries = jnp.asarray(num_tries, probs.dtype)
+    return jnp.where(num_tries == num_sampled, probs * num_sampled, expected_counts(probs, num_tries))
+
+
+def _log_expected_counts(ids: Array, num_tries: Array, range_max: int, num_sampled: int) -> Array:
     """log(expected count) of ids under the log-uniform unique sampler: the logit correction."""
-    return jnp.log(expected_counts(log_uniform_probs(ids, range_max), num_tries))
+    return jnp.log(sampler_expected_counts(ids, num_tries, range_max, num_sampled))
 
 
 def sampled_softmax_loss(
@@ -184,8 +193,9 @@ def sampled_softmax_loss(
     sampled_logits = sampled_logits.astype(out_dtype) + biases[sampled_ids].astype(out_dtype)
 
     label_ids, sampled_vocab_ids = (labels, sampled_ids) if row_ids is None else (row_ids[labels], row_ids[sampled_ids])
-    true_logits = true_logits - _log_expected_counts(label_ids, num_tries, range_max).astype(out_dtype)
-    sampled_log_q = _log_expected_counts(sampled_vocab_ids, num_tries, range_max).astype(out_dtype)
+    num_sampled = sampled_ids.shape[0]
+    true_logits = true_logits - _log_expected_counts(label_ids, num_tries, range_max, num_sampled).astype(out_dtype)
+    sampled_log_q = _log_expected_counts(sampled_vocab_ids, num_tries, range_max, num_sampled).astype(out_dtype)
     sampled_logits = sampled_logits - sampled_log_q
 
     if remove_accidental_hits:

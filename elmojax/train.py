@@ -32,7 +32,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from elmojax import checkpoint, config as config_lib, data, files, hdf5, numerics, softmax
-from elmojax.dropout import dropout
 from elmojax.embed import distinct_tokens, trim_char_ids
 from elmojax.model import BiLM, lookup_tokens, zero_state
 from elmojax.options import N_CHARACTERS_PREDICT, BiLMOptions
@@ -63,6 +62,8 @@ class LossSettings:
     unroll_steps: int
     n_negative_samples_batch: int
     n_vocab: int
+    sample_softmax: bool = True  # False: train with the full softmax (bilm-tf's sample_softmax option)
+    state_reset_probability: float = 0.0  # each batch row's LSTM carry is zeroed with this probability
     precision: Any = None
     compute_dtype: Any = None  # see elmojax.numerics
 
@@ -77,6 +78,8 @@ def _loss_settings(config: ml_collections.ConfigDict, n_vocab: int) -> LossSetti
         unroll_steps=int(config.train.unroll_steps),
         n_negative_samples_batch=int(config.train.n_negative_samples_batch),
         n_vocab=n_vocab,
+        sample_softmax=bool(config.train.get("sample_softmax", True)),
+        state_reset_probability=float(config.train.get("state_reset_probability", 0.0)),
         precision=None if precision == "default" else precision,
         compute_dtype=numerics.compute_dtype(config.train.get("compute_dtype", "float32")),
     )
@@ -87,16 +90,17 @@ def _directions(settings: LossSettings):
 
 
 def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, model: BiLM,
-                     settings: LossSettings, samples: Optional[dict] = None, rows: Optional[tuple] = None):
+                     settings: LossSettings, training: bool, samples: Optional[dict] = None,
+                     rows: Optional[tuple] = None):
     """Per direction (sum of token losses, number of tokens), and the new LSTM carry.
 
-    Training passes `samples` (see draw_samples) and scores with the sampled softmax; without
-    them this is evaluation: the full softmax, no dropout. `rows` (from softmax.touched_rows),
-    when given, says that the vocabulary tables (softmax, word embedding) hold only those rows,
-    and where the step's ids are among them.
+    Training applies dropout and scores with the sampled softmax on `samples` (see
+    draw_samples), or with the full softmax where settings.sample_softmax is False; evaluation
+    (training False) scores with the full softmax, without dropout. `rows` (from
+    softmax.touched_rows), when given, says that the vocabulary tables (softmax, word
+    embedding) hold only those rows, and where the step's ids are among them.
     """
     row_ids, positions = rows if rows is not None else (None, None)
-    training = samples is not None
     bilm_params = params["bilm"]
     if settings.share_embedding_softmax:
         softmax_w = bilm_params["embedder"]["embedding"]
@@ -109,7 +113,7 @@ def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, m
                                   batch.get("distinct_tail_ids"), method=BiLM.embed)
     sums, new_state = {}, {}
     for direction, suffix in _directions(settings):
-        rng, dropout_key, output_key = jax.random.split(rng, 3)
+        rng, dropout_key = jax.random.split(rng)
         weights = batch["weights" + suffix]
         if settings.use_character_inputs:
             embedding = jnp.take(token_table, batch["token_index" + suffix], axis=0)
@@ -120,13 +124,10 @@ def direction_losses(params, batch: dict, lstm_state: dict, rng: jax.Array, *, m
             embedding = lookup_tokens(bilm_params["embedder"]["embedding"], token_ids)
         outputs, new_state[direction] = model.apply(
             {"params": bilm_params}, direction, embedding, weights > 0, lstm_state[direction],
-            not training, rngs={"dropout": dropout_key}, method=BiLM.run_lstm)
+            not training, training, rngs={"dropout": dropout_key}, method=BiLM.run_lstm)
         top = outputs[-1].reshape(-1, outputs[-1].shape[-1])
-        if training and settings.dropout > 0:
-            # bilm-tf also drops the top LSTM output before the softmax
-            top = dropout(top, settings.dropout, output_key)
         targets = batch["next_token_id" + suffix].reshape(-1)
-        if training:
+        if training and settings.sample_softmax:
             sampled, num_tries = samples[direction]
             if positions is not None:  # ids -> their rows' positions
                 targets, sampled = positions["next_token_id" + suffix].reshape(-1), positions["sampled" + suffix]
@@ -167,40 +168,52 @@ def _put_rows(tree, part, rows: jax.Array):
         lambda path, x, y: x.at[rows].set(y, mode="drop") if _is_vocab_table(path) else y, tree, part)
 
 
+def training_loss(params, batch: dict, lstm_state: dict, rng: jax.Array, samples: Optional[dict], *,
+                  model: BiLM, settings: LossSettings, rows: Optional[tuple] = None):
+    """What a train step differentiates: bilm-tf's loss (the mean of the directions' mean token
+    losses) times unroll_steps, as bilm-tf scales it before its gradients (a per-window sum, in
+    effect); with the loss itself and the new LSTM carry as aux."""
+    sums, new_lstm_state = direction_losses(params, batch, lstm_state, rng, model=model, settings=settings,
+                                            training=True, samples=samples, rows=rows)
+    loss = sum(total / count for total, count in sums.values()) / len(sums)
+    return loss * settings.unroll_steps, (loss, new_lstm_state)
+
+
 def train_step(state: TrainState, batch: dict, *, model: BiLM, tx: optax.GradientTransformation,
-               settings: LossSettings) -> tuple[TrainState, dict]:
-    """One Adagrad step on the mean of the directions' mean sampled-softmax losses.
+               settings: LossSettings, samples: Optional[dict] = None) -> tuple[TrainState, dict]:
+    """One Adagrad step on `training_loss`. `samples` stands for the step's own draw of the
+    sampled softmax's negatives (draw_samples), e.g. to replay another run's.
 
     The sampled softmax reads a few thousand rows of a vocabulary-sized table (793k rows for
     the 1B Word Benchmark), and its gradient is zero elsewhere, where Adagrad changes nothing;
     so does a word-input embedding. So the step takes the rows it reads (sampled, target and
     input ids) out of these tables and Adagrad's accumulators, differentiates and updates
     those, and writes them back: the same numbers as a dense update (zero rows add nothing to
-    the global norm either), without passes over the tables.
+    the global norm either), without passes over the tables. (The full softmax reads them all.)
     """
     rng, loss_rng, sample_rng = jax.random.split(state.rng, 3)
-    samples = draw_samples(sample_rng, settings)
-    ids = {}
-    for direction, suffix in _directions(settings):
-        ids["sampled" + suffix] = samples[direction][0]
-        ids["next_token_id" + suffix] = batch["next_token_id" + suffix]
-        if not settings.use_character_inputs:  # input ids are ids + 1, with 0 (padding) for none: n_vocab
-            token_ids = batch["token_ids" + suffix]
-            ids["token_ids" + suffix] = jnp.where(token_ids > 0, token_ids - 1, settings.n_vocab)
-    rows = softmax.touched_rows(ids, settings.n_vocab)  # (row ids, each id's position), or None: all rows
+    rows = None  # (row ids, each id's position), or None: all rows
+    if settings.sample_softmax:
+        if samples is None:
+            samples = draw_samples(sample_rng, settings)
+        ids = {}
+        for direction, suffix in _directions(settings):
+            ids["sampled" + suffix] = samples[direction][0]
+            ids["next_token_id" + suffix] = batch["next_token_id" + suffix]
+            if not settings.use_character_inputs:  # input ids are ids + 1, with 0 (padding) for none: n_vocab
+                token_ids = batch["token_ids" + suffix]
+                ids["token_ids" + suffix] = jnp.where(token_ids > 0, token_ids - 1, settings.n_vocab)
+        rows = softmax.touched_rows(ids, settings.n_vocab)
     params, opt_state = state.params, state.opt_state
     if rows is not None:
         row_ids = rows[0]
         params, opt_state = _take_rows(params, row_ids), _take_rows(opt_state, row_ids)
 
-    def loss_fn(params):
-        sums, new_lstm_state = direction_losses(params, batch, state.lstm_state, loss_rng, model=model,
-                                                settings=settings, samples=samples, rows=rows)
-        loss = sum(total / count for total, count in sums.values()) / len(sums)
-        # bilm-tf differentiates the loss times unroll_steps (a per-window sum, in effect).
-        return loss * settings.unroll_steps, (loss, new_lstm_state)
-
-    grads, (loss, new_lstm_state) = jax.grad(loss_fn, has_aux=True)(params)
+    lstm_state = state.lstm_state
+    if settings.state_reset_probability > 0:
+        lstm_state = reset_rows(lstm_state, jax.random.fold_in(sample_rng, 1), settings.state_reset_probability)
+    grads, (loss, new_lstm_state) = jax.grad(training_loss, has_aux=True)(
+        params, batch, lstm_state, loss_rng, samples, model=model, settings=settings, rows=rows)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     if rows is not None:
@@ -210,9 +223,16 @@ def train_step(state: TrainState, batch: dict, *, model: BiLM, tx: optax.Gradien
     return new_state, {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
 
 
+def reset_rows(lstm_state: dict, rng: jax.Array, probability: float) -> dict:
+    """The carry with each batch row's state (every direction and layer) zeroed with `probability`."""
+    batch = jax.tree.leaves(lstm_state)[0].shape[0]
+    keep = jax.random.uniform(rng, (batch, 1)) >= probability
+    return jax.tree.map(lambda x: jnp.where(keep, x, 0.0), lstm_state)
+
+
 def eval_step(params, lstm_state: dict, batch: dict, *, model: BiLM, settings: LossSettings):
     sums, new_lstm_state = direction_losses(params, batch, lstm_state, jax.random.PRNGKey(0), model=model,
-                                            settings=settings)
+                                            settings=settings, training=False)
     return new_lstm_state, sums
 
 
@@ -610,7 +630,40 @@ def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[tup
         result[f"{direction}_perplexity"] = float(np.exp(loss))
     if "backward_perplexity" not in result:
         result["backward_perplexity"] = None
+    result["blown_up"] = blown_up(result)
     return result
+
+
+# A direction whose heldout perplexity is this many times the other's has gone wrong: healthy
+# forward and backward LMs score within a few percent of each other.
+DIRECTION_RATIO_LIMIT = 1.5
+
+
+def blown_up(result: dict) -> bool:
+    """Whether an evaluation's result shows a broken model: a direction's heldout perplexity
+    above the unigram baseline (what a model of word frequencies alone would score), or
+    DIRECTION_RATIO_LIMIT times the other direction's."""
+    scores = [result[f"{d}_perplexity"] for d in ("forward", "backward") if result.get(f"{d}_perplexity") is not None]
+    return max(scores) > result["unigram_perplexity"] or max(scores) > DIRECTION_RATIO_LIMIT * min(scores)
+
+
+def health_warning(result: dict) -> Optional[str]:
+    """For an evaluation that shows a broken model (blown_up), one line that says so, with the
+    perplexities, and what to do; None otherwise."""
+    if not blown_up(result):
+        return None
+    scores = {d: result[f"{d}_perplexity"] for d in ("forward", "backward") if result.get(f"{d}_perplexity") is not None}
+    worst = max(scores, key=scores.get)
+    figures = ", ".join(f"{d} {p:.6g}" for d, p in scores.items())
+    return (f"warning: the {worst} LM is broken: heldout perplexity {scores[worst]:.6g} ({figures}; unigram baseline "
+            f"{result['unigram_perplexity']:.6g}), though its sampled-softmax training perplexity looked normal. From the "
+            f"zero LSTM state that evaluation and embeddings start from, it falls into a state training never visits. "
+            f"Do not use it: {REMEDY}")
+
+
+# What health_warning advises (see README, "When a model blows up").
+REMEDY = ("train again with --config.train.state_reset_probability=0.05 (the carried LSTM state is zeroed now and "
+          "then, so the model learns to start from it), or with another seed.")
 
 
 def _unigram_perplexity(counts: np.ndarray) -> float:
@@ -655,6 +708,8 @@ def after_training(config: ml_collections.ConfigDict, workdir: str, state: Train
         lines.append(f"heldout perplexity {result['perplexity']:.2f} (forward {result['forward_perplexity']:.2f}, "
                      f"backward {result['backward_perplexity'] or float('nan'):.2f}) over {result['tokens']} tokens; "
                      f"unigram baseline {result['unigram_perplexity']:.2f}")
+        if health_warning(result):
+            lines.append(health_warning(result))
     if config.export_after_training:
         output = os.path.join(workdir, config.export_after_training)
         exported = export(workdir, output, trained)

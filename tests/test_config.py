@@ -38,13 +38,14 @@ def test_billion_word_is_the_reference_recipe():
                                "proj_clip": 3.0, "use_skip_connections": True}
     assert {k: options[k] for k in config_lib.TRAIN_FIELDS} == {
         "n_epochs": 10, "n_train_tokens": 768648884, "batch_size": 128, "unroll_steps": 20,
-        "n_negative_samples_batch": 8192, "dropout": 0.1, "all_clip_norm_val": 10.0, "learning_rate": 0.2}
+        "n_negative_samples_batch": 8192, "sample_softmax": True, "dropout": 0.1, "all_clip_norm_val": 10.0,
+        "learning_rate": 0.2}
     assert options["bidirectional"] is True
 
 
 def test_bilm_options_file_is_honoured(tmp_path):
     d = {"bidirectional": True, "share_embedding_softmax": True, "n_epochs": 3, "n_train_tokens": 12345,
-         "batch_size": 7, "unroll_steps": 9, "n_negative_samples_batch": 11, "dropout": 0.25,
+         "batch_size": 7, "unroll_steps": 9, "n_negative_samples_batch": 11, "sample_softmax": False, "dropout": 0.25,
          "all_clip_norm_val": 2.5, "learning_rate": 0.05, "n_tokens_vocab": 100,
          "lstm": {"dim": 24, "projection_dim": 12, "n_layers": 3, "cell_clip": 2.0, "proj_clip": 1.5,
                   "use_skip_connections": True}}
@@ -54,9 +55,28 @@ def test_bilm_options_file_is_honoured(tmp_path):
     assert config.model.char_cnn is None and config.model.share_embedding_softmax
     got = config_lib.options_json(config, 100)
     assert got == d
-    d["unknown_field"] = 1
+    assert _load("bilm_options", str(path)).train.sample_softmax is False  # bilm-tf's full-softmax training
+
+
+@pytest.mark.parametrize("change,error", [
+    ({"unknown_field": 1}, "unknown options field 'unknown_field'"),
+    ({"lstm": {"dim": 24, "projection_dim": 12, "use_skip_connection": True}},
+     "unknown field 'lstm.use_skip_connection'"),
+    ({"char_cnn": {"filters": [[1, 4]], "embedding": {"dim": 4, "size": 3}, "max_characters_per_token": 5,
+                   "n_characters": 261}}, "unknown field 'char_cnn.embedding.size'"),
+    ({"char_cnn": {"filters": [[1, 4]], "embedding": {"dim": 4}, "max_characters_per_token": 5,
+                   "n_characters": 261, "highway": 1}}, "unknown field 'char_cnn.highway'"),
+    ({"lstm": {"dim": 24, "projection_dim": 12, "use_skip_connections": "false"}},
+     "field 'lstm.use_skip_connections' must be true or false, got 'false'"),
+    ({"sample_softmax": "false"}, "field 'sample_softmax' must be true or false"),
+    ({"bidirectional": 1}, "field 'bidirectional' must be true or false"),
+])
+def test_bilm_options_file_fields_are_checked(tmp_path, change, error):
+    """No field of a bilm-tf options.json is silently dropped or misread."""
+    d = {"lstm": {"dim": 24, "projection_dim": 12}, "n_tokens_vocab": 100, **change}
+    path = tmp_path / "options.json"
     path.write_text(json.dumps(d), encoding="utf-8")
-    with pytest.raises(ValueError, match="options.json: unknown options field 'unknown_field'"):
+    with pytest.raises(ValueError, match=f"options.json: {error}"):
         _load("bilm_options", str(path))
 
 

@@ -240,7 +240,7 @@ def test_vocabulary_row_update_equals_the_dense_update(inputs, shared, tmp_path)
 
     def loss_fn(params):
         sums, _ = train.direction_losses(params, batch, before.lstm_state, loss_rng, model=trainer.model,
-                                         settings=settings, samples=samples)
+                                         settings=settings, training=True, samples=samples)
         return sum(total / count for total, count in sums.values()) / len(sums) * settings.unroll_steps
 
     grads = jax.grad(loss_fn)(before.params)

@@ -1,0 +1,347 @@
+"""elmojax's training step against bilm-tf's, replaying a run bilm_tf_training.py recorded.
+
+  python benchmarks/training_parity.py RECORD.npz [--steps N] [--perturbation 1e-7] [--corpus DIR]
+
+The record holds bilm-tf's initial variables (its model's and Adagrad's), the batches it was fed
+and what it computed. elmojax starts from the same variables (elmojax.tf_variables), trains on
+the same batches from the same zero state with its own jitted train step, given the negatives
+bilm-tf's sampler drew and the dropout masks bilm-tf applied (when the record has them), and
+is compared with bilm-tf at every step (loss, gradient norm), on the first step's gradients,
+variable by variable, and on every variable at each recorded snapshot. Prints a table on stderr
+and one JSON object on stdout: for each quantity the largest relative difference,
+|elmojax - bilm-tf| / max(|bilm-tf|), taken per variable (so that a tiny entry's rounding does
+not read as a large error).
+
+Over hundreds of steps two float32 runs of the same training drift apart, however exact each
+step: --perturbation replays a second time from initial weights changed by that relative amount
+and compares it with elmojax's own replay, to show how far rounding alone takes a trajectory.
+--corpus DIR (a python -m elmojax.prepare directory) scores both final models on its heldout
+text with elmojax's evaluator.
+
+The test suite replays small records of this kind (tests/fixtures/bilm_tf_training/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from typing import Optional
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # noqa: E402  (run from a checkout without installing)
+
+
+class Record:
+    """A bilm-tf run recorded by bilm_tf_training.py record (an npz of plain arrays)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with np.load(path, allow_pickle=False) as f:
+            self.arrays = {k: f[k] for k in f.files}
+        self.options = json.loads(str(self.arrays["options"]))
+        self.steps = len(self.arrays["loss"])
+        self.char_inputs = "char_cnn" in self.options
+        self.bidirectional = bool(self.options.get("bidirectional", False))
+        self.sampled = "sampled/ids/0" in self.arrays
+        self.dropout = any(k.startswith("mask/") for k in self.arrays)
+
+    def variables(self, prefix: str) -> dict:
+        """The TensorFlow variables (and slots) under `prefix` ('init', 'grad', 'after_20')."""
+        cut = len(prefix) + 1
+        return {k[cut:]: v for k, v in self.arrays.items() if k.startswith(prefix + "/")}
+
+    def snapshots(self) -> list[int]:
+        return sorted({int(k.split("/")[0][len("after_"):]) for k in self.arrays if k.startswith("after_")})
+
+    def suffixes(self) -> tuple[str, ...]:
+        return ("", "_reverse") if self.bidirectional else ("",)
+
+    def batch(self, step: int) -> dict:
+        """Step `step`'s (1-based) batch in elmojax's layout: ids + 1 (0 would be padding), and
+        weights 1 (bilm-tf's training windows are always full)."""
+        out = {}
+        for suffix in self.suffixes():
+            if self.char_inputs:
+                out["char_ids" + suffix] = self.arrays["batch/tokens_characters" + suffix][step - 1].astype(np.int32) + 1
+            else:
+                out["token_ids" + suffix] = self.arrays["batch/token_ids" + suffix][step - 1].astype(np.int32) + 1
+            targets = self.arrays["batch/next_token_id" + suffix][step - 1].astype(np.int32)
+            out["next_token_id" + suffix] = targets
+            out["weights" + suffix] = np.ones(targets.shape, np.float32)
+        return out
+
+    def samples(self, step: int) -> Optional[dict]:
+        """bilm-tf's negatives at a step, as train_step takes them: per direction (ids, number of
+        draws). TensorFlow reports expected counts, not its number of draws: that is recovered
+        from them (and the expected counts elmojax computes from it are checked by `compare`)."""
+        if not self.sampled:
+            return None
+        n_vocab = self.options["n_tokens_vocab"]
+        out = {}
+        for d, direction in enumerate(("forward", "backward")[:len(self.suffixes())]):
+            ids = self.arrays[f"sampled/ids/{d}"][step - 1].astype(np.int64)
+            counts = self.arrays[f"sampled/sampled_expected_count/{d}"][step - 1].astype(np.float64)
+            out[direction] = (ids.astype(np.int32), np.float32(num_tries(ids, counts, n_vocab)))
+        return out
+
+    def masks(self, step: int) -> dict:
+        """Dropout keep masks at a step by the path of elmojax's Dropout module they stand for."""
+        out = {}
+        for key, value in self.arrays.items():
+            if key.startswith("mask/input_"):
+                d, layer = key[len("mask/input_"):].split("_")
+                out[(("forward_lstm", "backward_lstm")[int(d)], f"layer_{layer}", "Dropout_0")] = value[step - 1]
+            elif key.startswith("mask/output_"):
+                d = int(key[len("mask/output_"):])
+                out[(("forward_lstm", "backward_lstm")[d], "output_dropout")] = value[step - 1]
+        return out
+
+
+def num_tries(ids: np.ndarray, expected_counts: np.ndarray, n_vocab: int) -> int:
+    """The number of draws behind TensorFlow's expected counts for a unique log-uniform sample:
+    count = 1 - (1 - p) ** tries (or p * tries when no draw was repeated), so tries =
+    log1p(-count) / log1p(-p), read off the ids whose counts are small (accurately stored)."""
+    p = np.log1p(1.0 / (ids + 1.0)) / np.log(n_vocab + 1.0)
+    if np.allclose(expected_counts, p * len(ids), rtol=1e-5):
+        return len(ids)
+    small = expected_counts < 0.5
+    return int(np.round(np.median(np.log1p(-expected_counts[small]) / np.log1p(-p[small]))))
+
+
+def trainer_for(record: Record):
+    import jax
+    from jax.sharding import Mesh
+
+    from elmojax import config as config_lib
+    from elmojax.train import Trainer
+
+    config = config_lib.config_from_options_json(record.options, source=record.path)
+    return Trainer(config, record.options["n_tokens_vocab"], Mesh(np.array(jax.devices()[:1]), ("data",)))
+
+
+def initial_state(trainer, record: Record, prefix: str = "init"):
+    """A TrainState holding bilm-tf's variables and Adagrad accumulators under `prefix`."""
+    import jax
+
+    from elmojax import tf_variables
+
+    variables = record.variables(prefix)
+    share = bool(record.options.get("share_embedding_softmax", False))
+    params = tf_variables.params_from_tf(variables, trainer.options, share, source=record.path)
+    accumulators = tf_variables.params_from_tf(variables, trainer.options, share, slot=tf_variables.ADAGRAD_SLOT,
+                                               source=record.path)
+    state = trainer.create_state(jax.random.PRNGKey(0), params)
+    clip_state, (rss_state, *rest) = state.opt_state
+    opt_state = (clip_state, (rss_state._replace(sum_of_squares=jax.device_put(accumulators, trainer.replicated)),
+                              *rest))
+    return state.replace(opt_state=opt_state)
+
+
+@contextlib.contextmanager
+def given_dropout_masks(masks: dict):
+    """Inside, elmojax's Dropout modules apply the given keep masks (by module path) as bilm-tf
+    does, x * (1 / keep_prob) * mask, instead of drawing their own."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from elmojax.dropout import Dropout
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if not isinstance(module, Dropout) or context.method_name != "__call__" or module.path not in masks:
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        keep_prob = 1.0 - module.rate
+        return x * (1.0 / keep_prob) * jnp.reshape(masks[module.path], x.shape).astype(x.dtype)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def replay_step_fn(trainer):
+    """train_step as a jitted function of (state, batch, negatives, dropout masks)."""
+    import jax
+
+    from elmojax.train import train_step
+
+    def step(state, batch, samples, masks):
+        with given_dropout_masks(masks):
+            return train_step(state, batch, model=trainer.model, tx=trainer.tx, settings=trainer.settings,
+                              samples=samples)
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def first_step_gradients(trainer, record: Record) -> dict:
+    """elmojax's gradients of the first step, as TensorFlow variables (dense)."""
+    import jax
+
+    from elmojax.train import training_loss
+
+    state = initial_state(trainer, record)
+    batch = trainer.put_batch(record.batch(1))
+    with given_dropout_masks(record.masks(1)):
+        grads, _ = jax.grad(training_loss, has_aux=True)(state.params, batch, state.lstm_state, state.rng,
+                                                         record.samples(1), model=trainer.model,
+                                                         settings=trainer.settings)
+    return as_tf_variables(jax.device_get(grads), trainer, record)
+
+
+def as_tf_variables(params: dict, trainer, record: Record, slot: str = "") -> dict:
+    """The trainer's params (or a tree shaped like them) as TensorFlow variables by name."""
+    from elmojax import tf_variables
+
+    share = bool(record.options.get("share_embedding_softmax", False))
+    out = {}
+    for name, path, _ in tf_variables.tf_layout(trainer.options, share):
+        node = params
+        for key in path[:-1]:
+            node = node[key]
+        if path[-1] == "W_0":
+            value = np.concatenate([node["W_x"], node["W_h"]])
+        else:
+            value = node[path[-1]]
+        out[f"{name}/{slot}" if slot else name] = np.asarray(value)
+    return out
+
+
+def replay(record: Record, steps: Optional[int] = None, trainer=None, perturbation: float = 0.0):
+    """elmojax on the record's batches from bilm-tf's initial variables: per step (loss, grad
+    norm), and at each snapshot step the variables (and Adagrad slots) by TensorFlow name.
+    `perturbation` multiplies each initial weight by 1 + perturbation * N(0, 1)
+    (a fixed draw): a run as far from elmojax's own as rounding would put it, a yardstick for
+    how much a trajectory amplifies float32 differences."""
+    import jax
+
+    from elmojax import tf_variables
+
+    trainer = trainer or trainer_for(record)
+    steps = min(steps or record.steps, record.steps)
+    step_fn = replay_step_fn(trainer)
+    state = initial_state(trainer, record)
+    if perturbation:
+        noise = np.random.default_rng(0)
+        state = state.replace(params=jax.tree.map(
+            lambda x: x * (1 + perturbation * noise.standard_normal(x.shape)).astype(np.float32), state.params))
+    losses, norms, snapshots = [], [], {}
+    for k in range(1, steps + 1):
+        state, metrics = step_fn(state, trainer.put_batch(record.batch(k)), record.samples(k), record.masks(k))
+        losses.append(float(metrics["loss"]))
+        norms.append(float(metrics["grad_norm"]))
+        if k in record.snapshots():
+            params = jax.device_get(state.params)
+            accumulators = jax.device_get(state.opt_state[1][0].sum_of_squares)
+            snapshots[k] = {**as_tf_variables(params, trainer, record),
+                            **as_tf_variables(accumulators, trainer, record, slot=tf_variables.ADAGRAD_SLOT)}
+    return np.array(losses), np.array(norms), snapshots
+
+
+def relative_difference(got, want) -> float:
+    """|got - want| / max|want| over one array (0 for two zero arrays)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = np.max(np.abs(want))
+    diff = np.max(np.abs(got - want)) if got.size else 0.0
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def compare(record: Record, steps: Optional[int] = None, perturbation: float = 0.0, corpus: str = "") -> dict:
+    """elmojax's replay against the record (and, with `perturbation`, a perturbed replay against
+    elmojax's own, the yardstick); with `corpus` (its heldout/ and vocab.txt), the heldout
+    perplexity of bilm-tf's and elmojax's final weights by elmojax's evaluator."""
+    trainer = trainer_for(record)
+    runs = {"elmojax": replay(record, steps, trainer)}
+    if perturbation:
+        runs["perturbed"] = replay(record, steps, trainer, perturbation)
+    n = len(runs["elmojax"][0])
+    result = {"record": os.path.basename(record.path), "steps": n, "char_inputs": record.char_inputs,
+              "sampled_softmax": record.sampled, "dropout": record.dropout}
+    want = {"loss": record.arrays["loss"][:n], "grad_norm": record.arrays["grad_norm"][:n],
+            **{k: record.variables(f"after_{k}") for k in record.snapshots() if k <= n}}
+    result["first_step_gradients"] = worst(first_step_gradients(trainer, record), record.variables("grad"))
+    if record.sampled:
+        result["expected_counts"] = expected_count_difference(record)
+    for name, (losses, norms, snapshots) in runs.items():
+        # the perturbed run is compared with elmojax's own, bilm-tf's with the record
+        base = want if name == "elmojax" else {"loss": runs["elmojax"][0], "grad_norm": runs["elmojax"][1],
+                                               **runs["elmojax"][2]}
+        against = "bilm-tf" if name == "elmojax" else "elmojax"
+        result[f"{name} vs {against}"] = {
+            "loss": per_step(losses, base["loss"]), "grad_norm": per_step(norms, base["grad_norm"]),
+            **{f"after_{k}": worst(snapshots[k], base[k]) for k in snapshots}}
+    if corpus:
+        result["heldout_perplexity"] = heldout_perplexities(record, trainer, runs, corpus)
+    return result
+
+
+def heldout_perplexities(record: Record, trainer, runs: dict, corpus: str) -> dict:
+    """Heldout perplexities (elmojax's evaluator) of bilm-tf's and each replay's variables at
+    the last snapshot both have."""
+    from elmojax import config as config_lib
+    from elmojax import tf_variables, train
+
+    config = config_lib.config_from_options_json(record.options, source=record.path)
+    config.data.update(heldout_prefix=os.path.join(corpus, "heldout", "*"), vocab_file=os.path.join(corpus, "vocab.txt"))
+    vocab = train.load_vocab(config)
+    tokens = [vocab.id_to_word(i) for i in range(vocab.size)]
+    options = config_lib.options_json(config, vocab.size)
+    step = max(runs["elmojax"][2])
+    variables = {"bilm-tf": record.variables(f"after_{step}"), **{name: run[2][step] for name, run in runs.items()}}
+    share = bool(record.options.get("share_embedding_softmax", False))
+    out = {"after_step": step}
+    for name, v in variables.items():
+        r = train.evaluate(config, corpus, (tf_variables.params_from_tf(v, trainer.options, share), options, tokens))
+        out[name] = {k: r[k] for k in ("perplexity", "forward_perplexity", "backward_perplexity")}
+    return out
+
+
+def per_step(got: np.ndarray, want: np.ndarray) -> dict:
+    rel = np.abs(got - want) / np.abs(want)
+    return {"max_relative": float(rel.max()), "at_step": int(rel.argmax()) + 1, "last_relative": float(rel[-1]),
+            "last": float(got[-1]), "reference_last": float(want[-1])}
+
+
+def worst(got: dict, want: dict) -> dict:
+    """The variable that differs most (relative_difference) between two sets of variables."""
+    differences = {k: relative_difference(got[k], want[k]) for k in want}
+    name = max(differences, key=differences.get)
+    return {"max_relative": differences[name], "variable": name, "variables": len(differences)}
+
+
+def expected_count_difference(record: Record) -> float:
+    """elmojax's expected counts (from the recovered number of draws) against TensorFlow's."""
+    from elmojax import softmax
+
+    worst_relative = 0.0
+    n_vocab = record.options["n_tokens_vocab"]
+    for k in range(1, record.steps + 1):
+        for d, (ids, tries) in enumerate(record.samples(k).values()):
+            got = np.asarray(softmax.sampler_expected_counts(ids, tries, n_vocab, len(ids)))
+            want = record.arrays[f"sampled/sampled_expected_count/{d}"][k - 1]
+            worst_relative = max(worst_relative, float(np.max(np.abs(got - want) / want)))
+    return worst_relative
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("record", help="an npz written by bilm_tf_training.py record")
+    parser.add_argument("--steps", type=int, default=0, help="replay only the first N steps")
+    parser.add_argument("--perturbation", type=float, default=0.0,
+                        help="also replay from initial weights perturbed by this relative amount (e.g. 1e-7), "
+                             "against elmojax's own replay: what rounding alone does to the trajectory")
+    parser.add_argument("--corpus", default="", help="a python -m elmojax.prepare directory: heldout perplexity "
+                                                    "of the final weights")
+    args = parser.parse_args(argv)
+    result = compare(Record(args.record), args.steps or None, args.perturbation, args.corpus)
+    for key, value in result.items():
+        print(f"{key:24s} {value}", file=sys.stderr)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Training steps pinned to bilm-tf's own: replays of runs bilm-tf recorded (tests/fixtures/
+bilm_tf_training/, made by its make_fixtures.sh with benchmarks/bilm_tf_training.py).
+
+Each record holds bilm-tf's initial variables, 20 batches of the bundled KJV sample and what its
+training graph computed: the loss and global gradient norm at every step, the first step's
+gradients and every variable (with Adagrad's accumulators) after steps 1 and 20. elmojax starts
+from the same variables and trains on the same batches with its own jitted train step, fed the
+negatives bilm-tf's sampler drew and the dropout masks bilm-tf applied where the record has
+them. Four records: character inputs with skip connections and word inputs, each with the full
+softmax and no dropout (bilm-tf's `sample_softmax: false`) and with the sampled softmax and
+dropout (tanh CNN; word inputs sharing the softmax with the embedding).
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import training_parity  # noqa: E402
+
+RECORDS = os.path.join(ROOT, "tests", "fixtures", "bilm_tf_training")
+NAMES = ["chars", "words", "chars_sampled", "words_sampled"]
+ONE_STEP = 1e-5     # float32 agreement, relative to each variable's largest entry
+TWENTY_STEPS = 5e-5
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def replayed(request):
+    record = training_parity.Record(os.path.join(RECORDS, request.param + ".npz"))
+    trainer = training_parity.trainer_for(record)
+    losses, norms, snapshots = training_parity.replay(record, trainer=trainer)
+    grads = training_parity.first_step_gradients(trainer, record)
+    return record, losses, norms, snapshots, grads
+
+
+def _assert_variables_close(got: dict, want: dict, tolerance: float, what: str):
+    assert set(got) == set(want), what
+    for name in sorted(want):
+        difference = training_parity.relative_difference(got[name], want[name])
+        assert difference < tolerance, f"{what}: {name} differs by {difference:.2e} (relative)"
+
+
+def test_record_is_what_it_says(replayed):
+    record = replayed[0]
+    assert record.steps == 20 and record.snapshots() == [1, 20]
+    assert record.sampled == record.dropout == record.path.endswith("_sampled.npz")
+    assert record.char_inputs == os.path.basename(record.path).startswith("chars")
+    clip = record.options["all_clip_norm_val"]  # the global-norm clip is in play on some steps, not all
+    assert (record.arrays["grad_norm"] > clip).any() and (record.arrays["grad_norm"] < clip).any()
+
+
+def test_first_step_loss_gradients_and_update(replayed):
+    record, losses, norms, snapshots, grads = replayed
+    np.testing.assert_allclose(losses[0], record.arrays["loss"][0], rtol=ONE_STEP)
+    np.testing.assert_allclose(norms[0], record.arrays["grad_norm"][0], rtol=ONE_STEP)
+    _assert_variables_close(grads, record.variables("grad"), ONE_STEP, "first step's gradients")
+    _assert_variables_close(snapshots[1], record.variables("after_1"), ONE_STEP, "variables after step 1")
+
+
+def test_twenty_steps(replayed):
+    record, losses, norms, snapshots, _ = replayed
+    np.testing.assert_allclose(losses, record.arrays["loss"], rtol=TWENTY_STEPS)
+    np.testing.assert_allclose(norms, record.arrays["grad_norm"], rtol=TWENTY_STEPS)
+    _assert_variables_close(snapshots[20], record.variables("after_20"), TWENTY_STEPS, "variables after step 20")
+
+
+@pytest.mark.parametrize("name,change", [("chars", "cell_clip"), ("chars", "proj_clip"), ("chars", "forget_bias"),
+                                         ("chars_sampled", "all_clip_norm_val")])
+def test_the_records_tell_a_changed_recipe_apart(name, change, monkeypatch):
+    """The comparison has teeth: with one detail of the recipe left out, the first step's update
+    no longer matches (so the records have the clips in play, and so on)."""
+    from elmojax import model
+
+    record = training_parity.Record(os.path.join(RECORDS, name + ".npz"))
+    if change in ("cell_clip", "proj_clip"):
+        record.options = {**record.options, "lstm": {**record.options["lstm"], change: None}}
+    elif change == "all_clip_norm_val":
+        record.options = {**record.options, change: 1e9}
+    else:
+        monkeypatch.setattr(model, "FORGET_BIAS", 0.0)
+    _, _, snapshots = training_parity.replay(record, steps=1)
+    want = record.variables("after_1")
+    worst = max(training_parity.relative_difference(snapshots[1][k], want[k]) for k in want)
+    assert worst > 100 * ONE_STEP, worst
+
+
+def test_sampler_expected_counts_are_tensorflows():
+    """The negatives' expected counts elmojax computes from the number of draws it recovers
+    equal those TensorFlow's sampler reported."""
+    record = training_parity.Record(os.path.join(RECORDS, "chars_sampled.npz"))
+    assert training_parity.expected_count_difference(record) < 1e-5

@@ -92,3 +92,23 @@ def test_sampler_expected_counts_are_tensorflows():
     equal those TensorFlow's sampler reported."""
     record = training_parity.Record(os.path.join(RECORDS, "chars_sampled.npz"))
     assert training_parity.expected_count_difference(record) < 1e-5
+
+
+def test_tf_variable_names_and_errors():
+    from elmojax import tf_variables
+    from elmojax.options import BiLMOptions
+
+    record = training_parity.Record(os.path.join(RECORDS, "chars.npz"))
+    trainer = training_parity.trainer_for(record)
+    variables = record.variables("init")
+    names = {name for name, _, _ in tf_variables.tf_layout(trainer.options)}
+    assert names == {k for k in variables if not k.endswith("/Adagrad")}  # every variable bilm-tf made
+    del variables["lm/CNN/W_cnn_1"]
+    with pytest.raises(ValueError, match=r"^run: no variable 'lm/CNN/W_cnn_1' \(expected shape \(1, 2, 4, 8\)"):
+        tf_variables.params_from_tf(variables, trainer.options, source="run")
+    variables["lm/CNN/W_cnn_1"] = np.zeros((1, 3, 4, 8))
+    with pytest.raises(ValueError, match=r"variable 'lm/CNN/W_cnn_1' has shape \(1, 3, 4, 8\)"):
+        tf_variables.params_from_tf(variables, trainer.options)
+    one_layer = BiLMOptions.from_dict({"lstm": {"dim": 8, "projection_dim": 4}, "n_tokens_vocab": 10})
+    assert [n for n, _, _ in tf_variables.tf_layout(one_layer)][:3] == [  # no MultiRNNCell for one layer
+        "lm/embedding", "lm/RNN_0/rnn/lstm_cell/kernel", "lm/RNN_0/rnn/lstm_cell/bias"]

@@ -157,13 +157,25 @@ def test_expected_counts():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
 
 
+def test_sampler_expected_counts_when_no_draw_repeated():
+    """TensorFlow's range sampler reports p * num_sampled, not 1 - (1 - p) ** num_tries, when
+    its num_sampled draws came out distinct (num_tries == num_sampled)."""
+    ids = np.array([0, 5, 999])
+    p = np_log_uniform(1000)[ids]
+    got = np.asarray(softmax.sampler_expected_counts(jnp.asarray(ids), jnp.float32(3), 1000, 3))
+    np.testing.assert_allclose(got, 3 * p, rtol=1e-6)
+    got = np.asarray(softmax.sampler_expected_counts(jnp.asarray(ids), jnp.float32(4), 1000, 3))
+    np.testing.assert_allclose(got, 1.0 - (1.0 - p) ** 4, rtol=1e-6)
+
+
 # 4. the losses against NumPy float64
 
 
 def np_sampled_softmax_loss(W, b, x, y, sampled, num_tries, range_max, remove_hits=True):
     W, b, x = (np.asarray(a, np.float64) for a in (W, b, x))
     p = np_log_uniform(range_max)
-    log_q = np.log(1.0 - (1.0 - p) ** num_tries)
+    # TensorFlow's expected counts: p * num_sampled when no draw repeated
+    log_q = np.log(p * len(sampled) if num_tries == len(sampled) else 1.0 - (1.0 - p) ** num_tries)
     true = np.einsum("nd,nd->n", x, W[y]) + b[y] - log_q[y]
     neg = x @ W[sampled].T + b[sampled] - log_q[sampled]
     if remove_hits:
@@ -187,11 +199,11 @@ def test_sampled_softmax_loss_matches_numpy():
     y = np.array([0, 3, 17, 3, 29, 5], np.int32)
     sampled = np.array([3, 0, 8, 25, 11, 1, 14], np.int32)  # 3 and 0 are accidental hits
     num_tries = 11.0
-    for remove in [True, False]:
+    for remove, tries in [(True, num_tries), (False, num_tries), (True, float(len(sampled)))]:
         got = softmax.sampled_softmax_loss(jnp.asarray(W), jnp.asarray(b), jnp.asarray(x), jnp.asarray(y),
-                                           jnp.asarray(sampled), jnp.float32(num_tries), V,
+                                           jnp.asarray(sampled), jnp.float32(tries), V,
                                            remove_accidental_hits=remove, precision="highest")
-        want = np_sampled_softmax_loss(W, b, x, y, sampled, num_tries, V, remove_hits=remove)
+        want = np_sampled_softmax_loss(W, b, x, y, sampled, tries, V, remove_hits=remove)
         assert got.shape == (6,)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     # the removal matters for examples with a hit, and only for them

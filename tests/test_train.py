@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -279,3 +280,61 @@ def test_bfloat16_compute_trains_like_float32():
     for key in ("loss", "grad_norm"):
         exact, rounded = results["float32"][key], results["bfloat16"][key]
         assert exact != rounded and abs(rounded - exact) < 0.02 * abs(exact), (key, results)
+
+
+def test_blown_up_criteria():
+    healthy = {"forward_perplexity": 110.0, "backward_perplexity": 112.0, "unigram_perplexity": 250.0}
+    assert not train.blown_up(healthy) and train.health_warning(healthy) is None
+    assert not train.blown_up({**healthy, "backward_perplexity": None})  # a forward-only model
+    above_unigram = {**healthy, "forward_perplexity": 5e7}
+    one_side = {**healthy, "backward_perplexity": 1.6 * 110.0}  # below the baseline, far above the other
+    for result, worst in ((above_unigram, "forward"), (one_side, "backward")):
+        assert train.blown_up(result)
+        line = train.health_warning(result)
+        assert line.startswith(f"warning: the {worst} LM is broken: heldout perplexity ")
+        assert f"{result[worst + '_perplexity']:.6g}" in line and "state_reset_probability" in line
+
+
+def test_a_broken_model_is_reported_by_evaluate(tmp_path):
+    """--mode=evaluate on a model that puts its mass on one token prints a warning line with the
+    perplexity (stderr) and says so in its JSON."""
+    import h5py
+
+    train.train(_config(max_steps=5), str(tmp_path / "work"))
+    output = str(tmp_path / "export" / "elmo.hdf5")
+    exported = train.export(str(tmp_path / "work"), output)
+    with h5py.File(exported["softmax"], "r+") as f:
+        f["softmax/b"][5] = 60.0  # every position's mass on one token
+    command = [sys.executable, "-m", "elmojax.main", "--mode=evaluate", f"--model={output}",
+               "--config=configs/tiny.py"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["blown_up"] is True and metrics["perplexity"] > metrics["unigram_perplexity"]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"{max(metrics['forward_perplexity'], metrics['backward_perplexity']):.6g}" in warnings[0]
+
+
+def test_state_reset_zeroes_whole_rows():
+    state = {d: ((jnp.ones((2000, 4)), jnp.ones((2000, 2))), (jnp.ones((2000, 4)), jnp.ones((2000, 2))))
+             for d in ("forward", "backward")}
+    assert all(bool((x == 1).all()) for x in jax.tree.leaves(train.reset_rows(state, jax.random.PRNGKey(0), 0.0)))
+    reset = [np.asarray(x) for x in jax.tree.leaves(train.reset_rows(state, jax.random.PRNGKey(0), 0.3))]
+    zeroed = reset[0][:, 0] == 0
+    for x in reset:  # a row is zeroed in every direction and layer, or kept whole
+        np.testing.assert_array_equal(x, np.where(zeroed[:, None], 0.0, 1.0) * np.ones_like(x))
+    assert 0.25 < zeroed.mean() < 0.35
+
+
+def test_state_reset_probability_one_trains_from_the_zero_state():
+    config = _config()
+    dataset = train.make_dataset(config, train.load_vocab(config), config.data.train_prefix, 2, 10, test=False)
+    batch = next(dataset.iter_batches())
+    losses = []
+    for probability, carry in ((1.0, 0.5), (0.0, 0.0)):  # a carried state reset == no state at all
+        config.train.state_reset_probability = probability
+        trainer = train.Trainer(config, 32)
+        state = trainer.create_state(jax.random.PRNGKey(0))
+        state = state.replace(lstm_state=jax.tree.map(lambda x: x + carry, state.lstm_state))
+        losses.append(float(trainer.train_step(state, trainer.put_batch(batch))[1]["loss"]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

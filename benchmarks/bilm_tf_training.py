@@ -31,9 +31,11 @@ record: writes an npz (plain arrays, no pickles; names are TensorFlow's) with
                            replaced by x * (1 / keep_prob) * (uniform >= 1 - keep_prob), the same
                            distribution, at the same places of bilm-tf's graph.
 
-train: runs bilm-tf's recipe for n_epochs * int(n_train_tokens / (batch_size * unroll_steps))
-batches and writes the trained variables (TF names) and JSON facts to an npz; with --heldout it
-also runs bilm-tf's own test() (batch 256, unroll 1, as bin/run_test.py) and records its
+train: runs train()'s loop for n_epochs * int(n_train_tokens / (batch_size * unroll_steps))
+batches (train()'s own loop, but for its summaries and checkpoints, so that the final LSTM carry
+can be kept) and writes the trained variables (TF names, trained/<variable>), the carry
+(lstm_state/<d>/<l>/{c,h}) and JSON facts (result) to an npz; with --heldout it also runs
+bilm-tf's own test() (batch 256, unroll 1, as bin/run_test.py) on them and records its
 perplexity. Prints one JSON object on stdout.
 """
 
@@ -46,6 +48,7 @@ import random
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -161,53 +164,76 @@ def _initial_state(session, model, batch: dict, names: list[str]):
     return session.run(model.init_lstm_state, {getattr(model, n): batch[n] for n in names if "next" not in n})
 
 
-def record(args, tf, bilm) -> dict:
-    options = json.loads(open(args.options).read())
+def _steps(tf, bilm, args, options: dict, recorder: Optional[Recorder] = None):
+    """train()'s loop over bilm-tf's graph, seeded: yields (step, batch, fetched values, session,
+    variables) after each of the options' batches. The fetched values hold the loss, the
+    directions' losses, the global norm, the new LSTM carry (fed to the next step), what the
+    recorder records, and at step 1 the gradients before the update."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     tf.set_random_seed(args.seed)
-    recorder = Recorder(tf)
-    recorder.install()
+    if recorder is not None:
+        recorder.install()
     model, grads, norm, train_op, optimizer = training_graph(tf, options)
     variables = all_variables(tf, optimizer)
     names = input_names(model, options)
     vocab = bilm.training.load_vocab(args.vocab, options.get("char_cnn", {}).get("max_characters_per_token"))
     batches = bilm.data.BidirectionalLMDataset(args.train, vocab, test=False, shuffle_on_load=True).iter_batches(
         options["batch_size"], options["unroll_steps"])
-    snapshots = {int(s) for s in args.snapshots.split(",") if s}
-    losses = model.individual_losses
-    stochastic = recorder.fetches(options["lstm"].get("n_layers", 1))
-    out: dict = {"options": np.array(json.dumps(options))}
-    per_step: dict = {}
+    fetch = {"loss": model.total_loss, "losses": model.individual_losses, "grad_norm": norm,
+             "state": model.final_lstm_state, "train": train_op,
+             "stochastic": recorder.fetches(options["lstm"].get("n_layers", 1)) if recorder else {}}
+    first = {"grads": {v.op.name: tf.convert_to_tensor(g) for g, v in grads if g is not None}}
     with tf.Session() as session:
         session.run(tf.global_variables_initializer())
-        out.update({f"init/{k}": v for k, v in session.run(variables).items()})
+        yield 0, None, None, session, variables
         state = None
-        for step in range(1, args.steps + 1):
+        for step in range(1, n_batches(options, args.steps) + 1):
             batch = next(batches)
             state = _initial_state(session, model, batch, names) if state is None else state
-            fetch = {"loss": model.total_loss, "losses": losses, "grad_norm": norm, "state": model.final_lstm_state,
-                     "stochastic": stochastic}
-            if step == 1:  # the gradients, before the update changes the variables
-                fetch["grads"] = {v.op.name: tf.convert_to_tensor(g) for g, v in grads if g is not None}
-            values = session.run({**fetch, "train": train_op}, _feed(model, batch, names, model.init_lstm_state, state))
+            values = session.run({**fetch, **(first if step == 1 else {})},
+                                 _feed(model, batch, names, model.init_lstm_state, state))
             state = values["state"]
-            for name in names:
-                per_step.setdefault(f"batch/{name}", []).append(batch[name])
-            per_step.setdefault("loss", []).append(values["loss"])
-            for d, loss in enumerate(values["losses"]):
-                per_step.setdefault(("forward_loss", "backward_loss")[d], []).append(loss)
-            per_step.setdefault("grad_norm", []).append(values["grad_norm"])
-            for k, v in values["stochastic"].items():
-                per_step.setdefault(k, []).append(v)
-            if step == 1:
-                out.update({f"grad/{k}": v for k, v in values["grads"].items()})
-            if step in snapshots:
-                out.update({f"after_{step}/{k}": v for k, v in session.run(variables).items()})
-                for d, direction_state in enumerate(state):
-                    layers = direction_state if options["lstm"].get("n_layers", 1) > 1 else (direction_state,)
-                    for layer, (c, h) in enumerate(layers):
-                        out[f"lstm_state_after_{step}/{d}/{layer}/c"], out[f"lstm_state_after_{step}/{d}/{layer}/h"] = c, h
+            yield step, {name: batch[name] for name in names}, values, session, variables
+
+
+def n_batches(options: dict, steps: int = 0) -> int:
+    """`steps`, or train()'s number: n_epochs * int(n_train_tokens / (batch_size * unroll_steps))."""
+    return steps or options["n_epochs"] * int(options["n_train_tokens"] / (options["batch_size"] * options["unroll_steps"]))
+
+
+def _carry(state, options: dict, prefix: str) -> dict:
+    """The LSTM carry as arrays named prefix/<direction>/<layer>/{c,h}."""
+    out = {}
+    for d, direction_state in enumerate(state):
+        layers = direction_state if options["lstm"].get("n_layers", 1) > 1 else (direction_state,)
+        for layer, (c, h) in enumerate(layers):
+            out[f"{prefix}/{d}/{layer}/c"], out[f"{prefix}/{d}/{layer}/h"] = c, h
+    return out
+
+
+def record(args, tf, bilm) -> dict:
+    options = json.loads(open(args.options).read())
+    snapshots = {int(s) for s in args.snapshots.split(",") if s}
+    out: dict = {"options": np.array(json.dumps(options))}
+    per_step: dict = {}
+    for step, batch, values, session, variables in _steps(tf, bilm, args, options, Recorder(tf)):
+        if step == 0:
+            out.update({f"init/{k}": v for k, v in session.run(variables).items()})
+            continue
+        for name, value in batch.items():
+            per_step.setdefault(f"batch/{name}", []).append(value)
+        per_step.setdefault("loss", []).append(values["loss"])
+        for d, loss in enumerate(values["losses"]):
+            per_step.setdefault(("forward_loss", "backward_loss")[d], []).append(loss)
+        per_step.setdefault("grad_norm", []).append(values["grad_norm"])
+        for k, v in values["stochastic"].items():
+            per_step.setdefault(k, []).append(v)
+        if step == 1:
+            out.update({f"grad/{k}": v for k, v in values["grads"].items()})
+        if step in snapshots:
+            out.update({f"after_{step}/{k}": v for k, v in session.run(variables).items()})
+            out.update(_carry(values["state"], options, f"lstm_state_after_{step}"))
     for k, v in per_step.items():
         v = np.stack(v)
         if k.startswith("mask/"):
@@ -216,38 +242,34 @@ def record(args, tf, bilm) -> dict:
             v = v.astype(np.int16 if "characters" in k else np.int32)
         out[k] = v
     _save_npz(args.out, out)
-    return {"record": args.out, "steps": args.steps, "final_loss": float(out["loss"][-1]),
+    return {"record": args.out, "steps": len(out["loss"]), "final_loss": float(out["loss"][-1]),
             "sample_softmax": options.get("sample_softmax", True), "dropout": options["dropout"]}
 
 
 def train(args, tf, bilm) -> dict:
-    """bilm-tf's own train() for the options' number of batches, then (with --heldout) its test()."""
-    from bilm.training import load_options_latest_checkpoint
+    """train()'s loop to the end, its trained variables and final LSTM carry; with --heldout,
+    bilm-tf's test() on them."""
     from bilm.training import test as bilm_test
-    from bilm.training import train as bilm_train
 
     options = json.loads(open(args.options).read())
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    tf.set_random_seed(args.seed)
-    vocab = bilm.training.load_vocab(args.vocab, options.get("char_cnn", {}).get("max_characters_per_token"))
-    data = bilm.data.BidirectionalLMDataset(args.train, vocab, test=False, shuffle_on_load=True)
-    save_dir = tempfile.mkdtemp(prefix="bilm_tf_train_")
     start = time.perf_counter()
-    bilm_train(options, data, 1, save_dir, save_dir)
-    seconds = time.perf_counter() - start
-    options, checkpoint = load_options_latest_checkpoint(save_dir)
-    reader = tf.train.load_checkpoint(checkpoint)
-    trained = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-               if name.startswith("lm/")}
-    result = {"seed": args.seed, "train_seconds": seconds, "checkpoint": checkpoint}
+    for step, _, values, session, variables in _steps(tf, bilm, args, options):
+        if step == n_batches(options):
+            trained = session.run({k: v for k, v in variables.items() if not k.endswith("/Adagrad")})
+            carry = _carry(values["state"], options, "lstm_state")
+            checkpoint = tf.train.Saver().save(session, os.path.join(tempfile.mkdtemp(prefix="bilm_tf_"), "model.ckpt"))
+    result = {"seed": args.seed, "train_seconds": time.perf_counter() - start, "batches": n_batches(options),
+              "final_loss": float(values["loss"])}
     if args.heldout:
         tf.reset_default_graph()
         _end_test_streams(bilm)
+        vocab = bilm.training.load_vocab(args.vocab, options.get("char_cnn", {}).get("max_characters_per_token"))
         heldout = bilm.data.BidirectionalLMDataset(args.heldout, vocab, test=True, shuffle_on_load=False)
-        result["bilm_tf_test_perplexity"] = float(bilm_test(options, checkpoint, heldout, batch_size=256))
-    _save_npz(args.out, {**{f"trained/{k}": v for k, v in trained.items()}, "options": np.array(json.dumps(options)),
-                         "result": np.array(json.dumps(result))})
+        perplexity = float(bilm_test(options, checkpoint, heldout, batch_size=256))
+        # (NaN when the heldout text fills no whole batch of 256 rows: test() drops partial ones)
+        result["bilm_tf_test_perplexity"] = perplexity if np.isfinite(perplexity) else None
+    _save_npz(args.out, {**{f"trained/{k}": v for k, v in trained.items()}, **carry,
+                         "options": np.array(json.dumps(options)), "result": np.array(json.dumps(result))})
     return result
 
 
@@ -280,7 +302,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--train", required=True, help="glob of the training shards")
     parser.add_argument("--heldout", default="", help="train: glob of the heldout shards, for bilm-tf's test()")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20, help="record")
+    parser.add_argument("--steps", type=int, default=0, help="record: this many steps (default: the options')")
     parser.add_argument("--snapshots", default="1", help="record: steps after which every variable is saved")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)

@@ -55,6 +55,12 @@ class Record:
         cut = len(prefix) + 1
         return {k[cut:]: v for k, v in self.arrays.items() if k.startswith(prefix + "/")}
 
+    def snapshot(self, step: int) -> dict:
+        """Every variable after a step, and the LSTM carry then (lstm_state/<d>/<l>/{c,h}), if recorded."""
+        carry = {k[len(f"lstm_state_after_{step}/"):]: v for k, v in self.arrays.items()
+                 if k.startswith(f"lstm_state_after_{step}/")}
+        return {**self.variables(f"after_{step}"), **{f"lstm_state/{k}": v for k, v in carry.items()}}
+
     def snapshots(self) -> list[int]:
         return sorted({int(k.split("/")[0][len("after_"):]) for k in self.arrays if k.startswith("after_")})
 
@@ -89,6 +95,10 @@ class Record:
             out[direction] = (ids.astype(np.int32), np.float32(num_tries(ids, counts, n_vocab)))
         return out
 
+    def carry(self, prefix: str) -> dict:
+        """An LSTM carry the record holds (prefix/<direction>/<layer>/{c,h}), as elmojax's pytree."""
+        return carry_from_arrays(self.arrays, prefix, self.options)
+
     def masks(self, step: int) -> dict:
         """Dropout keep masks at a step by the path of elmojax's Dropout module they stand for."""
         out = {}
@@ -100,6 +110,20 @@ class Record:
                 d = int(key[len("mask/output_"):])
                 out[(("forward_lstm", "backward_lstm")[d], "output_dropout")] = value[step - 1]
         return out
+
+
+def carry_from_arrays(arrays, prefix: str, options: dict) -> dict:
+    """elmojax's LSTM carry {direction: ((c, h) per layer)} from bilm_tf_training.py's arrays."""
+    directions = ("forward", "backward")[:1 + bool(options.get("bidirectional", False))]
+    n_layers = options["lstm"].get("n_layers", 1)
+    return {direction: tuple((np.asarray(arrays[f"{prefix}/{d}/{layer}/c"]), np.asarray(arrays[f"{prefix}/{d}/{layer}/h"]))
+                             for layer in range(n_layers)) for d, direction in enumerate(directions)}
+
+
+def carry_arrays(carry: dict, prefix: str) -> dict:
+    """The inverse of carry_from_arrays."""
+    return {f"{prefix}/{d}/{layer}/{name}": np.asarray(value) for d, direction in enumerate(("forward", "backward"))
+            if direction in carry for layer, pair in enumerate(carry[direction]) for name, value in zip("ch", pair)}
 
 
 def num_tries(ids: np.ndarray, expected_counts: np.ndarray, n_vocab: int) -> int:
@@ -237,7 +261,8 @@ def replay(record: Record, steps: Optional[int] = None, trainer=None, perturbati
             params = jax.device_get(state.params)
             accumulators = jax.device_get(state.opt_state[1][0].sum_of_squares)
             snapshots[k] = {**as_tf_variables(params, trainer, record),
-                            **as_tf_variables(accumulators, trainer, record, slot=tf_variables.ADAGRAD_SLOT)}
+                            **as_tf_variables(accumulators, trainer, record, slot=tf_variables.ADAGRAD_SLOT),
+                            **carry_arrays(jax.device_get(state.lstm_state), "lstm_state")}
     return np.array(losses), np.array(norms), snapshots
 
 
@@ -261,7 +286,7 @@ def compare(record: Record, steps: Optional[int] = None, perturbation: float = 0
     result = {"record": os.path.basename(record.path), "steps": n, "char_inputs": record.char_inputs,
               "sampled_softmax": record.sampled, "dropout": record.dropout}
     want = {"loss": record.arrays["loss"][:n], "grad_norm": record.arrays["grad_norm"][:n],
-            **{k: record.variables(f"after_{k}") for k in record.snapshots() if k <= n}}
+            **{k: record.snapshot(k) for k in record.snapshots() if k <= n}}
     result["first_step_gradients"] = worst(first_step_gradients(trainer, record), record.variables("grad"))
     if record.sampled:
         result["expected_counts"] = expected_count_difference(record)

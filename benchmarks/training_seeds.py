@@ -9,9 +9,10 @@ trains bilm-tf (bilm_tf_training.py train, its own train() in bilm_tf.py's envir
 elmojax (elmojax.train.train on configs/bilm_options.py's reading of the same file) for the
 options' n_epochs * int(n_train_tokens / (batch_size * unroll_steps)) batches; --set overrides
 options fields (JSON values), --elmojax elmojax config fields. Both trained models are then scored by one evaluator, elmojax's
-(full softmax, state carried, every heldout token once); bilm-tf's own test() figure (batch 256,
-unroll 1, which leaves out the tails of the last sentences of each of its 256 rows) is
-recorded beside it. A run's line also says whether its model blew up: heldout perplexity above
+(full softmax, state carried, every heldout token once), from the zero LSTM state, as
+embeddings start, and again from the state training left the LSTMs in (carry_perplexity: the
+model's quality apart from where it starts); bilm-tf's own test() figure (batch 256, unroll 1,
+which leaves out the tails of the last sentences of its 256 rows) is recorded beside them. A run's line also says whether its model blew up: heldout perplexity above
 the unigram baseline of the heldout targets (elmojax.train.blown_up). Appends one JSON line per
 run to --out (runs already there are skipped, so a stopped sweep resumes) and prints the
 summary: per implementation the median, min and max, and the blown-up seeds.
@@ -33,6 +34,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # noqa: E402
+import training_parity  # noqa: E402  (beside this file)
 
 IMPLEMENTATIONS = ("bilm-tf", "elmojax")
 
@@ -59,12 +61,18 @@ def corpus_config(options: dict, corpus: str, seed: int, source: str, overrides:
     return config
 
 
-def evaluate(config, corpus: str, params: dict, options: dict) -> dict:
-    """elmojax's heldout evaluation of params trained on the corpus (whose vocab.txt they index)."""
+def evaluate(config, corpus: str, params: dict, options: dict, carry: dict) -> dict:
+    """elmojax's heldout evaluation of params trained on the corpus (whose vocab.txt they index):
+    from the zero LSTM state (what embeddings start from), and from `carry`, the state training
+    left the LSTMs in (carry_* figures)."""
     from elmojax import train
 
     vocab = train.load_vocab(config)
-    return train.evaluate(config, corpus, (params, options, [vocab.id_to_word(i) for i in range(vocab.size)]))
+    trained = (params, options, [vocab.id_to_word(i) for i in range(vocab.size)])
+    result = train.evaluate(config, corpus, trained)
+    from_carry = train.evaluate(config, corpus, trained, initial_state=carry)
+    result.update({f"carry_{k}": from_carry[k] for k in ("perplexity", "forward_perplexity", "backward_perplexity")})
+    return result
 
 
 def run_elmojax(options: dict, corpus: str, seed: int, source: str, overrides: tuple = ()) -> dict:
@@ -80,7 +88,8 @@ def run_elmojax(options: dict, corpus: str, seed: int, source: str, overrides: t
     seconds = time.perf_counter() - start
     params = jax.tree.map(np.asarray, jax.device_get(state.params))
     vocab = train.load_vocab(config)
-    result = evaluate(config, corpus, params, config_lib.options_json(config, vocab.size))
+    result = evaluate(config, corpus, params, config_lib.options_json(config, vocab.size),
+                      jax.device_get(state.lstm_state))
     return {**result, "train_seconds": seconds}
 
 
@@ -102,30 +111,35 @@ def run_bilm_tf(options: dict, corpus: str, seed: int, tf_python: str) -> dict:
         with np.load(out, allow_pickle=False) as f:
             variables = {k[len("trained/"):]: f[k] for k in f.files if k.startswith("trained/")}
             facts = json.loads(str(f["result"]))
-    trained_options = dict(options, n_tokens_vocab=options["n_tokens_vocab"])
-    bilm_options = BiLMOptions.from_dict(trained_options)
+            carry = training_parity.carry_from_arrays(f, "lstm_state", options)
     share = bool(options.get("share_embedding_softmax", False))
-    params = tf_variables.params_from_tf(variables, bilm_options, share, source=f"bilm-tf seed {seed}")
-    config = corpus_config(options, corpus, seed, "options")
-    result = evaluate(config, corpus, params, trained_options)
+    params = tf_variables.params_from_tf(variables, BiLMOptions.from_dict(options), share, source=f"bilm-tf seed {seed}")
+    result = evaluate(corpus_config(options, corpus, seed, "options"), corpus, params, options, carry)
     return {**result, "train_seconds": facts["train_seconds"],
             "bilm_tf_test_perplexity": facts.get("bilm_tf_test_perplexity")}
 
 
+def _spread(values: list) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
+
+
 def summary(runs: list[dict]) -> dict:
+    """Per implementation: the heldout perplexity's median, min and max over all seeds and over
+    those not blown up (elmojax.train.blown_up), the same from the training carry, and the
+    blown-up seeds; then elmojax's medians over bilm-tf's."""
     out = {}
     for implementation in IMPLEMENTATIONS:
         mine = [r for r in runs if r["implementation"] == implementation]
-        if not mine:
-            continue
-        usable = [r["perplexity"] for r in mine if not r["blown_up"]]
-        out[implementation] = {
-            "seeds": len(mine), "median": statistics.median(usable) if usable else None,
-            "min": min(usable, default=None), "max": max(usable, default=None),
-            "median_all": statistics.median(r["perplexity"] for r in mine),
-            "blown_up_seeds": [r["seed"] for r in mine if r["blown_up"]]}
-    if len(out) == 2 and all(v["median"] for v in out.values()):
-        out["elmojax_over_bilm_tf"] = out["elmojax"]["median"] / out["bilm-tf"]["median"]
+        if mine:
+            out[implementation] = {
+                "seeds": len(mine), "all": _spread([r["perplexity"] for r in mine]),
+                "not_blown_up": _spread([r["perplexity"] for r in mine if not r["blown_up"]]),
+                "from_carry": _spread([r["carry_perplexity"] for r in mine if "carry_perplexity" in r]),
+                "blown_up_seeds": [r["seed"] for r in mine if r["blown_up"]]}
+    if len(out) == 2:
+        out["elmojax_over_bilm_tf"] = {
+            key: out["elmojax"][key]["median"] / out["bilm-tf"][key]["median"]
+            for key in ("all", "not_blown_up", "from_carry") if out["elmojax"][key] and out["bilm-tf"][key]}
     return out
 
 
@@ -173,8 +187,8 @@ def main(argv=None) -> dict:
             with open(args.out, "a") as f:
                 f.write(json.dumps(run) + "\n")
             print(f"{implementation:8s} seed {seed}: heldout perplexity {run['perplexity']:.2f} "
-                  f"(forward {run['forward_perplexity']:.2f}, backward {run['backward_perplexity']:.2f})",
-                  file=sys.stderr)
+                  f"(forward {run['forward_perplexity']:.2f}, backward {run['backward_perplexity']:.2f}); "
+                  f"from the training carry {run['carry_perplexity']:.2f}", file=sys.stderr)
     result = {**label, "summary": summary(runs)}
     print(json.dumps(result))
     return result

@@ -3,7 +3,8 @@
   config.model  char_cnn (or None for word inputs), lstm, bidirectional, share_embedding_softmax:
                 the options.json fields, same names and meaning
   config.train  batch_size (per device), unroll_steps, n_negative_samples_batch, sample_softmax
-                (False: the full softmax, as bilm-tf's option), dropout,
+                (False: the full softmax, as bilm-tf's option), state_reset_probability (elmojax's
+                remedy for the zero-state blow-up; 0 for a bilm-tf options.json), dropout,
                 all_clip_norm_val, learning_rate, n_epochs, n_train_tokens (None: counted from
                 the data), seed, logging and checkpoint cadence; speed knobs matmul_precision,
                 scan_unroll and compute_dtype ("float32", or "bfloat16" for GPUs)
@@ -44,7 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
         unroll_steps=20,
         n_negative_samples_batch=8192,
         sample_softmax=True,            # False: train with the full softmax (bilm-tf's option)
-        state_reset_probability=0.0,    # zero each batch row's LSTM carry with this probability
+        # Each batch row's carried LSTM state is zeroed with this probability at every step, so that
+        # the model also learns to start from the zero state that evaluation and embeddings start
+        # from (without, 5 to 8 in 20 seeds of bilm-tf's recipe blew up from there; see README's
+        # "When a model blows up"). bilm-tf has no resets: an options.json config sets 0.
+        state_reset_probability=0.05,
         dropout=0.1,
         all_clip_norm_val=10.0,
         learning_rate=0.2,
@@ -110,5 +115,6 @@ def config_from_options_json(d: dict, source: str) -> ml_collections.ConfigDict:
     for field in TRAIN_FIELDS:
         if field in d:
             c.train[field] = d[field]
+    c.train.state_reset_probability = 0.0  # bilm-tf's recipe exactly (set it to opt in)
     BiLMOptions.from_dict(options_json(c), source=source)  # validate early, naming the file
     return c

@@ -594,9 +594,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[tuple] = None) -> dict:
+def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[tuple] = None,
+             initial_state: Optional[dict] = None) -> dict:
     """Heldout perplexity with the full softmax, state carried, every heldout token counted once.
-    `trained` (params, options.json dict, vocabulary) stands for what `path` holds, if given."""
+    `trained` (params, options.json dict, vocabulary) stands for what `path` holds, if given.
+    The LSTMs start from zero state (as embeddings do), or from `initial_state`, a carry whose
+    batch size is then the evaluation's (e.g. where training left the LSTMs)."""
     params, options_d, vocab_tokens = trained or load_trained(path, config.init_softmax_from)
     eval_config = config_lib.config_from_options_json(options_d, source=path)
     eval_config.train.matmul_precision = config.train.matmul_precision
@@ -605,10 +608,13 @@ def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[tup
         raise ValueError(f"{path}: its vocabulary file does not match the softmax's vocabulary")
     trainer = Trainer(eval_config, vocab.size, _local_mesh())
     batch_size = -(-config.eval.batch_size // trainer.n_devices) * trainer.n_devices
+    if initial_state is not None:
+        batch_size = jax.tree.leaves(initial_state)[0].shape[0]
     dataset = make_dataset(eval_config, vocab, config.data.heldout_prefix, batch_size, config.eval.unroll_steps,
                            test=True)
     params = jax.device_put(params, trainer.replicated)
-    lstm_state = trainer.zero_lstm_state(batch_size)
+    lstm_state = trainer.zero_lstm_state(batch_size) if initial_state is None else jax.device_put(
+        initial_state, trainer.sharded)
     totals: dict[str, list[float]] = {}
     target_counts = np.zeros(vocab.size, np.int64)
     for batch in dataset.iter_batches():
@@ -647,23 +653,32 @@ def blown_up(result: dict) -> bool:
     return max(scores) > result["unigram_perplexity"] or max(scores) > DIRECTION_RATIO_LIMIT * min(scores)
 
 
-def health_warning(result: dict) -> Optional[str]:
+def health_warning(result: dict, from_carry: Optional[dict] = None) -> Optional[str]:
     """For an evaluation that shows a broken model (blown_up), one line that says so, with the
-    perplexities, and what to do; None otherwise."""
+    perplexities, why and what to do; None otherwise. `from_carry`, the evaluation from the
+    LSTM state training ended in, tells the zero-state trap (a model fine from there) from a
+    model that did not learn."""
     if not blown_up(result):
         return None
     scores = {d: result[f"{d}_perplexity"] for d in ("forward", "backward") if result.get(f"{d}_perplexity") is not None}
     worst = max(scores, key=scores.get)
-    figures = ", ".join(f"{d} {p:.6g}" for d, p in scores.items())
-    return (f"warning: the {worst} LM is broken: heldout perplexity {scores[worst]:.6g} ({figures}; unigram baseline "
-            f"{result['unigram_perplexity']:.6g}), though its sampled-softmax training perplexity looked normal. From the "
-            f"zero LSTM state that evaluation and embeddings start from, it falls into a state training never visits. "
-            f"Do not use it: {REMEDY}")
+    line = (f"warning: the {worst} LM is broken: heldout perplexity {scores[worst]:.6g} ("
+            + ", ".join(f"{d} {p:.6g}" for d, p in scores.items())
+            + f"; unigram baseline {result['unigram_perplexity']:.6g})")
+    trap = ("from the zero LSTM state that evaluation and embeddings start from, it falls into a state that "
+            "training, which carries the state from batch to batch, never visits. ")
+    if from_carry is None:
+        return f"{line}. If its sampled-softmax training perplexity looked normal, {trap}{REMEDY}"
+    carried = from_carry[f"{worst}_perplexity"]
+    if blown_up(from_carry):
+        return (f"{line}, and {carried:.6g} from the LSTM state training ended in: it has not learnt; train it "
+                f"longer (or with a smaller learning rate).")
+    return f"{line}, but {carried:.6g} from the LSTM state training ended in: {trap}{REMEDY}"
 
 
-# What health_warning advises (see README, "When a model blows up").
-REMEDY = ("train again with --config.train.state_reset_probability=0.05 (the carried LSTM state is zeroed now and "
-          "then, so the model learns to start from it), or with another seed.")
+# What health_warning advises for the zero-state trap (see README, "When a model blows up").
+REMEDY = ("Do not use it: train again with --config.train.state_reset_probability=0.05 (each row's carried LSTM "
+          "state is zeroed now and then, so that the model learns to start from it), or with another seed.")
 
 
 def _unigram_perplexity(counts: np.ndarray) -> float:
@@ -708,8 +723,11 @@ def after_training(config: ml_collections.ConfigDict, workdir: str, state: Train
         lines.append(f"heldout perplexity {result['perplexity']:.2f} (forward {result['forward_perplexity']:.2f}, "
                      f"backward {result['backward_perplexity'] or float('nan'):.2f}) over {result['tokens']} tokens; "
                      f"unigram baseline {result['unigram_perplexity']:.2f}")
-        if health_warning(result):
-            lines.append(health_warning(result))
+        if result["blown_up"]:
+            from_carry = None
+            if jax.process_count() == 1:  # (with several, the carry's rows are spread over the processes)
+                from_carry = evaluate(config, workdir, trained, initial_state=jax.device_get(state.lstm_state))
+            lines.append(health_warning(result, from_carry))
     if config.export_after_training:
         output = os.path.join(workdir, config.export_after_training)
         exported = export(workdir, output, trained)

@@ -3,7 +3,8 @@ bilm_tf_training/, made by its make_fixtures.sh with benchmarks/bilm_tf_training
 
 Each record holds bilm-tf's initial variables, 20 batches of the bundled KJV sample and what its
 training graph computed: the loss and global gradient norm at every step, the first step's
-gradients and every variable (with Adagrad's accumulators) after steps 1 and 20. elmojax starts
+gradients, and every variable (with Adagrad's accumulators) and the LSTM carry after steps 1
+and 20. elmojax starts
 from the same variables and trains on the same batches with its own jitted train step, fed the
 negatives bilm-tf's sampler drew and the dropout masks bilm-tf applied where the record has
 them. Four records: character inputs with skip connections and word inputs, each with the full
@@ -46,6 +47,7 @@ def _assert_variables_close(got: dict, want: dict, tolerance: float, what: str):
 def test_record_is_what_it_says(replayed):
     record = replayed[0]
     assert record.steps == 20 and record.snapshots() == [1, 20]
+    assert len([k for k in record.snapshot(20) if k.startswith("lstm_state/")]) == 8  # (c, h) x 2 layers x 2
     assert record.sampled == record.dropout == record.path.endswith("_sampled.npz")
     assert record.char_inputs == os.path.basename(record.path).startswith("chars")
     clip = record.options["all_clip_norm_val"]  # the global-norm clip is in play on some steps, not all
@@ -57,14 +59,14 @@ def test_first_step_loss_gradients_and_update(replayed):
     np.testing.assert_allclose(losses[0], record.arrays["loss"][0], rtol=ONE_STEP)
     np.testing.assert_allclose(norms[0], record.arrays["grad_norm"][0], rtol=ONE_STEP)
     _assert_variables_close(grads, record.variables("grad"), ONE_STEP, "first step's gradients")
-    _assert_variables_close(snapshots[1], record.variables("after_1"), ONE_STEP, "variables after step 1")
+    _assert_variables_close(snapshots[1], record.snapshot(1), ONE_STEP, "variables and LSTM carry after step 1")
 
 
 def test_twenty_steps(replayed):
     record, losses, norms, snapshots, _ = replayed
     np.testing.assert_allclose(losses, record.arrays["loss"], rtol=TWENTY_STEPS)
     np.testing.assert_allclose(norms, record.arrays["grad_norm"], rtol=TWENTY_STEPS)
-    _assert_variables_close(snapshots[20], record.variables("after_20"), TWENTY_STEPS, "variables after step 20")
+    _assert_variables_close(snapshots[20], record.snapshot(20), TWENTY_STEPS, "variables and LSTM carry after step 20")
 
 
 @pytest.mark.parametrize("name,change", [("chars", "cell_clip"), ("chars", "proj_clip"), ("chars", "forget_bias"),

@@ -41,6 +41,8 @@ def test_billion_word_is_the_reference_recipe():
         "n_negative_samples_batch": 8192, "sample_softmax": True, "dropout": 0.1, "all_clip_norm_val": 10.0,
         "learning_rate": 0.2}
     assert options["bidirectional"] is True
+    # elmojax's one departure from the recipe, its remedy for the zero-state blow-up (README)
+    assert _load("billion_word").train.state_reset_probability == 0.05
 
 
 def test_bilm_options_file_is_honoured(tmp_path):
@@ -56,6 +58,7 @@ def test_bilm_options_file_is_honoured(tmp_path):
     got = config_lib.options_json(config, 100)
     assert got == d
     assert _load("bilm_options", str(path)).train.sample_softmax is False  # bilm-tf's full-softmax training
+    assert config.train.state_reset_probability == 0.0  # bilm-tf's recipe exactly: no state resets
 
 
 @pytest.mark.parametrize("change,error", [

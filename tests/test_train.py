@@ -293,6 +293,12 @@ def test_blown_up_criteria():
         line = train.health_warning(result)
         assert line.startswith(f"warning: the {worst} LM is broken: heldout perplexity ")
         assert f"{result[worst + '_perplexity']:.6g}" in line and "state_reset_probability" in line
+    # where training's own LSTM state says which of two things went wrong
+    trapped = train.health_warning(above_unigram, from_carry=healthy)
+    assert ", but 110 from the LSTM state training ended in: from the zero LSTM state" in trapped
+    assert "state_reset_probability" in trapped
+    untrained = train.health_warning(above_unigram, from_carry=above_unigram)
+    assert "from the LSTM state training ended in: it has not learnt; train it longer" in untrained
 
 
 def test_a_broken_model_is_reported_by_evaluate(tmp_path):

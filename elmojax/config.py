@@ -47,8 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
         sample_softmax=True,            # False: train with the full softmax (bilm-tf's option)
         # Each batch row's carried LSTM state is zeroed with this probability at every step, so that
         # the model also learns to start from the zero state that evaluation and embeddings start
-        # from (without, 5 to 8 in 20 seeds of bilm-tf's recipe blew up from there; see README's
-        # "When a model blows up"). bilm-tf has no resets: an options.json config sets 0.
+        # from (without them, 10% to 80% of the seeds of bilm-tf's recipe, bilm-tf's own as much as
+        # elmojax's, blew up from there; benchmarks/TRAINING.md). bilm-tf has no resets: an
+        # options.json config sets 0.
         state_reset_probability=0.05,
         dropout=0.1,
         all_clip_norm_val=10.0,

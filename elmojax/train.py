@@ -642,7 +642,7 @@ def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[tup
 
 # A direction whose heldout perplexity is this many times the other's has gone wrong: healthy
 # forward and backward LMs score within a few percent of each other.
-DIRECTION_RATIO_LIMIT = 1.5
+DIRECTION_RATIO_LIMIT = 1.2
 
 
 def blown_up(result: dict) -> bool:

@@ -286,6 +286,7 @@ def test_blown_up_criteria():
     healthy = {"forward_perplexity": 110.0, "backward_perplexity": 112.0, "unigram_perplexity": 250.0}
     assert not train.blown_up(healthy) and train.health_warning(healthy) is None
     assert not train.blown_up({**healthy, "backward_perplexity": None})  # a forward-only model
+    assert not train.blown_up({**healthy, "backward_perplexity": 1.13 * 110.0})  # healthy runs' widest
     above_unigram = {**healthy, "forward_perplexity": 5e7}
     one_side = {**healthy, "backward_perplexity": 1.6 * 110.0}  # below the baseline, far above the other
     for result, worst in ((above_unigram, "forward"), (one_side, "backward")):

@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from elmojax import train
+    from elmojax import data, model_files, trainer as trainer_lib
     from elmojax.config import base_config
 
     c = CONFIGS[args.config]
@@ -96,9 +96,9 @@ def main(argv=None) -> dict:
                         matmul_precision=args.precision, scan_unroll=args.unroll_scan, compute_dtype=args.dtype)
     config.data.update(train_prefix=os.path.join(common.SAMPLE, "train", "shard-*.txt"),
                        vocab_file=padded_vocab(vocab_size))
-    vocab = train.load_vocab(config)
-    trainer = train.Trainer(config, vocab.size)
-    dataset = train.make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size, args.unroll, test=False)
+    vocab = model_files.load_vocab(config)
+    trainer = trainer_lib.Trainer(config, vocab.size)
+    dataset = data.make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size, args.unroll, test=False)
     batches = dataset.iter_batches()
     device_batches = [trainer.put_batch(next(batches)) for _ in range(args.runs + 1)]
     state = trainer.create_state(jax.random.PRNGKey(0))

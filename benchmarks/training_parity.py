@@ -142,7 +142,7 @@ def trainer_for(record: Record):
     from jax.sharding import Mesh
 
     from elmojax import config as config_lib
-    from elmojax.train import Trainer
+    from elmojax.trainer import Trainer
 
     config = config_lib.config_from_options_json(record.options, source=record.path)
     return Trainer(config, record.options["n_tokens_vocab"], Mesh(np.array(jax.devices()[:1]), ("data",)))
@@ -191,7 +191,7 @@ def replay_step_fn(trainer):
     """train_step as a jitted function of (state, batch, negatives, dropout masks)."""
     import jax
 
-    from elmojax.train import train_step
+    from elmojax.step import train_step
 
     def step(state, batch, samples, masks):
         with given_dropout_masks(masks):
@@ -205,7 +205,7 @@ def first_step_gradients(trainer, record: Record) -> dict:
     """elmojax's gradients of the first step, as TensorFlow variables (dense)."""
     import jax
 
-    from elmojax.train import training_loss
+    from elmojax.step import training_loss
 
     state = initial_state(trainer, record)
     batch = trainer.put_batch(record.batch(1))
@@ -307,11 +307,11 @@ def heldout_perplexities(record: Record, trainer, runs: dict, corpus: str) -> di
     """Heldout perplexities (elmojax's evaluator) of bilm-tf's and each replay's variables at
     the last snapshot both have."""
     from elmojax import config as config_lib
-    from elmojax import tf_variables, train
+    from elmojax import evaluation, model_files, tf_variables
 
     config = config_lib.config_from_options_json(record.options, source=record.path)
     config.data.update(heldout_prefix=os.path.join(corpus, "heldout", "*"), vocab_file=os.path.join(corpus, "vocab.txt"))
-    vocab = train.load_vocab(config)
+    vocab = model_files.load_vocab(config)
     tokens = [vocab.id_to_word(i) for i in range(vocab.size)]
     options = config_lib.options_json(config, vocab.size)
     step = max(runs["elmojax"][2])
@@ -319,7 +319,7 @@ def heldout_perplexities(record: Record, trainer, runs: dict, corpus: str) -> di
     share = bool(record.options.get("share_embedding_softmax", False))
     out = {"after_step": step}
     for name, v in variables.items():
-        r = train.evaluate(config, corpus, (tf_variables.params_from_tf(v, trainer.options, share), options, tokens))
+        r = evaluation.evaluate(config, corpus, (tf_variables.params_from_tf(v, trainer.options, share), options, tokens))
         out[name] = {k: r[k] for k in ("perplexity", "forward_perplexity", "backward_perplexity")}
     return out
 

@@ -65,12 +65,12 @@ def evaluate(config, corpus: str, params: dict, options: dict, carry: dict) -> d
     """elmojax's heldout evaluation of params trained on the corpus (whose vocab.txt they index):
     from the zero LSTM state (what embeddings start from), and from `carry`, the state training
     left the LSTMs in (carry_* figures)."""
-    from elmojax import train
+    from elmojax import evaluation, model_files
 
-    vocab = train.load_vocab(config)
+    vocab = model_files.load_vocab(config)
     trained = (params, options, [vocab.id_to_word(i) for i in range(vocab.size)])
-    result = train.evaluate(config, corpus, trained)
-    from_carry = train.evaluate(config, corpus, trained, initial_state=carry)
+    result = evaluation.evaluate(config, corpus, trained)
+    from_carry = evaluation.evaluate(config, corpus, trained, initial_state=carry)
     result.update({f"carry_{k}": from_carry[k] for k in ("perplexity", "forward_perplexity", "backward_perplexity")})
     return result
 
@@ -79,15 +79,15 @@ def run_elmojax(options: dict, corpus: str, seed: int, source: str, overrides: t
     import jax
 
     from elmojax import config as config_lib
-    from elmojax import train
+    from elmojax import loop, model_files
 
     config = corpus_config(options, corpus, seed, source, overrides)
     workdir = tempfile.mkdtemp(prefix="elmojax_seed_")
     start = time.perf_counter()
-    state = train.train(config, workdir)
+    state = loop.train(config, workdir)
     seconds = time.perf_counter() - start
     params = jax.tree.map(np.asarray, jax.device_get(state.params))
-    vocab = train.load_vocab(config)
+    vocab = model_files.load_vocab(config)
     result = evaluate(config, corpus, params, config_lib.options_json(config, vocab.size),
                       jax.device_get(state.lstm_state))
     return {**result, "train_seconds": seconds}
@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, help="JSON lines, one per run (appended; resumes)")
     args = parser.parse_args(argv)
 
-    from elmojax import files, train
+    from elmojax import evaluation, files
 
     options = files.read_json(args.options)
     for item in args.set:
@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
             else:
                 result = run_bilm_tf(options, args.corpus, seed, args.tf_python)
             run = {**label, "implementation": implementation, "seed": seed, **result,
-                   "blown_up": train.blown_up(result)}
+                   "blown_up": evaluation.blown_up(result)}
             runs.append(run)
             with open(args.out, "a") as f:
                 f.write(json.dumps(run) + "\n")

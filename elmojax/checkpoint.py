@@ -1,76 +1,144 @@
-"""Training checkpoints with orbax: the train state (params, optimizer state, step, PRNG key,
-LSTM carry) plus JSON metadata (the data stream's position, the options, the vocabulary)."""
+"""Training checkpoints with orbax, one step a directory of three items:
+
+  state   the TrainState (params, optimizer state, step, PRNG key, LSTM carry)
+  meta    JSON: the config, options.json, the global batch size
+  data    each process's data stream position, data/process_<k>.json: it is saved and removed
+          with the step it belongs to, so a restart reads on from exactly where that step was
+
+Saves are synchronous: when `save` returns, the step is on disk, so a kill loses at most what
+was trained since. A newest step that cannot be read (a damaged disk, a copy cut short) is
+passed over with a warning for the one before it.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Optional
+import shutil
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_PREFIX = "damaged-"  # a damaged step's directory is renamed so, out of orbax's sight
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be written or read; the message is one line for the user."""
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
-def data_position_file(workdir: str, step: int, process_index: int) -> str:
-    """Where a process of a multi-process run keeps its data stream's position at a step (each
-    reads its own shards, so each has its own position)."""
-    return os.path.join(checkpoint_dir(workdir), "data_positions", f"step_{step}.process_{process_index}.json")
+def _data_handler() -> ocp.JsonCheckpointHandler:
+    # every process writes its own file (orbax's JSON items are otherwise written by process 0)
+    return ocp.JsonCheckpointHandler(filename=f"process_{jax.process_index()}.json",
+                                     multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None))
 
 
-def latest_step(workdir: str) -> Optional[int]:
-    manager = _manager(workdir, create=False)
+def _manager(workdir: str, keep: Optional[int] = None, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                           enable_async_checkpointing=False)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(), "data": _data_handler()}
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+
+
+def steps(workdir: str) -> list[int]:
+    """The workdir's finished checkpoint steps, oldest first (none if it has no checkpoints)."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return []
+    manager = _manager(workdir, read_only=True)
     try:
-        return manager.latest_step()
+        return sorted(manager.all_steps())
     finally:
         manager.close()
 
 
-def _manager(workdir: str, keep: Optional[int] = None, create: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
-
-
 class Checkpointer:
-    """Saves the train state and its metadata at the steps it is given, keeping the last `keep`."""
+    """Saves the train state, its metadata and this process's data position at the steps it is
+    given, keeping the last `keep`."""
 
     def __init__(self, workdir: str, keep: int = 3):
+        self.workdir = workdir
         self._manager = _manager(workdir, keep)
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
+    def save(self, step: int, state: Any, meta: dict, data_position: dict) -> None:
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                data=ocp.args.JsonSave(data_position)), force=True)
+            self._manager.wait_until_finished()
+        except OSError as e:
+            self._remove_unfinished()
+            raise CheckpointError(f"{checkpoint_dir(self.workdir)}: could not write the checkpoint of step {step} "
+                                  f"({e.strerror or e}); the earlier checkpoints are intact") from None
+
+    def _remove_unfinished(self) -> None:
+        """Removes what a failed save left (orbax writes a step under a temporary name first)."""
+        directory = checkpoint_dir(self.workdir)
+        for name in os.listdir(directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+    def set_aside(self, step: int) -> str:
+        """Renames a damaged step's directory (to DAMAGED_PREFIX + step): kept for a look, and
+        out of the way of the step's next save."""
+        directory = checkpoint_dir(self.workdir)
+        target = os.path.join(directory, f"{DAMAGED_PREFIX}{step}")
+        if jax.process_index() == 0:
+            os.replace(os.path.join(directory, str(step)), target)
+        self._manager.reload()
+        return target
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
 
 
-def _restore(workdir: str, step: Optional[int], **items) -> tuple[int, Any]:
-    """The latest (or the given) step and the restored items of a workdir's checkpoint."""
-    manager = _manager(workdir, create=False)
+def restore(workdir: str, abstract_state: Callable[[dict], Any], on_damaged: Optional[Callable[[int], None]] = None
+            ) -> tuple[int, Any, dict, Optional[dict]]:
+    """(step, state, meta, this process's data position) of the newest checkpoint that reads.
+
+    `abstract_state(meta)` gives the structure, shapes and shardings to restore the state into
+    (jax.ShapeDtypeStruct leaves). A newest step that fails to read is reported with a warning
+    and `on_damaged(step)` is called, then the step before it is tried; if none reads, a
+    CheckpointError names the first failure, and nothing is changed.
+    """
+    found = steps(workdir)
+    if not found:
+        raise CheckpointError(f"{workdir}: no checkpoint found in {checkpoint_dir(workdir)}")
+    manager = _manager(workdir, read_only=True)
+    failures = []
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise ValueError(f"{workdir}: no checkpoint found in {checkpoint_dir(workdir)}")
-        return step, manager.restore(step, args=ocp.args.Composite(**items))
+        for step in reversed(found):
+            try:
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                if not isinstance(meta, dict) or "config" not in meta:
+                    raise ValueError("its metadata has no config")
+                abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state(meta))
+                items = {"state": ocp.args.StandardRestore(abstract)}
+                has_data = os.path.isdir(os.path.join(checkpoint_dir(workdir), str(step), "data"))
+                if has_data:
+                    items["data"] = ocp.args.JsonRestore()
+                restored = manager.restore(step, args=ocp.args.Composite(**items))
+            except CheckpointError:
+                raise
+            except Exception as e:  # orbax and tensorstore raise many kinds; each means this step is unusable
+                reason = " ".join(str(e).split())[:300] or type(e).__name__
+                failures.append((step, reason))
+                log.warning("warning: checkpoint step %d in %s cannot be read (%s); trying the one before it",
+                            step, checkpoint_dir(workdir), reason)
+                if on_damaged is not None:
+                    on_damaged(step)
+                continue
+            data_position = restored.data if has_data else meta.get("data")
+            return step, restored.state, meta, data_position
     finally:
         manager.close()
-
-
-def restore_meta(workdir: str, step: Optional[int] = None) -> tuple[int, dict]:
-    """The step and the JSON metadata of the latest (or the given) checkpoint."""
-    step, restored = _restore(workdir, step, meta=ocp.args.JsonRestore())
-    return step, restored.meta
-
-
-def restore_state(workdir: str, target: Any, step: Optional[int] = None) -> tuple[Any, dict]:
-    """Restores the state into the structure, shapes and shardings of `target` (arrays or
-    jax.ShapeDtypeStruct leaves), and the metadata."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    _, restored = _restore(workdir, step, state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-    return restored.state, restored.meta
+    step, reason = failures[0]
+    raise CheckpointError(f"{checkpoint_dir(workdir)}: no checkpoint can be read (steps {', '.join(map(str, found))}; "
+                          f"step {step}: {reason}); nothing was changed")

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Optional
 
 import ml_collections
@@ -59,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
         max_steps=config_dict.placeholder(int),       # stop early (tests, smoke runs)
         seed=0,
         log_every=100,
+        eval_every=5000,                # heldout perplexity during training (0: only at the end)
         checkpoint_every=1000,
         keep_checkpoints=3,
         matmul_precision="default",     # "highest" for full float32 on GPUs with TF32
@@ -101,7 +103,7 @@ def config_from_options_json(d: dict, source: str) -> ml_collections.ConfigDict:
     known = set(TRAIN_FIELDS) | {"char_cnn", "lstm", "bidirectional", "share_embedding_softmax", "n_tokens_vocab"}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"{source}: unknown options field '{unknown[0]}'")
+        raise ValueError(f"{source}: unknown options field '{unknown[0]}'{nearest(unknown[0], known)}")
     if "lstm" not in d:
         raise ValueError(f"{source}: missing field 'lstm'")
     BiLMOptions.from_dict(d, source=source)  # the architecture, checked before it is copied
@@ -119,3 +121,49 @@ def config_from_options_json(d: dict, source: str) -> ml_collections.ConfigDict:
     c.train.state_reset_probability = 0.0  # bilm-tf's recipe exactly (set it to opt in)
     BiLMOptions.from_dict(options_json(c), source=source)  # validate early, naming the file
     return c
+
+
+def nearest(name: str, known) -> str:
+    """ " (did you mean 'x'?)" for the known name closest to a misspelt one, or ""."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _integer(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer of at least {low}"
+
+
+def _number(test, what: str):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and test(v), what
+
+
+# Each checked field: a test of its value, and what the value must be.
+_FIELDS = {
+    "train.batch_size": _integer(1), "train.unroll_steps": _integer(1), "train.n_negative_samples_batch": _integer(1),
+    "train.sample_softmax": (lambda v: isinstance(v, bool), "true or false"),
+    "train.state_reset_probability": _number(lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "train.dropout": _number(lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
+    "train.all_clip_norm_val": _number(lambda v: v > 0, "a number above 0"),
+    "train.learning_rate": _number(lambda v: v > 0, "a number above 0"),
+    "train.n_epochs": _integer(1), "train.n_train_tokens": _integer(1), "train.max_steps": _integer(1),
+    "train.seed": _integer(0), "train.log_every": _integer(1), "train.eval_every": _integer(0),
+    "train.checkpoint_every": _integer(1), "train.keep_checkpoints": _integer(1), "train.scan_unroll": _integer(1),
+    "train.matmul_precision": (lambda v: v in ("default", "high", "highest"), "'default', 'high' or 'highest'"),
+    "train.compute_dtype": (lambda v: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+    "eval.batch_size": _integer(1), "eval.unroll_steps": _integer(1),
+}
+_OPTIONAL = {"train.n_train_tokens", "train.max_steps", "train.eval_every"}  # None: unset
+
+
+def validate(config: ml_collections.ConfigDict, source: str = "config") -> ml_collections.ConfigDict:
+    """Checks a training config's fields by type and range, and its model by options.json's
+    rules; a ValueError names the first bad field and what it must be."""
+    for field, (test, what) in _FIELDS.items():
+        section, key = field.split(".")
+        value = config[section].get(key)
+        if value is None and field in _OPTIONAL:
+            continue
+        if not test(value):
+            raise ValueError(f"{source}: {field} must be {what}, got {value!r}")
+    bilm_options(config)
+    return config

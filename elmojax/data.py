@@ -36,7 +36,7 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from elmojax import files
+from elmojax import config as config_lib, files
 from elmojax.vocab import UNK, UnicodeCharsVocabulary, Vocabulary
 
 STATE_VERSION = 1
@@ -804,3 +804,13 @@ class BidirectionalLMDataset(_Batches):
     def load_state_dict(self, state: dict) -> None:
         self.forward.load_state_dict(state["forward"])
         self.backward.load_state_dict(state["backward"])
+
+
+def make_dataset(config, vocab, prefix: str, batch_size: int, unroll_steps: int, test: bool, seed: int = 0,
+                 shard_subset: tuple[int, int] = (0, 1)):
+    if not prefix:
+        raise ValueError("no data: set --config.data.train_prefix=GLOB (and heldout_prefix for evaluation)")
+    chars = config.model.char_cnn.max_characters_per_token if config_lib.use_character_inputs(config) else None
+    cls = BidirectionalLMDataset if config.model.bidirectional else LMDataset
+    return cls(prefix, vocab, batch_size, unroll_steps, test=test, seed=seed, max_characters_per_token=chars,
+               shard_subset=shard_subset)

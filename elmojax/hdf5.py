@@ -110,7 +110,17 @@ def _read(f: h5py.File, filename: str, name: str, shape: tuple[int, ...]) -> np.
                          f"but the options need {tuple(shape)}")
     if not np.issubdtype(dataset.dtype, np.floating):
         raise ValueError(f"{filename}: dataset '{name}' has dtype {dataset.dtype}, not a float type")
-    return dataset[...]
+    return check_finite(dataset[...], filename, name)
+
+
+def check_finite(value: np.ndarray, filename: str, name: str) -> np.ndarray:
+    """`value`, if all of it is finite; otherwise an error naming the file and dataset: weights
+    with NaN or inf in them are never read or written (they come from a diverged run)."""
+    if not np.all(np.isfinite(value)):
+        bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+        raise ValueError(f"{filename}: dataset '{name}' holds {bad} NaN or infinite values: these weights are "
+                         f"broken (a diverged training run?)")
+    return value
 
 
 def _set(tree: Params, path: tuple[str, ...], value) -> None:
@@ -179,7 +189,7 @@ def save_weights(params: Params, options: BiLMOptions, weight_file: str) -> None
         raise ValueError(f"{weight_file}: params entry {'/'.join(extra[0])} has no place in the weight-file schema")
     arrays = []
     for name, path, shape in layout:
-        value = np.asarray(_get(params, path, weight_file))
+        value = check_finite(np.asarray(_get(params, path, weight_file)), weight_file, name)
         if value.shape != shape:
             raise ValueError(f"{weight_file}: params entry {'/'.join(path)} (dataset '{name}') has shape "
                              f"{value.shape}, but the options need {shape}")
@@ -203,9 +213,10 @@ def load_token_embeddings(embedding_file: str, dim: Optional[int] = None) -> np.
 
 
 def save_token_embeddings(embeddings: np.ndarray, embedding_file: str) -> None:
+    embeddings = check_finite(np.asarray(embeddings, dtype=np.float32), embedding_file, "embedding")
     with files.atomic_output(embedding_file) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("embedding", data=np.asarray(embeddings, dtype=np.float32))
+            f.create_dataset("embedding", data=embeddings)
 
 
 def save_softmax(weights: np.ndarray, biases: np.ndarray, softmax_file: str,
@@ -214,6 +225,8 @@ def save_softmax(weights: np.ndarray, biases: np.ndarray, softmax_file: str,
     weights, biases = np.asarray(weights), np.asarray(biases)
     if weights.ndim != 2 or biases.shape != (weights.shape[0],):
         raise ValueError(f"{softmax_file}: softmax W {weights.shape} and b {biases.shape} do not fit together")
+    check_finite(weights, softmax_file, "softmax/W")
+    check_finite(biases, softmax_file, "softmax/b")
     with files.atomic_output(softmax_file) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("softmax/W", data=weights)

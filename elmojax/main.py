@@ -22,7 +22,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from elmojax import train
+from elmojax import evaluation, loop, metrics, model_files
+from elmojax.checkpoint import CheckpointError
 
 _QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
 
@@ -62,23 +63,28 @@ def main(argv) -> None:
     model = _MODEL.value or _WORKDIR.value
     try:
         if _MODE.value == "train":
-            state = train.train(config, _WORKDIR.value)
-            for line in train.after_training(config, _WORKDIR.value, state):
+            state = loop.train(config, _WORKDIR.value)
+            for line in loop.after_training(config, _WORKDIR.value, state):
                 print(line)
         elif jax.process_index() != 0:
             return  # evaluation and export run in process 0
         elif _MODE.value == "evaluate":
-            result = train.evaluate(config, model)
-            if train.health_warning(result):
-                print(train.health_warning(result), file=sys.stderr)
-            print(json.dumps(result))
+            result = evaluation.evaluate(config, model)
+            if evaluation.health_warning(result):
+                print(evaluation.health_warning(result), file=sys.stderr)
+            print(metrics.dumps(result))
         else:
             if not _OUTPUT.value:
                 raise ValueError("--mode=export needs --output=FILE.hdf5")
-            written = train.export(model, _OUTPUT.value)
+            written = model_files.export(model, _OUTPUT.value)
             print(json.dumps(written))
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except loop.Interrupted as e:
+        print(e, file=sys.stderr)
+    except (ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # a full disk, a file system gone read-only
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
 
 

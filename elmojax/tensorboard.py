@@ -6,6 +6,7 @@ they are encoded here by hand (protobuf wire format, CRC32C checksums).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
@@ -48,13 +49,23 @@ def _bytes_field(number: int, data: bytes) -> bytes:
     return _field(number, 2, _varint(len(data)) + data)
 
 
+def _float32(value) -> float:
+    """value as a float32 can hold it: beyond float32's range, an infinity of its sign (struct
+    refuses those values rather than round them)."""
+    value = float(value)
+    return math.copysign(math.inf, value) if math.isfinite(value) and abs(value) > _FLOAT32_MAX else value
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _event(step: int, wall_time: float, file_version: str = "", scalars: dict | None = None) -> bytes:
     event = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
     if file_version:
         event += _bytes_field(3, file_version.encode())
     if scalars:
         values = b"".join(
-            _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(value))))
+            _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", _float32(value))))
             for tag, value in scalars.items())
         event += _bytes_field(5, values)
     return event

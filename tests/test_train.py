@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from elmojax import BidirectionalLanguageModel, Batcher, hdf5, softmax, train
+from elmojax import BidirectionalLanguageModel, Batcher, data, evaluation, hdf5, loop, model_files, softmax, step
+from elmojax import trainer as trainer_lib
 from elmojax.embed import make_embed_fn
 from elmojax.model import BiLM, zero_state
 from elmojax.options import BiLMOptions
@@ -38,8 +39,8 @@ def test_heldout_perplexity_below_20(case, tmp_path):
         config.model.share_embedding_softmax = True
     if case == "skip_connections":
         config.model.lstm.use_skip_connections = True
-    train.train(config, str(tmp_path))
-    result = train.evaluate(config, str(tmp_path))
+    loop.train(config, str(tmp_path))
+    result = evaluation.evaluate(config, str(tmp_path))
     assert result["tokens"] == 139  # 134 words + one </S> target per sentence, each counted once
     assert result["perplexity"] < 20.0, result
     if case == "words_unidirectional":
@@ -51,15 +52,15 @@ def test_char_inputs_with_shared_softmax_raise(tmp_path):
     config = _config("chars")
     config.model.share_embedding_softmax = True
     with pytest.raises(ValueError, match="share_embedding_softmax needs word inputs"):
-        train.train(config, str(tmp_path))
+        loop.train(config, str(tmp_path))
 
 
 def test_restart_equals_straight_run(tmp_path):
     """N steps, stop, resume for N more == 2N steps straight: params, carry and data position."""
     n = 7
-    straight = train.train(_config(max_steps=2 * n), str(tmp_path / "straight"))
-    train.train(_config(max_steps=n), str(tmp_path / "resumed"))
-    resumed = train.train(_config(max_steps=2 * n), str(tmp_path / "resumed"))
+    straight = loop.train(_config(max_steps=2 * n), str(tmp_path / "straight"))
+    loop.train(_config(max_steps=n), str(tmp_path / "resumed"))
+    resumed = loop.train(_config(max_steps=2 * n), str(tmp_path / "resumed"))
     assert int(resumed.step) == int(straight.step) == 2 * n
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
@@ -67,16 +68,16 @@ def test_restart_equals_straight_run(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
     np.testing.assert_array_equal(np.asarray(straight.rng), np.asarray(resumed.rng))
     # and the model did move away from its initialization
-    fresh = train.Trainer(_config(), 32).init_params(jax.random.split(jax.random.PRNGKey(0))[0])
+    fresh = trainer_lib.Trainer(_config(), 32).init_params(jax.random.split(jax.random.PRNGKey(0))[0])
     assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
                for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(straight.params)))
 
 
 def test_export_embeds_like_the_training_params(tmp_path):
     config = _config(max_steps=20)
-    state = train.train(config, str(tmp_path / "work"))
+    state = loop.train(config, str(tmp_path / "work"))
     output = str(tmp_path / "export" / "elmo.hdf5")
-    exported = train.export(str(tmp_path / "work"), output)
+    exported = model_files.export(str(tmp_path / "work"), output)
     with open(exported["options"], encoding="utf-8") as f:
         assert json.load(f)["char_cnn"]["n_characters"] == 262
 
@@ -96,16 +97,16 @@ def test_export_embeds_like_the_training_params(tmp_path):
     assert vocab[:3] == ["<S>", "</S>", "<UNK>"] and len(vocab) == softmax_w.shape[0] == 32
 
     # an export can be evaluated, and gives the workdir's perplexity
-    by_export = train.evaluate(config, output)
-    by_workdir = train.evaluate(config, str(tmp_path / "work"))
+    by_export = evaluation.evaluate(config, output)
+    by_workdir = evaluation.evaluate(config, str(tmp_path / "work"))
     assert by_export["perplexity"] == pytest.approx(by_workdir["perplexity"], rel=1e-5)
 
 
 def test_fine_tune_on_a_new_vocabulary(tmp_path):
     """init_from an export: shared tokens keep their softmax rows, new ones start fresh."""
-    state = train.train(_config(max_steps=10), str(tmp_path / "base"))
+    state = loop.train(_config(max_steps=10), str(tmp_path / "base"))
     output = str(tmp_path / "export" / "elmo.hdf5")
-    train.export(str(tmp_path / "base"), output)
+    model_files.export(str(tmp_path / "base"), output)
     old_vocab = open(os.path.join(tmp_path, "export", "vocab.txt"), encoding="utf-8").read().split()
 
     new_vocab_file = tmp_path / "vocab.txt"
@@ -115,7 +116,7 @@ def test_fine_tune_on_a_new_vocabulary(tmp_path):
     config.train.learning_rate = 0.0  # look at the initialization itself
     config.data.vocab_file = str(new_vocab_file)
     config.init_from = output
-    tuned = train.train(config, str(tmp_path / "tuned"))
+    tuned = loop.train(config, str(tmp_path / "tuned"))
 
     trained_w = np.asarray(state.params["softmax"]["W"])
     tuned_w = np.asarray(tuned.params["softmax"]["W"])
@@ -136,7 +137,7 @@ from jax.sharding import Mesh
 sys.path[:0] = ["configs", "tests"]
 import tiny
 from conftest import padded_vocab_file
-from elmojax import train
+from elmojax import data, model_files, trainer as trainer_lib
 assert jax.device_count() == 4
 results = []
 for n_devices in (4, 1):
@@ -145,10 +146,10 @@ for n_devices in (4, 1):
     # a softmax over 8x the ids per step (2 x 4 samples + 2 x 4 x 2 targets): the row update
     config.train.update(n_negative_samples_batch=4, unroll_steps=2)
     config.data.vocab_file = padded_vocab_file(tempfile.mkdtemp(), 256)
-    vocab = train.load_vocab(config)
-    trainer = train.Trainer(config, vocab.size, Mesh(np.array(jax.devices()[:n_devices]), ("data",)))
+    vocab = model_files.load_vocab(config)
+    trainer = trainer_lib.Trainer(config, vocab.size, Mesh(np.array(jax.devices()[:n_devices]), ("data",)))
     state = trainer.create_state(jax.random.PRNGKey(0))
-    dataset = train.make_dataset(config, vocab, config.data.train_prefix, 4, config.train.unroll_steps, test=False)
+    dataset = data.make_dataset(config, vocab, config.data.train_prefix, 4, config.train.unroll_steps, test=False)
     batches = dataset.iter_batches()
     for _ in range(2):
         state, metrics = trainer.train_step(state, trainer.put_batch(next(batches)))
@@ -190,10 +191,10 @@ def test_quickstart_command_end_to_end(tmp_path):
 
 def test_fine_tune_from_a_workdir(tmp_path):
     """init_from another workdir's checkpoint with the same vocabulary keeps every trained row."""
-    base = train.train(_config(max_steps=5), str(tmp_path / "base"))
+    base = loop.train(_config(max_steps=5), str(tmp_path / "base"))
     config = _config(max_steps=1, learning_rate=0.0)
     config.init_from = str(tmp_path / "base")
-    tuned = train.train(config, str(tmp_path / "tuned"))
+    tuned = loop.train(config, str(tmp_path / "tuned"))
     for a, b in zip(jax.tree.leaves(base.params), jax.tree.leaves(tuned.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(tuned.step) == 1
@@ -202,9 +203,9 @@ def test_fine_tune_from_a_workdir(tmp_path):
 def test_word_input_export_is_its_own_embedding_file(tmp_path):
     from elmojax import TokenBatcher
 
-    state = train.train(_config("words", max_steps=5), str(tmp_path / "work"))
+    state = loop.train(_config("words", max_steps=5), str(tmp_path / "work"))
     output = str(tmp_path / "export" / "elmo.hdf5")
-    exported = train.export(str(tmp_path / "work"), output)
+    exported = model_files.export(str(tmp_path / "work"), output)
     bilm = BidirectionalLanguageModel(exported["options"], output, use_character_inputs=False,
                                       embedding_weight_file=output)
     ids = TokenBatcher(exported["vocab"]).batch_sentences([["these", "models", "use", "words"], ["the"]])
@@ -228,19 +229,19 @@ def test_vocabulary_row_update_equals_the_dense_update(inputs, shared, tmp_path)
     config.data.vocab_file = padded_vocab_file(tmp_path, 256)
     n_ids = 14 if inputs == "chars" else 20
     assert 256 >= softmax.ROW_UPDATE_MIN_RATIO * n_ids  # the step does take rows
-    vocab = train.load_vocab(config)
-    trainer = train.Trainer(config, vocab.size)
-    dataset = train.make_dataset(config, vocab, config.data.train_prefix, 1, 3, test=False)
+    vocab = model_files.load_vocab(config)
+    trainer = trainer_lib.Trainer(config, vocab.size)
+    dataset = data.make_dataset(config, vocab, config.data.train_prefix, 1, 3, test=False)
     batch = trainer.put_batch(next(dataset.iter_batches()))
     before = jax.device_get(trainer.create_state(jax.random.PRNGKey(1)))
     settings = trainer.settings
 
     # the dense step, written out
     _, loss_rng, sample_rng = jax.random.split(before.rng, 3)
-    samples = train.draw_samples(sample_rng, settings)
+    samples = step.draw_samples(sample_rng, settings)
 
     def loss_fn(params):
-        sums, _ = train.direction_losses(params, batch, before.lstm_state, loss_rng, model=trainer.model,
+        sums, _ = step.direction_losses(params, batch, before.lstm_state, loss_rng, model=trainer.model,
                                          settings=settings, training=True, samples=samples)
         return sum(total / count for total, count in sums.values()) / len(sums) * settings.unroll_steps
 
@@ -268,9 +269,9 @@ def test_bfloat16_compute_trains_like_float32():
     results = {}
     for dtype in ("float32", "bfloat16"):
         config = _config(compute_dtype=dtype)
-        vocab = train.load_vocab(config)
-        trainer = train.Trainer(config, vocab.size)
-        dataset = train.make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size,
+        vocab = model_files.load_vocab(config)
+        trainer = trainer_lib.Trainer(config, vocab.size)
+        dataset = data.make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size,
                                      config.train.unroll_steps, test=True)
         batch = trainer.put_batch(next(dataset.iter_batches()))
         state = trainer.create_state(jax.random.PRNGKey(0))
@@ -284,21 +285,21 @@ def test_bfloat16_compute_trains_like_float32():
 
 def test_blown_up_criteria():
     healthy = {"forward_perplexity": 110.0, "backward_perplexity": 112.0, "unigram_perplexity": 250.0}
-    assert not train.blown_up(healthy) and train.health_warning(healthy) is None
-    assert not train.blown_up({**healthy, "backward_perplexity": None})  # a forward-only model
-    assert not train.blown_up({**healthy, "backward_perplexity": 1.13 * 110.0})  # healthy runs' widest
+    assert not evaluation.blown_up(healthy) and evaluation.health_warning(healthy) is None
+    assert not evaluation.blown_up({**healthy, "backward_perplexity": None})  # a forward-only model
+    assert not evaluation.blown_up({**healthy, "backward_perplexity": 1.13 * 110.0})  # healthy runs' widest
     above_unigram = {**healthy, "forward_perplexity": 5e7}
     one_side = {**healthy, "backward_perplexity": 1.6 * 110.0}  # below the baseline, far above the other
     for result, worst in ((above_unigram, "forward"), (one_side, "backward")):
-        assert train.blown_up(result)
-        line = train.health_warning(result)
+        assert evaluation.blown_up(result)
+        line = evaluation.health_warning(result)
         assert line.startswith(f"warning: the {worst} LM is broken: heldout perplexity ")
         assert f"{result[worst + '_perplexity']:.6g}" in line and "state_reset_probability" in line
     # where training's own LSTM state says which of two things went wrong
-    trapped = train.health_warning(above_unigram, from_carry=healthy)
+    trapped = evaluation.health_warning(above_unigram, from_carry=healthy)
     assert ", but 110 from the LSTM state training ended in: from the zero LSTM state" in trapped
     assert "state_reset_probability" in trapped
-    untrained = train.health_warning(above_unigram, from_carry=above_unigram)
+    untrained = evaluation.health_warning(above_unigram, from_carry=above_unigram)
     assert "from the LSTM state training ended in: it has not learnt; train it longer" in untrained
 
 
@@ -307,9 +308,9 @@ def test_a_broken_model_is_reported_by_evaluate(tmp_path):
     perplexity (stderr) and says so in its JSON."""
     import h5py
 
-    train.train(_config(max_steps=5), str(tmp_path / "work"))
+    loop.train(_config(max_steps=5), str(tmp_path / "work"))
     output = str(tmp_path / "export" / "elmo.hdf5")
-    exported = train.export(str(tmp_path / "work"), output)
+    exported = model_files.export(str(tmp_path / "work"), output)
     with h5py.File(exported["softmax"], "r+") as f:
         f["softmax/b"][5] = 60.0  # every position's mass on one token
     command = [sys.executable, "-m", "elmojax.main", "--mode=evaluate", f"--model={output}",
@@ -325,8 +326,8 @@ def test_a_broken_model_is_reported_by_evaluate(tmp_path):
 def test_state_reset_zeroes_whole_rows():
     state = {d: ((jnp.ones((2000, 4)), jnp.ones((2000, 2))), (jnp.ones((2000, 4)), jnp.ones((2000, 2))))
              for d in ("forward", "backward")}
-    assert all(bool((x == 1).all()) for x in jax.tree.leaves(train.reset_rows(state, jax.random.PRNGKey(0), 0.0)))
-    reset = [np.asarray(x) for x in jax.tree.leaves(train.reset_rows(state, jax.random.PRNGKey(0), 0.3))]
+    assert all(bool((x == 1).all()) for x in jax.tree.leaves(step.reset_rows(state, jax.random.PRNGKey(0), 0.0)))
+    reset = [np.asarray(x) for x in jax.tree.leaves(step.reset_rows(state, jax.random.PRNGKey(0), 0.3))]
     zeroed = reset[0][:, 0] == 0
     for x in reset:  # a row is zeroed in every direction and layer, or kept whole
         np.testing.assert_array_equal(x, np.where(zeroed[:, None], 0.0, 1.0) * np.ones_like(x))
@@ -335,12 +336,12 @@ def test_state_reset_zeroes_whole_rows():
 
 def test_state_reset_probability_one_trains_from_the_zero_state():
     config = _config()
-    dataset = train.make_dataset(config, train.load_vocab(config), config.data.train_prefix, 2, 10, test=False)
+    dataset = data.make_dataset(config, model_files.load_vocab(config), config.data.train_prefix, 2, 10, test=False)
     batch = next(dataset.iter_batches())
     losses = []
     for probability, carry in ((1.0, 0.5), (0.0, 0.0)):  # a carried state reset == no state at all
         config.train.state_reset_probability = probability
-        trainer = train.Trainer(config, 32)
+        trainer = trainer_lib.Trainer(config, 32)
         state = trainer.create_state(jax.random.PRNGKey(0))
         state = state.replace(lstm_state=jax.tree.map(lambda x: x + carry, state.lstm_state))
         losses.append(float(trainer.train_step(state, trainer.put_batch(batch))[1]["loss"]))

@@ -1,0 +1,417 @@
+"""The training loop: the jitted train step (elmojax.trainer) between periodic actions.
+
+  train(config, workdir)
+    start: the workdir's newest readable checkpoint (state, and the data position saved with
+           it), or a fresh state (maybe from config.init_from)
+    every step: the next batch (read ahead in a thread), the train step, and a check that the
+           previous step's loss and gradient norm are finite
+    every train.log_every steps (and after the first few): a log line and metrics
+    every train.eval_every steps: heldout perplexity with the full softmax, and a warning if
+           the model looks broken
+    every train.checkpoint_every steps, at the end, and on SIGTERM or SIGINT: a checkpoint
+
+A non-finite loss or gradient norm stops the run with `Diverged`, before anything of it is
+saved; SIGTERM or SIGINT end it with `Interrupted` once the current step is saved.
+after_training(config, workdir, state) then does what the config asks for at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from elmojax import checkpoint, config as config_lib, data, files
+from elmojax.evaluation import Evaluator, evaluate, health_warning, summary
+from elmojax.metrics import MetricsWriter
+from elmojax.options import BiLMOptions
+from elmojax.model_files import VOCAB_FILE, architecture_difference, export, init_from, load_vocab, vocab_tokens
+from elmojax.step import TrainState
+from elmojax.trainer import Trainer
+from elmojax.vocab import Vocabulary
+from elmojax.workdir import locked
+
+log = logging.getLogger(__name__)
+
+FIRST_LOG_STEPS = 5  # the first log line comes this many steps into a run, before log_every
+
+
+class Diverged(ValueError):
+    """The loss or gradient norm is not finite: the run stopped; its checkpoints are from before."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the run, after saving a checkpoint of its last step."""
+
+
+@dataclasses.dataclass
+class Every:
+    """An action taken every `every` steps (none if every is 0 or None), and at the last step
+    if `at_end`."""
+    every: Optional[int]
+    action: Callable[[int, TrainState], None]
+    at_end: bool = True
+
+    def __call__(self, step: int, state: TrainState, last: bool) -> None:
+        if self.every and (step % self.every == 0 or (last and self.at_end)):
+            self.action(step, state)
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a request to stop after the current step (a second SIGINT
+    stops at once). With several processes, SIGTERM is JAX's preemption service's, which makes
+    all processes agree on the step to stop at; SIGINT is passed on to it."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._several = jax.process_count() > 1
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            ours = (signal.SIGINT,) if self._several else (signal.SIGINT, signal.SIGTERM)
+            for sig in ours:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        log.warning("%s: finishing the current step, then saving a checkpoint and stopping", self.received)
+        if self._several:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def requested(self, step: int) -> bool:
+        if self._several:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received is not None
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class Plan:
+    """How long a run trains."""
+    total_steps: int
+    steps_per_epoch: int
+    n_train_tokens: int
+    tokens_per_step: int
+
+
+def plan(config: ml_collections.ConfigDict, global_batch_size: int) -> Plan:
+    tc = config.train
+    n_train_tokens = tc.n_train_tokens or data.count_tokens(config.data.train_prefix)
+    tokens_per_step = global_batch_size * tc.unroll_steps
+    steps_per_epoch = max(1, int(n_train_tokens / tokens_per_step))
+    total_steps = tc.n_epochs * steps_per_epoch
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+    return Plan(total_steps, steps_per_epoch, n_train_tokens, tokens_per_step)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains, resuming from the workdir's newest checkpoint if there is one."""
+    config_lib.validate(config)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"{workdir}: the workdir is a file, not a directory")
+    vocab = load_vocab(config)
+    trainer = Trainer(config, vocab.size)
+    run_plan = plan(config, trainer.batch_size)
+    # Each process reads its own share of the shards and feeds its rows of the global batch.
+    process, n_processes = jax.process_index(), jax.process_count()
+    dataset = data.make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size // n_processes,
+                                config.train.unroll_steps, test=False, seed=config.train.seed,
+                                shard_subset=(process, n_processes))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        lock = locked(workdir) if process == 0 else contextlib.nullcontext()
+        with lock, StopSignals() as stop:
+            checkpointer = checkpoint.Checkpointer(workdir, config.train.keep_checkpoints)
+            try:
+                state = _start(config, workdir, trainer, vocab, dataset, checkpointer)
+                return Loop(config, workdir, trainer, dataset, checkpointer, run_plan, stop).run(state)
+            finally:
+                checkpointer.close()
+    except PermissionError as e:
+        raise ValueError(f"{e.filename or workdir}: not writable ({e.strerror}); training writes checkpoints there "
+                         f"(a finished run can still be evaluated or exported from it)") from None
+
+
+def _start(config, workdir: str, trainer: Trainer, vocab, dataset, checkpointer) -> TrainState:
+    """The newest readable checkpoint's state, with the dataset moved to its position; or a
+    fresh state, with the vocabulary and options.json written into the workdir."""
+    vocab_copy = os.path.join(workdir, VOCAB_FILE)
+    ours = config_lib.options_json(config, vocab.size)
+    if checkpoint.steps(workdir):
+        def abstract_state(meta: dict):
+            if meta["global_batch_size"] != trainer.batch_size:
+                raise checkpoint.CheckpointError(
+                    f"{workdir}: the checkpoint was trained with a global batch of {meta['global_batch_size']}, "
+                    f"this run has {trainer.batch_size}")
+            difference = architecture_difference(meta["options"], ours)
+            if difference:
+                raise checkpoint.CheckpointError(f"{workdir}: the checkpoint's model differs from the config's: "
+                                                 f"{difference}")
+            return trainer.abstract_state()
+
+        step, state, _, position = checkpoint.restore(workdir, abstract_state, on_damaged=checkpointer.set_aside)
+        if vocab_tokens(Vocabulary(vocab_copy)) != vocab_tokens(vocab):
+            raise ValueError(f"{config.data.vocab_file}: not the vocabulary the checkpoint in {workdir} was "
+                             f"trained with")
+        if position is None:
+            raise ValueError(f"{workdir}: checkpoint step {step} holds no data position for process "
+                             f"{jax.process_index()}")
+        dataset.load_state_dict(position)
+        log.info("resuming from %s at step %d", workdir, step)
+        return state
+    rng = jax.random.PRNGKey(config.train.seed)
+    params = None
+    if config.init_from:
+        params = init_from(trainer, trainer.init_params(jax.random.fold_in(rng, 1)), config.init_from,
+                           config.init_softmax_from, vocab_tokens(vocab))
+    if jax.process_index() == 0:
+        with files.atomic_output(vocab_copy) as tmp:
+            shutil.copyfile(vocab.filename, tmp)
+        files.write_json(os.path.join(workdir, "options.json"), ours)
+    return trainer.create_state(rng, params)
+
+
+class Loop:
+    """One run of train steps with its periodic actions (see the module docstring)."""
+
+    def __init__(self, config, workdir: str, trainer: Trainer, dataset, checkpointer, run_plan: Plan,
+                 stop: StopSignals):
+        self.config, self.workdir, self.trainer, self.dataset = config, workdir, trainer, dataset
+        self.checkpointer, self.plan, self.stop = checkpointer, run_plan, stop
+        self.writer = MetricsWriter(workdir) if jax.process_index() == 0 else None
+        self.meta = {"config": config.to_json(), "options": config_lib.options_json(config, dataset.vocab.size),
+                     "global_batch_size": trainer.batch_size}
+        self.data_position: Optional[dict] = None   # the dataset's position after the last batch trained on
+        self.unchecked: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked for finiteness
+        self.interval: list[tuple[float, float]] = []  # (loss, grad norm) of the steps since the last log
+        self.interval_start: Optional[float] = None  # when the interval's timing began (after compiling)
+        self.interval_steps = 0
+        self.saved_step: Optional[int] = None
+        self.evaluator: Optional[Evaluator] = None
+        tc = config.train
+        self.actions = [Every(tc.log_every, self.log), Every(tc.get("eval_every"), self.evaluate, at_end=False),
+                        Every(tc.checkpoint_every, self.save)]
+
+    def run(self, state: TrainState) -> TrainState:
+        step, total = int(state.step), self.plan.total_steps
+        first = step
+        if step >= total:
+            log.info("nothing left to train: the checkpoint in %s is at step %d of %d", self.workdir, step, total)
+        else:
+            log.info("training %s for %d steps (%d per epoch of %d tokens; global batch %d on %d device(s))",
+                     "chars" if self.trainer.settings.use_character_inputs else "words", total,
+                     self.plan.steps_per_epoch, self.plan.n_train_tokens, self.trainer.batch_size,
+                     self.trainer.n_devices)
+        batches = BatchPrefetcher(self.dataset)
+        try:
+            while step < total:
+                batch, self.data_position = next(batches)
+                state, metrics = self.trainer.train_step(state, self.trainer.put_batch(batch))
+                step += 1
+                self.unchecked.append((step, metrics))
+                self.check(keep_last=step > first + 1)  # the step before this one (the first: compiled, timed)
+                last = step == total
+                if step - first == FIRST_LOG_STEPS and not last:
+                    self.log(step, state)
+                for action in self.actions:
+                    action(step, state, last)
+                if self.stop.requested(step) and not last:
+                    if self.saved_step != step:
+                        self.save(step, state)
+                    raise Interrupted(f"stopped by {self.stop.received or 'a preemption notice'} at step {step} of "
+                                      f"{total}: its checkpoint is in {checkpoint.checkpoint_dir(self.workdir)}; "
+                                      f"run the same command again to resume")
+        finally:
+            batches.close()
+            if self.writer is not None:
+                self.writer.close()
+        return state
+
+    def check(self, keep_last: bool = False) -> None:
+        """Checks the steps' losses and gradient norms (all but the newest if `keep_last`, so that
+        the host does not wait for the step just dispatched); raises Diverged on one not finite."""
+        ready = self.unchecked[:-1] if keep_last else self.unchecked
+        self.unchecked = self.unchecked[len(ready):]
+        for step, metrics in ready:
+            loss, grad_norm = (float(v) for v in jax.device_get((metrics["loss"], metrics["grad_norm"])))
+            if self.interval_start is None:  # the first step of the run has compiled: timing starts
+                self.interval_start, self.interval_steps = time.monotonic(), 0
+            else:
+                self.interval.append((loss, grad_norm))
+                self.interval_steps += 1
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                newest = checkpoint.steps(self.workdir)
+                kept = (f"the newest checkpoint, step {newest[-1]} in {checkpoint.checkpoint_dir(self.workdir)}, is "
+                        f"from before it" if newest else "no checkpoint was saved")
+                raise Diverged(f"step {step}: training diverged (loss {loss}, gradient norm {grad_norm}) and "
+                               f"stopped; {kept}. Resume with a smaller --config.train.learning_rate or "
+                               f"--config.train.all_clip_norm_val")
+
+    def log(self, step: int, state: TrainState) -> None:
+        self.check()
+        if not self.interval:
+            return
+        loss, grad_norm = np.mean(self.interval, axis=0)
+        elapsed = time.monotonic() - self.interval_start
+        tokens_per_second = self.interval_steps * self.plan.tokens_per_step / elapsed
+        left = (self.plan.total_steps - step) * elapsed / self.interval_steps
+        if self.writer is not None:
+            log.info("step %d/%d  %.0f tokens/s  train perplexity (sampled softmax) %.2f  grad norm %.3g  %s left",
+                     step, self.plan.total_steps, tokens_per_second, np.exp(loss), grad_norm, _duration(left))
+            self.writer.scalars(step, {"train/loss": loss, "train/sampled_perplexity": float(np.exp(loss)),
+                                       "train/grad_norm": grad_norm, "train/tokens_per_second": tokens_per_second})
+        self.interval, self.interval_start, self.interval_steps = [], time.monotonic(), 0
+
+    def evaluate(self, step: int, state: TrainState) -> None:
+        if jax.process_index() != 0 or not self.config.data.heldout_prefix:
+            return  # process 0 evaluates on its own devices
+        self.check()
+        if self.evaluator is None:
+            ec = self.config.eval
+            self.evaluator = Evaluator(self.config, self.dataset.vocab, self.config.data.heldout_prefix,
+                                       ec.batch_size, ec.unroll_steps)
+        started = time.monotonic()
+        result = self.evaluator(_local_params(state))
+        self._exclude_from_timing(time.monotonic() - started)
+        log.info("step %d  %s", step, summary(result))
+        self.writer.scalars(step, {f"heldout/{name}": result[name] for name in
+                                   ("perplexity", "forward_perplexity", "backward_perplexity")
+                                   if result[name] is not None})
+        if result["blown_up"]:
+            log.warning("step %d  %s", step, health_warning(result))
+
+    def save(self, step: int, state: TrainState) -> None:
+        """Checkpoints the state after checking every step up to it: a run that diverged is never
+        saved, so the newest checkpoint is always a good one."""
+        self.check()
+        started = time.monotonic()
+        self.checkpointer.save(step, state, self.meta, self.data_position)
+        self._exclude_from_timing(time.monotonic() - started)
+        self.saved_step = step
+
+    def _exclude_from_timing(self, seconds: float) -> None:
+        """Evaluation and checkpoint time is not training time: tokens/s leaves it out."""
+        if self.interval_start is not None:
+            self.interval_start += seconds
+
+
+def _local_params(state: TrainState):
+    """The params as host arrays (replicated: this process's copy)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class BatchPrefetcher:
+    """Reads batches in a background thread so the device never waits for the host.
+
+    Yields (batch, data position after it): the position saved with a checkpoint must be that
+    of the last batch trained on, not of the batches read ahead.
+    """
+
+    def __init__(self, dataset, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(dataset,), daemon=True)
+        self._thread.start()
+
+    def _work(self, dataset) -> None:
+        try:
+            for batch in dataset.iter_batches():
+                if not self._put((batch, dataset.state_dict())):
+                    return
+            self._put(StopIteration())
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def after_training(config: ml_collections.ConfigDict, workdir: str, state: TrainState) -> list[str]:
+    """What the config asks for once training ends: heldout evaluation, export, and embedding
+    the example sentences with the exported model, all from the final `state`. Returns lines to
+    print."""
+    lines = []
+    if jax.process_index() != 0:  # process 0 evaluates and exports on its own devices
+        return lines
+    vocab = vocab_tokens(Vocabulary(os.path.join(workdir, VOCAB_FILE)))
+    trained = (_local_params(state), config_lib.options_json(config, len(vocab)), vocab)
+    if config.data.heldout_prefix:
+        result = evaluate(config, workdir, trained)
+        lines.append(summary(result))
+        if result["blown_up"]:
+            from_carry = None
+            if jax.process_count() == 1:  # (with several, the carry's rows are spread over the processes)
+                from_carry = evaluate(config, workdir, trained, initial_state=jax.device_get(state.lstm_state))
+            lines.append(health_warning(result, from_carry))
+    if config.export_after_training:
+        output = os.path.join(workdir, config.export_after_training)
+        exported = export(workdir, output, trained)
+        lines.append(f"exported {exported['weights']} with {exported['options']} and {exported['softmax']}")
+        if config.example_sentences and config.model.bidirectional and config_lib.use_character_inputs(config):
+            lines.extend(_embed_examples(exported, list(config.example_sentences)))
+    return lines
+
+
+def _embed_examples(exported: dict, sentences: list[str]) -> list[str]:
+    from elmojax.embed import BidirectionalLanguageModel
+    from elmojax.vocab import Batcher
+
+    options = BiLMOptions.from_dict(files.read_json(exported["options"]))
+    bilm = BidirectionalLanguageModel(exported["options"], exported["weights"])
+    batcher = Batcher(exported["vocab"], options.char_cnn.max_characters_per_token)
+    tokens = [s.split() for s in sentences]
+    out = bilm(batcher.batch_sentences(tokens))
+    lines = [f"embedded {len(tokens)} example sentences: lm_embeddings {out['lm_embeddings'].shape}"]
+    # mean-pooled top layer: how alike the sentences look to the model
+    pooled = [out["lm_embeddings"][i, -1, : len(t)].mean(axis=0) for i, t in enumerate(tokens)]
+    unit = [p / np.linalg.norm(p) for p in pooled]
+    for i in range(len(unit)):
+        for j in range(i + 1, len(unit)):
+            lines.append(f"  cosine(sentence {i}, sentence {j}) = {float(unit[i] @ unit[j]):.3f}")
+    return lines

@@ -1,0 +1,106 @@
+"""The trainer: a config's model, optimizer and jitted steps over a device mesh.
+
+Data parallelism: a Mesh over all devices with one axis, 'data'. Batches and the LSTM carry are
+sharded along the batch dimension, params and optimizer state replicated; one jitted step each
+for training and evaluation (elmojax.step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from elmojax import config as config_lib, numerics
+from elmojax.batch import Batch, to_device
+from elmojax.model import BiLM, zero_state
+from elmojax.options import BiLMOptions
+from elmojax.step import TrainState, eval_step, loss_settings, make_optimizer, train_step
+
+
+class Trainer:
+    """The model, optimizer, mesh and jitted steps for one config and vocabulary size."""
+
+    def __init__(self, config: ml_collections.ConfigDict, n_vocab: int, mesh: Optional[Mesh] = None):
+        self.config = config
+        self.options: BiLMOptions = config_lib.bilm_options(config, n_vocab)
+        if self.options.char_cnn is not None and config.model.share_embedding_softmax:
+            raise ValueError("share_embedding_softmax needs word inputs: a char CNN has no softmax-sized "
+                             "embedding table to share (as in bilm-tf)")
+        self.settings = loss_settings(config, n_vocab)
+        if self.settings.n_negative_samples_batch > n_vocab:
+            raise ValueError(f"train.n_negative_samples_batch ({self.settings.n_negative_samples_batch}) exceeds "
+                             f"the vocabulary ({n_vocab} tokens): the sampler draws distinct ids")
+        self.model = BiLM(self.options, self.settings.use_character_inputs, dropout_rate=self.settings.dropout,
+                          precision=self.settings.precision, scan_unroll=config.train.get("scan_unroll", 1),
+                          compute_dtype=self.settings.compute_dtype)
+        self.tx = make_optimizer(config)
+        self.mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.sharded = NamedSharding(self.mesh, P("data"))
+        self.n_devices = self.mesh.devices.size
+        self.batch_size = config.train.batch_size * self.n_devices  # global
+        self.state_sharding = TrainState(
+            step=self.replicated, params=self.replicated, opt_state=self.replicated,
+            lstm_state=self.sharded, rng=self.replicated)
+        self.train_step = numerics.jit(
+            functools.partial(train_step, model=self.model, tx=self.tx, settings=self.settings),
+            in_shardings=(self.state_sharding, self.sharded), out_shardings=(self.state_sharding, self.replicated),
+            donate_argnums=(0,))
+        self.eval_step = numerics.jit(
+            functools.partial(eval_step, model=self.model, settings=self.settings),
+            in_shardings=(self.replicated, self.sharded, self.sharded), out_shardings=(self.sharded, self.replicated))
+
+    def init_params(self, rng: jax.Array) -> dict:
+        o, s = self.options, self.settings
+        width = o.char_cnn.max_characters_per_token if s.use_character_inputs else None
+        ids = jnp.ones((1, 1, width) if width else (1, 1), jnp.int32)
+        model_rng, softmax_rng = jax.random.split(rng)
+        params = {"bilm": self.model.init(model_rng, ids, zero_state(o, 1))["params"]}
+        # bilm-tf: normal(0, 1/sqrt(dim)) softmax weights, zero biases
+        params["softmax"] = {"b": jnp.zeros((s.n_vocab,), jnp.float32)}
+        if not s.share_embedding_softmax:
+            params["softmax"]["W"] = jax.random.normal(softmax_rng, (s.n_vocab, o.projection_dim)) / np.sqrt(
+                o.projection_dim)
+        return params
+
+    def create_state(self, rng: jax.Array, params: Optional[dict] = None,
+                     batch_size: Optional[int] = None) -> TrainState:
+        """A fresh TrainState: new params (or `params`), a new optimizer state, a zero carry for
+        `batch_size` rows (default: the global batch)."""
+        params_rng, state_rng = jax.random.split(rng)
+        params = self.init_params(params_rng) if params is None else params
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                           lstm_state=zero_state(self.options, batch_size or self.batch_size), rng=state_rng)
+        return jax.device_put(state, self.state_sharding)
+
+    def abstract_state(self, batch_size: Optional[int] = None) -> TrainState:
+        """create_state's shapes, dtypes and shardings (what a checkpoint restores into)."""
+        shapes = jax.eval_shape(lambda: self.create_state(jax.random.PRNGKey(0), batch_size=batch_size))
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                            _broadcast_sharding(self.state_sharding, shapes))
+
+    def put_batch(self, host_batch: dict) -> Batch:
+        """A host batch (elmojax.data) on the devices, as the steps take it (batch.to_device)."""
+        max_width = self.options.char_cnn.max_width if self.settings.use_character_inputs else None
+        return to_device(host_batch, self.sharded, max_width)
+
+    def zero_lstm_state(self, batch_size: int):
+        return jax.device_put(zero_state(self.options, batch_size), self.sharded)
+
+
+def _broadcast_sharding(prefix: TrainState, tree: TrainState) -> TrainState:
+    return TrainState(**{f.name: jax.tree.map(lambda _: getattr(prefix, f.name), getattr(tree, f.name))
+                         for f in dataclasses.fields(TrainState)})
+
+
+def local_mesh() -> Mesh:
+    """This process's devices: evaluation and export run on process 0 alone."""
+    return Mesh(np.array(jax.local_devices()), ("data",))

@@ -26,6 +26,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
+    import elmojax
+
+    elmojax.setup()  # the process-wide settings the command lines apply
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
 

@@ -35,6 +35,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--peak-gflops", type=float, default=0.0,
                         help="the machine's fp32 matmul rate; measured when 0")
     args = parser.parse_args(argv)
+    import elmojax
+
+    elmojax.setup()  # the process-wide settings the command lines apply
     if args.device != "default":
         os.environ["JAX_PLATFORMS"] = args.device
 

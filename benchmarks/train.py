@@ -77,6 +77,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", choices=["cpu", "gpu", "default"], default="default")
     parser.add_argument("--peak-gflops", type=float, default=0.0)
     args = parser.parse_args(argv)
+    import elmojax
+
+    elmojax.setup()  # the process-wide settings the command lines apply
     if args.device != "default":
         os.environ["JAX_PLATFORMS"] = args.device
 

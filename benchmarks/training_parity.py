@@ -361,6 +361,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--corpus", default="", help="a python -m elmojax.prepare directory: heldout perplexity "
                                                     "of the final weights")
     args = parser.parse_args(argv)
+    import elmojax
+
+    elmojax.setup()  # the process-wide settings the command lines apply
     result = compare(Record(args.record), args.steps or None, args.perturbation, args.corpus)
     for key, value in result.items():
         print(f"{key:24s} {value}", file=sys.stderr)

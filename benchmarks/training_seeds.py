@@ -155,6 +155,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--tf-python", default="/tmp/tf/bin/python", help="bilm_tf.py's environment's python")
     parser.add_argument("--out", required=True, help="JSON lines, one per run (appended; resumes)")
     args = parser.parse_args(argv)
+    import elmojax
+
+    elmojax.setup()  # the process-wide settings the command lines apply
 
     from elmojax import evaluation, files
 

@@ -1,12 +1,8 @@
 """elmojax: ELMo's character-based bidirectional LSTM language model in JAX/Flax."""
 
-from elmojax import hostmem
-
-# Before JAX starts its CPU client: see elmojax.hostmem.
-hostmem.keep_freed_memory()
-
 from elmojax.elmo import ScalarMix, weight_layers
 from elmojax.embed import BidirectionalLanguageModel, dump_bilm_embeddings, dump_token_embeddings
+from elmojax.runtime import setup
 from elmojax.vocab import Batcher, TokenBatcher, UnicodeCharsVocabulary, Vocabulary
 
 __version__ = "0.1.0"
@@ -20,5 +16,6 @@ __all__ = [
     "Vocabulary",
     "dump_bilm_embeddings",
     "dump_token_embeddings",
+    "setup",
     "weight_layers",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from typing import Any, Callable, Optional
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_PREFIX = "damaged-"  # a damaged step's directory is renamed so, out of orbax's sight
+SAVE_MARGIN_BYTES = 256 << 10  # a checkpoint's metadata beyond its arrays, about
 
 
 class CheckpointError(ValueError):
@@ -41,7 +43,8 @@ def _data_handler() -> ocp.JsonCheckpointHandler:
 
 
 def _manager(workdir: str, keep: Optional[int] = None, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+    # read_only: nothing is created or cleaned up (orbax's own read_only option logs at every use)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
                                            enable_async_checkpointing=False)
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(), "data": _data_handler()}
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
@@ -67,15 +70,28 @@ class Checkpointer:
         self._manager = _manager(workdir, keep)
 
     def save(self, step: int, state: Any, meta: dict, data_position: dict) -> None:
+        """Writes the step; on failure (a full disk, say) removes what it wrote and raises a
+        CheckpointError, the earlier steps untouched."""
+        needed = int(1.1 * sum(x.nbytes for x in jax.tree.leaves(state))) + SAVE_MARGIN_BYTES
+        free = shutil.disk_usage(checkpoint_dir(self.workdir)).free
+        if free < needed:  # found before writing anything (tensorstore fails a full disk noisily)
+            raise CheckpointError(f"{checkpoint_dir(self.workdir)}: no room for the checkpoint of step {step} "
+                                  f"(it needs about {_megabytes(needed)}, {_megabytes(free)} are free); the "
+                                  f"earlier checkpoints are intact")
+        absl_log = logging.getLogger("absl")  # orbax logs its writer threads' failures with tracebacks
+        level = absl_log.level
+        absl_log.setLevel(logging.CRITICAL)
         try:
             self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
                 data=ocp.args.JsonSave(data_position)), force=True)
             self._manager.wait_until_finished()
-        except OSError as e:
+        except Exception as e:  # tensorstore reports I/O failures as ValueError, the rest as OSError
             self._remove_unfinished()
             raise CheckpointError(f"{checkpoint_dir(self.workdir)}: could not write the checkpoint of step {step} "
-                                  f"({e.strerror or e}); the earlier checkpoints are intact") from None
+                                  f"({_reason(e)}); the earlier checkpoints are intact") from None
+        finally:
+            absl_log.setLevel(level)
 
     def _remove_unfinished(self) -> None:
         """Removes what a failed save left (orbax writes a step under a temporary name first)."""
@@ -97,6 +113,20 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _reason(error: Exception) -> str:
+    """What went wrong, briefly: the operating system's words where it says."""
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if code:
+        return os.strerror(int(code.group(1)))
+    return " ".join(str(error).split())[:300] or type(error).__name__
 
 
 def restore(workdir: str, abstract_state: Callable[[dict], Any], on_damaged: Optional[Callable[[int], None]] = None
@@ -128,7 +158,7 @@ def restore(workdir: str, abstract_state: Callable[[dict], Any], on_damaged: Opt
             except CheckpointError:
                 raise
             except Exception as e:  # orbax and tensorstore raise many kinds; each means this step is unusable
-                reason = " ".join(str(e).split())[:300] or type(e).__name__
+                reason = _reason(e)
                 failures.append((step, reason))
                 log.warning("warning: checkpoint step %d in %s cannot be read (%s); trying the one before it",
                             step, checkpoint_dir(workdir), reason)

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from elmojax.embed import dump_bilm_embeddings, dump_token_embeddings
+from elmojax.runtime import setup
 
 
 def main(argv=None) -> int:
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
     bilm.add_argument("--stateful", action="store_true",
                       help="carry LSTM state from line to line, one line at a time, as bilm-tf does")
     args = parser.parse_args(argv)
+    setup()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "tokens":

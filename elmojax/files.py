@@ -40,17 +40,52 @@ def atomic_output(path: str) -> Iterator[str]:
     A reader never sees a half-written file: on an exception the temporary file is removed
     and `path` is left as it was.
     """
+    with _temporary_beside(path) as tmp:
+        yield tmp
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _temporary_beside(path: str) -> Iterator[str]:
+    """A temporary file's path in `path`'s directory, removed at the end unless renamed."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a directory; give a file name to write")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
         yield tmp
-        os.replace(tmp, path)
-    except BaseException:
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        raise
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: list[str]) -> Iterator[dict[str, str]]:
+    """atomic_output for several files written together: yields {path: temporary path}; only
+    once all are written are they renamed onto their paths. On an exception every temporary
+    file is removed and no path is touched."""
+    with contextlib.ExitStack() as stack:
+        temporary = {}
+        for path in paths:
+            temporary[path] = stack.enter_context(_temporary_beside(path))
+        yield temporary
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
+
+
+def write_bytes(contents: dict[str, bytes]) -> None:
+    """Writes each {path: bytes} atomically, all or none, flushed to disk before the renames."""
+    with atomic_outputs(list(contents)) as temporary:
+        for path, data in contents.items():
+            try:
+                with open(temporary[path], "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:  # named by the file the user asked for, not the temporary one
+                raise OSError(e.errno, e.strerror, path) from None
 
 
 def write_json(path: str, obj: dict) -> None:

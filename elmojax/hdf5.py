@@ -17,6 +17,7 @@ load -> save -> load is bit-identical.
 
 from __future__ import annotations
 
+import io
 from typing import Any, Callable, Iterator, Optional
 
 import h5py
@@ -179,8 +180,27 @@ def load_weights(weight_file: str, options: BiLMOptions, use_character_inputs: b
     return params
 
 
+def _image(datasets: list[tuple[str, np.ndarray]]) -> bytes:
+    """An hdf5 file holding the datasets, as bytes. Files are built in memory and then written
+    with plain file I/O, so that a full disk is an OSError like any other (HDF5's own writes
+    can crash the process on one)."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        for name, value in datasets:
+            if value.dtype == object:  # strings
+                f.create_dataset(name, data=value, dtype=h5py.string_dtype("utf-8"))
+            else:
+                f.create_dataset(name, data=value)
+    return buffer.getvalue()
+
+
 def save_weights(params: Params, options: BiLMOptions, weight_file: str) -> None:
     """Writes the params in bilm-tf's weight-file schema (atomically); inverse of `load_weights`."""
+    files.write_bytes({weight_file: weights_image(params, options, weight_file)})
+
+
+def weights_image(params: Params, options: BiLMOptions, weight_file: str) -> bytes:
+    """save_weights' file as bytes, after every check (names in errors are weight_file's)."""
     params = _join_lstm_kernels(params)
     layout = embedder_layout(options) + lstm_layout(options)
     known = {path for _, path, _ in layout}
@@ -194,10 +214,7 @@ def save_weights(params: Params, options: BiLMOptions, weight_file: str) -> None
             raise ValueError(f"{weight_file}: params entry {'/'.join(path)} (dataset '{name}') has shape "
                              f"{value.shape}, but the options need {shape}")
         arrays.append((name, value))
-    with files.atomic_output(weight_file) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for name, value in arrays:
-                f.create_dataset(name, data=value)
+    return _image(arrays)
 
 
 def load_token_embeddings(embedding_file: str, dim: Optional[int] = None) -> np.ndarray:
@@ -214,25 +231,27 @@ def load_token_embeddings(embedding_file: str, dim: Optional[int] = None) -> np.
 
 def save_token_embeddings(embeddings: np.ndarray, embedding_file: str) -> None:
     embeddings = check_finite(np.asarray(embeddings, dtype=np.float32), embedding_file, "embedding")
-    with files.atomic_output(embedding_file) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("embedding", data=embeddings)
+    files.write_bytes({embedding_file: _image([("embedding", embeddings)])})
 
 
 def save_softmax(weights: np.ndarray, biases: np.ndarray, softmax_file: str,
                  vocab: Optional[list[str]] = None) -> None:
     """Writes softmax/W (vocab, dim) and softmax/b (vocab,), and the vocabulary they index."""
+    files.write_bytes({softmax_file: softmax_image(weights, biases, softmax_file, vocab)})
+
+
+def softmax_image(weights: np.ndarray, biases: np.ndarray, softmax_file: str,
+                  vocab: Optional[list[str]] = None) -> bytes:
+    """save_softmax's file as bytes, after every check."""
     weights, biases = np.asarray(weights), np.asarray(biases)
     if weights.ndim != 2 or biases.shape != (weights.shape[0],):
         raise ValueError(f"{softmax_file}: softmax W {weights.shape} and b {biases.shape} do not fit together")
     check_finite(weights, softmax_file, "softmax/W")
     check_finite(biases, softmax_file, "softmax/b")
-    with files.atomic_output(softmax_file) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("softmax/W", data=weights)
-            f.create_dataset("softmax/b", data=biases)
-            if vocab is not None:
-                f.create_dataset("vocab", data=np.array(vocab, dtype=object), dtype=h5py.string_dtype("utf-8"))
+    datasets = [("softmax/W", weights), ("softmax/b", biases)]
+    if vocab is not None:
+        datasets.append(("vocab", np.array(vocab, dtype=object)))
+    return _image(datasets)
 
 
 def load_softmax(softmax_file: str) -> tuple[np.ndarray, np.ndarray, Optional[list[str]]]:

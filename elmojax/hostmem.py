@@ -6,7 +6,7 @@ in a small model's training step on the 2-core benchmark machine that was 11k pa
 19 ms of system time in a 50 ms step. A pad of freed memory kept at the top of malloc's heaps
 (M_TOP_PAD, 64 MiB) removes those faults; the price is holding those pages once used.
 
-`import elmojax` applies it, because it only takes for heaps made afterwards: it must come before
+`elmojax.setup()` applies it (elmojax.runtime); it only takes for heaps made afterwards, so it must come before
 JAX starts its CPU client (whose threads get their own malloc arenas), that is before the first
 array or jax.devices() call. To keep glibc's behaviour, or choose another pad, set
 MALLOC_TOP_PAD_ (glibc's own variable, in bytes; its default is 131072) in the environment.

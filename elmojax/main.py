@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+import elmojax
 from elmojax import evaluation, loop, metrics, model_files
 from elmojax.checkpoint import CheckpointError
 
@@ -54,6 +56,7 @@ def initialize_distributed() -> None:
 
 def main(argv) -> None:
     del argv
+    elmojax.setup()
     initialize_distributed()
     logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -88,5 +91,31 @@ def main(argv) -> None:
         sys.exit(1)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad --config file or field reported in one line (exit 2)
+    instead of a traceback."""
+    config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    if config_file and not os.path.isfile(config_file.split(":")[0]):
+        _usage_error(f"--config={config_file}: no such config file")
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # config_flags raises whatever loading or overriding raised
+        text = str(e)
+        if isinstance(e, (AttributeError, KeyError)):  # an override of a field the config does not have
+            key = re.search(r"'([A-Za-z0-9_]+)", text)
+            flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key
+                         and key.group(1) in a.split("=", 1)[0].split(".")), "--config")
+            hint = re.search(r'Did you mean "([^"]+)"', text)
+            _usage_error(f"{flag}: no such config field" + (f" (did you mean '{hint.group(1)}'?)" if hint else ""))
+        if "Traceback" in text:  # raised by the config file's get_config: its last line says what
+            _usage_error(f"--config={config_file}: {text.strip().splitlines()[-1]}")
+        _usage_error(" ".join(text.split()))
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -143,21 +143,23 @@ def init_from(trainer: Trainer, fresh: dict, path: str, softmax_file: str, vocab
 
 def export(path: str, output: str, trained: Optional[tuple] = None) -> dict:
     """Writes a trained model as bilm-tf files: weights (hdf5), options.json (n_characters 262)
-    beside them, the softmax (softmax/W, softmax/b, and the vocabulary) and vocab.txt."""
+    beside them, the softmax (softmax/W, softmax/b, and the vocabulary) and vocab.txt.
+    All four are written together or not at all (a full disk leaves nothing behind)."""
+    if os.path.isdir(output):
+        raise ValueError(f"--output={output}: a directory; give the weight file to write (FILE.hdf5)")
     params, options_d, tokens = trained or load_trained(path)
     options = BiLMOptions.from_dict(options_d, source=path)
     exported = exported_files(output)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    hdf5.save_weights(params["bilm"], options, output)
     prediction_options = dict(options_d)
     if "char_cnn" in prediction_options:
         prediction_options["char_cnn"] = {**prediction_options["char_cnn"], "n_characters": N_CHARACTERS_PREDICT}
-    files.write_json(exported["options"], prediction_options)
     softmax_w = params["softmax"].get("W")
     if softmax_w is None:  # shared with the word embedding
         softmax_w = params["bilm"]["embedder"]["embedding"]
-    hdf5.save_softmax(softmax_w, params["softmax"]["b"], exported["softmax"], tokens)
-    with files.atomic_output(exported["vocab"]) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(t + "\n" for t in tokens))
+    files.write_bytes({
+        output: hdf5.weights_image(params["bilm"], options, output),
+        exported["options"]: (json.dumps(prediction_options, indent=2) + "\n").encode("utf-8"),
+        exported["softmax"]: hdf5.softmax_image(softmax_w, params["softmax"]["b"], exported["softmax"], tokens),
+        exported["vocab"]: "".join(t + "\n" for t in tokens).encode("utf-8"),
+    })
     return exported

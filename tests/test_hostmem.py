@@ -1,4 +1,4 @@
-"""elmojax.hostmem: importing elmojax makes malloc keep freed memory, so that repeated jitted
+"""elmojax.hostmem: elmojax.setup() makes malloc keep freed memory, so that repeated jitted
 calls stop page-faulting their buffers in; MALLOC_TOP_PAD_ in the environment opts out."""
 
 import os
@@ -11,10 +11,11 @@ import pytest
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's M_TOP_PAD is glibc's")
 
 # Minor page faults per call of a jitted function whose temporaries (several MiB) are allocated
-# anew on every call, measured after `import elmojax`.
+# anew on every call, measured after `elmojax.setup()`.
 FAULTS_PER_CALL = r"""
 import resource
-import elmojax  # noqa: F401
+import elmojax
+elmojax.setup()
 import jax, jax.numpy as jnp
 
 @jax.jit

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -149,7 +150,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 return Loop(config, workdir, trainer, dataset, checkpointer, run_plan, stop).run(state)
             finally:
                 checkpointer.close()
-    except PermissionError as e:
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
         raise ValueError(f"{e.filename or workdir}: not writable ({e.strerror}); training writes checkpoints there "
                          f"(a finished run can still be evaluated or exported from it)") from None
 

@@ -94,7 +94,7 @@ def main(argv) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad --config file or field reported in one line (exit 2)
     instead of a traceback."""
-    config_file = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    config_file = ([a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")] or [None])[-1]  # absl: the last
     if config_file and not os.path.isfile(config_file.split(":")[0]):
         _usage_error(f"--config={config_file}: no such config file")
     try:

@@ -218,10 +218,11 @@ def prepare(inputs: Sequence[str], output: str, heldout_fraction: float = 0.01, 
 
 
 def config_flags(summary: dict) -> list[str]:
-    """The flags that point `python -m elmojax.main` at the prepared data (elmojax/config.py's names)."""
-    flags = [f"--config.data.train_prefix={shlex.quote(summary['train_pattern'])}"]
-    if summary["heldout_pattern"]:
-        flags.append(f"--config.data.heldout_prefix={shlex.quote(summary['heldout_pattern'])}")
+    """The flags that point `python -m elmojax.main` at the prepared data (elmojax/config.py's names),
+    all of them: without a heldout split, an empty heldout_prefix, so that no config's own heldout
+    data (another corpus, another vocabulary) is scored instead."""
+    flags = [f"--config.data.train_prefix={shlex.quote(summary['train_pattern'])}",
+             f"--config.data.heldout_prefix={shlex.quote(summary['heldout_pattern'] or '')}"]
     flags.append(f"--config.data.vocab_file={shlex.quote(summary['vocab_file'])}")
     flags.append(f"--config.train.n_train_tokens={summary['train_tokens']}")
     return flags

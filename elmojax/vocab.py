@@ -7,11 +7,14 @@ around each sentence, ids + 1, 0 = padding.
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
 
 from elmojax import files
+
+log = logging.getLogger(__name__)
 
 BOS, EOS, UNK = "<S>", "</S>", "<UNK>"
 
@@ -30,10 +33,15 @@ class Vocabulary:
         self.filename = filename
         self._id_to_word: list[str] = []
         self._word_to_id: dict[str, int] = {}
-        for _, line in files.read_lines(filename):
+        line_of: dict[str, int] = {}
+        for number, line in files.read_lines(filename):
             word = line.strip()
             if word == "!!!MAXTERMID":  # a marker some vocab dumps carry; not a token
                 continue
+            if validate_file and word in line_of:
+                raise ValueError(f"{filename}, line {number}: '{word}' is already on line {line_of[word]}; "
+                                 f"a vocabulary lists each token once")
+            line_of.setdefault(word, number)
             self._word_to_id[word] = len(self._id_to_word)
             self._id_to_word.append(word)
         required = (BOS, EOS, UNK) if validate_file else (BOS, EOS)
@@ -44,6 +52,11 @@ class Vocabulary:
         self._bos = self._word_to_id[BOS]
         self._eos = self._word_to_id[EOS]
         self._unk = self._word_to_id.get(UNK, -1)
+        if validate_file and max(self._bos, self._eos, self._unk) > 2:
+            # the sampled softmax's log-uniform sampler takes ids as frequency ranks
+            log.warning("warning: %s: %s are not its first three lines; bilm-tf's vocabularies put them first, "
+                        "then the tokens by descending count (python -m elmojax.prepare writes one so)",
+                        filename, ", ".join((BOS, EOS, UNK)))
 
     @property
     def bos(self) -> int:

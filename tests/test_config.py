@@ -63,6 +63,7 @@ def test_bilm_options_file_is_honoured(tmp_path):
 
 @pytest.mark.parametrize("change,error", [
     ({"unknown_field": 1}, "unknown options field 'unknown_field'"),
+    ({"n_epoch": 3}, r"unknown options field 'n_epoch' \(did you mean 'n_epochs'\?\)"),
     ({"lstm": {"dim": 24, "projection_dim": 12, "use_skip_connection": True}},
      "unknown field 'lstm.use_skip_connection'"),
     ({"char_cnn": {"filters": [[1, 4]], "embedding": {"dim": 4, "size": 3}, "max_characters_per_token": 5,

@@ -54,6 +54,8 @@ def test_vocab_order_and_specials(corpus, tmp_path):
     assert len(vocab) == 3 + 4 + 100 + 1 and summary["vocab_size"] == len(vocab)
     Vocabulary(str(tmp_path / "out" / "vocab.txt"), validate_file=True)
     assert not os.path.exists(tmp_path / "out" / "heldout") and summary["heldout_pattern"] is None
+    # without a heldout split the flags still say so: no config's own heldout data is scored instead
+    assert "--config.data.heldout_prefix=''" in prep.config_flags(summary)
 
     prep.prepare([path], str(tmp_path / "min2"), heldout_fraction=0, min_count=2)
     assert read(tmp_path / "min2" / "vocab.txt") == ["<S>", "</S>", "<UNK>", "a", "b", "c", "d"]

@@ -85,6 +85,17 @@ def test_vocab_without_sentence_markers_is_an_error(tmp_path, missing):
             make()
 
 
+def test_a_training_vocabulary_is_checked(tmp_path, caplog):
+    path = tmp_path / "vocab.txt"
+    path.write_text("<S>\n</S>\n<UNK>\nthe\nof\nthe\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"vocab.txt, line 6: 'the' is already on line 4"):
+        Vocabulary(str(path), validate_file=True)
+    path.write_text("the\n<S>\n</S>\n<UNK>\n", encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        Vocabulary(str(path), validate_file=True)
+    assert "are not its first three lines" in caplog.text
+
+
 def test_vocab_not_utf8_names_file_and_line(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("<S>\n</S>\ncaf\xe9\n".encode("latin-1"))

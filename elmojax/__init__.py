@@ -1,4 +1,25 @@
-"""elmojax: ELMo's character-based bidirectional LSTM language model in JAX/Flax."""
+"""elmojax: ELMo's character-based bidirectional LSTM language model in JAX/Flax.
+
+Using a trained biLM: `BidirectionalLanguageModel` (embed.py) on `Batcher` ids (vocab.py),
+mixed by `weight_layers` or `ScalarMix` (elmo.py); the modules are model.py's and lstm.py's,
+the weights bilm-tf's hdf5 files (hdf5.py).
+
+Training, from the command line down:
+
+  main.py         python -m elmojax.main: train, evaluate or export, with one-line errors
+  loop.py         train(): resume or start, then the step between periodic actions (log,
+                  heldout evaluation, checkpoint), stopping on divergence or a signal
+    data/         host batches with bilm-tf's semantics, read ahead (data.BatchPrefetcher)
+    batch.py      to_device(): a host batch as the typed Batch the step takes
+    trainer.py    the mesh, shardings and jitted steps
+    step.py       the pure math: TrainState, losses, train_step, eval_step
+    evaluation.py heldout perplexity and the blow-up check
+    checkpoint.py orbax checkpoints (state, metadata, each process's data position)
+    workdir.py    the workdir's lock; metrics.py: TensorBoard and metrics.jsonl
+  model_files.py  trained models in and out: load_trained, init_from, export
+
+Importing elmojax changes no process-wide setting; entry points call `elmojax.setup()`.
+"""
 
 from elmojax.elmo import ScalarMix, weight_layers
 from elmojax.embed import BidirectionalLanguageModel, dump_bilm_embeddings, dump_token_embeddings

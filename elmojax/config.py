@@ -144,7 +144,7 @@ _FIELDS = {
     "train.state_reset_probability": _number(lambda v: 0 <= v <= 1, "a number from 0 to 1"),
     "train.dropout": _number(lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
     "train.all_clip_norm_val": _number(lambda v: v > 0, "a number above 0"),
-    "train.learning_rate": _number(lambda v: v > 0, "a number above 0"),
+    "train.learning_rate": _number(lambda v: v >= 0, "a number of at least 0"),  # 0: the params stay
     "train.n_epochs": _integer(1), "train.n_train_tokens": _integer(1), "train.max_steps": _integer(1),
     "train.seed": _integer(0), "train.log_every": _integer(1), "train.eval_every": _integer(0),
     "train.checkpoint_every": _integer(1), "train.keep_checkpoints": _integer(1), "train.scan_unroll": _integer(1),

@@ -23,7 +23,6 @@ import errno
 import logging
 import math
 import os
-import queue
 import shutil
 import signal
 import threading
@@ -99,7 +98,10 @@ class StopSignals:
         if self._several:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step)
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # JAX's preemption service is off (jax_enable_preemption_service)
+                return False
         return self.received is not None
 
     def __exit__(self, *exc) -> None:
@@ -227,7 +229,7 @@ class Loop:
                      "chars" if self.trainer.settings.use_character_inputs else "words", total,
                      self.plan.steps_per_epoch, self.plan.n_train_tokens, self.trainer.batch_size,
                      self.trainer.n_devices)
-        batches = BatchPrefetcher(self.dataset)
+        batches = data.BatchPrefetcher(self.dataset)
         try:
             while step < total:
                 batch, self.data_position = next(batches)
@@ -328,51 +330,6 @@ def _local_params(state: TrainState):
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class BatchPrefetcher:
-    """Reads batches in a background thread so the device never waits for the host.
-
-    Yields (batch, data position after it): the position saved with a checkpoint must be that
-    of the last batch trained on, not of the batches read ahead.
-    """
-
-    def __init__(self, dataset, depth: int = 4):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(dataset,), daemon=True)
-        self._thread.start()
-
-    def _work(self, dataset) -> None:
-        try:
-            for batch in dataset.iter_batches():
-                if not self._put((batch, dataset.state_dict())):
-                    return
-            self._put(StopIteration())
-        except BaseException as e:  # handed to the consumer, raised there
-            self._put(e)
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def after_training(config: ml_collections.ConfigDict, workdir: str, state: TrainState) -> list[str]:

@@ -74,7 +74,7 @@ def test_twenty_steps(replayed):
 def test_the_records_tell_a_changed_recipe_apart(name, change, monkeypatch):
     """The comparison has teeth: with one detail of the recipe left out, the first step's update
     no longer matches (so the records have the clips in play, and so on)."""
-    from elmojax import model
+    from elmojax import lstm
 
     record = training_parity.Record(os.path.join(RECORDS, name + ".npz"))
     if change in ("cell_clip", "proj_clip"):
@@ -82,7 +82,7 @@ def test_the_records_tell_a_changed_recipe_apart(name, change, monkeypatch):
     elif change == "all_clip_norm_val":
         record.options = {**record.options, change: 1e9}
     else:
-        monkeypatch.setattr(model, "FORGET_BIAS", 0.0)
+        monkeypatch.setattr(lstm, "FORGET_BIAS", 0.0)
     _, _, snapshots = training_parity.replay(record, steps=1)
     want = record.variables("after_1")
     worst = max(training_parity.relative_difference(snapshots[1][k], want[k]) for k in want)

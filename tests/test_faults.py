@@ -263,7 +263,7 @@ def test_sigterm_and_sigint_save_and_stop_and_kill_9_loses_at_most_one_interval(
     (["--config=configs/nope.py"], "error: --config=configs/nope.py: no such config file"),
     (["--config.train.batchsize=2"], "error: --config.train.batchsize: no such config field (did you mean 'batch_size'?)"),
     (["--config.train.dropout=1.5"], "error: config: train.dropout must be a number from 0 up to (not including) 1, got 1.5"),
-    (["--config.train.learning_rate=-0.1"], "error: config: train.learning_rate must be a number above 0, got -0.1"),
+    (["--config.train.learning_rate=-0.1"], "error: config: train.learning_rate must be a number of at least 0, got -0.1"),
     (["--config.train.n_epochs=0"], "error: config: train.n_epochs must be an integer of at least 1, got 0"),
     (["--workdir=README.md"], "error: README.md: the workdir is a file, not a directory"),
     (["--mode=export", "--output=tests"], "error: --output=tests: a directory; give the weight file to write"),

@@ -20,7 +20,8 @@ import pytest
 from elmojax.elmo import ScalarMix, weight_layers
 from elmojax import embed
 from elmojax.embed import distinct_tokens, trim_char_ids
-from elmojax.model import BiLM, CharCNNEmbedder, LSTMLayer, zero_state
+from elmojax.lstm import LSTMLayer
+from elmojax.model import BiLM, CharCNNEmbedder, zero_state
 from elmojax.options import BiLMOptions, CharCNNOptions, LSTMOptions
 
 # float32 against float64: tight enough that a wrong gate order, forget bias, clip or

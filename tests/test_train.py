@@ -245,7 +245,7 @@ def test_vocabulary_row_update_equals_the_dense_update(inputs, shared, tmp_path)
                                          settings=settings, training=True, samples=samples)
         return sum(total / count for total, count in sums.values()) / len(sums) * settings.unroll_steps
 
-    grads = jax.grad(loss_fn)(before.params)
+    grads = jax.jit(jax.grad(loss_fn))(before.params)  # (jitted: op by op, the char CNN's grad takes a minute)
     updates, want_opt_state = trainer.tx.update(grads, before.opt_state, before.params)
     want_params = jax.device_get(optax.apply_updates(before.params, updates))
     want_opt_state = jax.device_get(want_opt_state)

@@ -1,322 +1,76 @@
-"""Training and evaluation batches of a sharded text corpus, with bilm-tf's semantics.
+"""The window packer: one direction's batches, bilm-tf's `_get_batch`.
 
-A dataset is a glob pattern of shard files, one whitespace-tokenized sentence per line (UTF-8;
-blank lines are skipped). Shards are taken in sorted path order for indexing, so a pattern
-always means the same shard list.
+Each of the `batch_size` rows is a stream of sentences cut into windows of `unroll_steps`
+tokens. A sentence cut at a window's end goes on in the same row of the next batch; a row whose
+sentence is used up takes the next sentence of the shared stream (rows filled in order
+0..batch_size-1). A sentence of n words is [<S>, w1..wn, </S>] and gives n + 1 (input, target)
+pairs; the backward stream reads [</S>, wn..w1, <S>]. Evaluation pads the last batch, so every
+heldout token counts once (bilm-tf drops it).
 
-Training (`test=False`) runs forever: each pass visits the shards in a fresh random order and
-each shard's sentences are shuffled when it is loaded, as bilm-tf's LMDataset does. Evaluation
-(`test=True`) reads each shard once, in sorted order, unshuffled; the stream then ends after the
-last real token (bilm-tf drops the final partial batch; here it is padded, so every heldout
-token counts exactly once).
-
-Batches follow bilm-tf's `_get_batch`: each of the `batch_size` rows is a stream of sentences
-cut into windows of `unroll_steps` tokens; a sentence cut at a window's end goes on in the same
-row of the next batch, and a row whose sentence is used up takes the next sentence of the shared
-stream (rows filled in order 0..batch_size-1). A sentence of n words is [<S>, w1..wn, </S>] and
-gives n + 1 (input, target) pairs; the backward stream reads [</S>, wn..w1, <S>].
-
-Ids use the prediction layout of the model inputs: `token_ids` and `char_ids` are vocabulary /
-character ids + 1 with 0 = padding; `next_token_id` are plain vocabulary ids (softmax classes),
-0 where padded; `weights` is 1.0 on real positions and 0.0 on padding.
-
-`state_dict()` / `load_state_dict()` resume a stream exactly: the batches after a restore equal
-those that would have followed. The state holds positions and the random generator's state,
-never the sentences, which are read again from the shards.
+A shard is read and encoded once when it is loaded: the words of its sentences become one
+flat array of vocabulary ids. Each direction then lays the loaded shard's sentences out in
+stream order as (input, target) pairs in a flat buffer, so a row's window is at most two
+contiguous runs of that buffer (the rest of its current sentence, then the next sentences of
+the stream, which follow one another there) and a whole batch is a few gathers.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 from bisect import bisect_left
-from collections import OrderedDict
-from itertools import chain
 from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from elmojax import config as config_lib, files
-from elmojax.vocab import UNK, UnicodeCharsVocabulary, Vocabulary
+from elmojax.data.order import SentenceSource
+from elmojax.data.shards import Shard, ShardCache, list_shards, subset
+from elmojax.vocab import UnicodeCharsVocabulary, Vocabulary
 
 STATE_VERSION = 1
 
-Batch = dict[str, np.ndarray]
+Batch = dict[str, np.ndarray]  # a host batch: bilm-tf's arrays by name (elmojax.batch.to_device sends it)
 
-
-def list_shards(pattern: str) -> list[str]:
-    """The files matching a glob pattern, sorted; an error naming the pattern if there are none."""
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
-    if not paths:
-        raise FileNotFoundError(f"no files match the dataset pattern {pattern!r}")
-    return paths
-
-
-def _subset(shards: list[str], pattern: str, subset: tuple[int, int]) -> list[str]:
-    """Shards index, index + count, ...: one process's share when several read the data."""
-    index, count = subset
-    if not 0 <= index < count:
-        raise ValueError(f"shard_subset {subset}: need 0 <= index < count")
-    if len(shards) < count:
-        raise ValueError(f"the dataset pattern {pattern!r} matches {len(shards)} shard(s), fewer than the "
-                         f"{count} processes that share them; split the data into at least {count} shards")
-    return shards[index::count]
-
-
-def count_tokens(pattern: str) -> int:
-    """Number of words in a dataset (no <S>/</S>), as bilm-tf's n_train_tokens counts them."""
-    return sum(len(line.split()) for path in list_shards(pattern) for _, line in files.read_lines(path))
-
-
-def _read_sentences(path: str) -> tuple[list[str], list[int]]:
-    """The non-blank lines of a shard and their 1-based line numbers."""
-    sentences: list[str] = []
-    line_numbers: list[int] = []
-    for number, line in files.read_lines(path):
-        if line.strip():
-            sentences.append(line)
-            line_numbers.append(number)
-    return sentences, line_numbers
-
-
-# --- shards as arrays ------------------------------------------------------------------------
-#
-# A shard is read and encoded once when it is loaded: the words of its sentences become one
-# flat array of vocabulary ids. Each direction then lays the loaded shard's sentences out in
-# stream order as (input, target) pairs in a flat buffer, so a row's window is at most two
-# contiguous runs of that buffer (the rest of its current sentence, then the next sentences of
-# the stream, which follow one another there) and a whole batch is a few gathers.
-
-_LINES_PER_CHUNK = 8192  # lines split at a time while encoding, to bound the memory of word strings
 _NO_BAD = 1 << 62
 
 
-class _WordIds(dict):
-    """word -> vocabulary id, looked up with vocab.word_to_id the first time a word is seen.
-
-    -1 stands for a word the vocabulary cannot encode (it has no <UNK>). With `spell`, each word
-    that becomes <UNK> (other than a literal <UNK>) is spelled once: `spelled` maps it to its row
-    in `rows` (vocab.word_to_char_ids, as the character inputs must spell the real word).
-    """
-
-    def __init__(self, vocab: Vocabulary, spell: bool):
-        super().__init__()
-        self.vocab = vocab
-        self.unk = vocab.unk
-        self.spell = spell
-        self.spelled: dict[str, int] = {}
-        self.rows: list[np.ndarray] = []
-
-    def __missing__(self, word: str) -> int:
-        try:
-            index = self.vocab.word_to_id(word)
-        except KeyError:
-            index = -1
-        if self.spell and index >= 0 and index == self.unk and word != UNK:
-            self.spelled[word] = len(self.rows)
-            self.rows.append(self.vocab.word_to_char_ids(word))
-        self[word] = index
-        return index
+def resolve_vocab(vocab: Union[str, Vocabulary], max_characters_per_token: Optional[int]) -> Vocabulary:
+    if isinstance(vocab, (str, os.PathLike)):
+        if max_characters_per_token is None:
+            return Vocabulary(os.fspath(vocab), validate_file=True)
+        return UnicodeCharsVocabulary(os.fspath(vocab), max_characters_per_token, validate_file=True)
+    if not isinstance(vocab, Vocabulary):
+        raise TypeError(f"vocab must be a vocabulary file path or a Vocabulary, got {type(vocab).__name__}")
+    if max_characters_per_token is not None:
+        if not isinstance(vocab, UnicodeCharsVocabulary):
+            raise ValueError("max_characters_per_token is set but vocab is not a UnicodeCharsVocabulary; "
+                             "pass the vocabulary file path instead")
+        if vocab.max_word_length != max_characters_per_token:
+            raise ValueError(f"max_characters_per_token={max_characters_per_token} but the vocabulary spells "
+                             f"tokens with max_word_length={vocab.max_word_length}")
+    return vocab
 
 
-class _Shard:
-    """A shard's sentences (its non-blank lines, in file order) as flat vocabulary ids.
-
-    words: the ids of all words, sentence after sentence, then one spare 0 (so that reading one
-    past either end of a sentence stays in bounds); sentence s is words[starts[s]:starts[s + 1]].
-    bad: sentences with a word the vocabulary cannot encode. spelled_at / spelled_rows: the word
-    positions that are <UNK> as ids but spelled as themselves, and their rows of `spelled` (char
-    ids + 1).
-    """
-
-    __slots__ = ("words", "starts", "lengths", "line_numbers", "bad", "spelled_at", "spelled_rows", "spelled")
-
-    @property
-    def n(self) -> int:
-        return len(self.lengths)
+def check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
-def _encode_shard(path: str, vocab: Vocabulary, spell: bool) -> _Shard:
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        for _ in files.read_lines(path):  # the error that names the line
-            pass
-        raise
-    del raw
-    lines = text.split("\n")  # the lines read_lines gives (line.split() ignores a trailing \r)
-    del text
-    word_ids = _WordIds(vocab, spell)
-    lookup = word_ids.__getitem__
-    id_parts, length_parts, number_parts = [], [], []
-    spelled_at: list[int] = []
-    spelled_rows: list[int] = []
-    n_words = 0
-    for first in range(0, len(lines), _LINES_PER_CHUNK):
-        split = [line.split() for line in lines[first:first + _LINES_PER_CHUNK]]
-        lengths = np.fromiter(map(len, split), np.int64, len(split))
-        kept = np.flatnonzero(lengths)  # blank lines are skipped
-        flat = list(chain.from_iterable(split))
-        del split
-        ids = np.fromiter(map(lookup, flat), np.int32, len(flat))
-        if word_ids.spelled:
-            for p in np.flatnonzero(ids == word_ids.unk).tolist():
-                row = word_ids.spelled.get(flat[p])
-                if row is not None:
-                    spelled_at.append(n_words + p)
-                    spelled_rows.append(row)
-        id_parts.append(ids)
-        length_parts.append(lengths[kept])
-        number_parts.append(kept + first + 1)
-        n_words += len(flat)
-    shard = _Shard()
-    shard.words = np.concatenate(id_parts + [np.zeros(1, np.int32)])
-    shard.lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, np.int64)
-    shard.line_numbers = np.concatenate(number_parts) if number_parts else np.zeros(0, np.int64)
-    shard.starts = np.zeros(len(shard.lengths) + 1, np.int64)
-    np.cumsum(shard.lengths, out=shard.starts[1:])
-    unknown = np.flatnonzero(shard.words[:n_words] < 0)
-    shard.bad = np.unique(np.searchsorted(shard.starts, unknown, side="right") - 1)
-    shard.spelled_at = np.array(spelled_at, np.int64)
-    shard.spelled_rows = np.array(spelled_rows, np.int64)
-    if spell:
-        width = vocab.max_word_length
-        shard.spelled = (np.stack(word_ids.rows).astype(np.int32) + 1 if word_ids.rows
-                         else np.zeros((0, width), np.int32))
-    return shard
+class Batches:
+    """Iteration over `next_batch()`, which returns None once an evaluation stream has ended."""
 
+    def next_batch(self) -> Optional[Batch]:
+        raise NotImplementedError
 
-class _ShardCache:
-    """The encoded shards last loaded, shared by the datasets of one vocabulary (each kept while
-    its file is unchanged, so that a small corpus is not encoded again every pass)."""
+    def iter_batches(self) -> Iterator[Batch]:
+        """Batches from the current position: forever when training, to the end when testing."""
+        while True:
+            batch = self.next_batch()
+            if batch is None:
+                return
+            yield batch
 
-    CAPACITY = 2
-
-    def __init__(self, vocab: Vocabulary, use_chars: bool):
-        self.vocab = vocab
-        self.use_chars = use_chars
-        self._shards: OrderedDict = OrderedDict()
-
-    def shard(self, path: str) -> _Shard:
-        st = os.stat(path)
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
-        cached = self._shards.get(path)
-        if cached is not None and cached[0] == stamp:
-            self._shards.move_to_end(path)
-            return cached[1]
-        self._shards.pop(path, None)
-        shard = _encode_shard(path, self.vocab, self.use_chars)
-        self._shards[path] = (stamp, shard)
-        while len(self._shards) > self.CAPACITY:
-            self._shards.popitem(last=False)
-        return shard
-
-
-class _SentenceSource:
-    """The shared sentence stream of one dataset: shards in pass order, sentences in shard order.
-
-    `advance()` loads shards until the loaded one has a sentence not yet drawn (False once an
-    evaluation stream is used up); the caller draws sentences by moving `sentence_position`
-    (the sentence drawn k-th from the loaded shard is `order_of_loaded()[k]`). The random
-    generator is used, in this order, for each pass's shard order and for each shard's sentence
-    order when it is loaded; saving its state from just before the current shard was loaded lets
-    a restore rebuild that shard's order by drawing it again.
-    """
-
-    def __init__(self, shards: list[str], test: bool, rng: np.random.Generator, read):
-        self.shards = shards
-        self.test = test
-        self.rng = rng
-        self.read = read  # shard index -> _Shard
-        self.passes = 0  # passes started
-        self.order: Optional[list[int]] = None  # shard indices of the current pass
-        self.position = -1  # index in `order` of the loaded shard
-        self.sentence_position = 0  # next entry of the loaded shard's sentence order
-        self.sentences_in_pass = 0
-        self.exhausted = False
-        self.load_rng_state: Optional[dict] = None
-        self.encoded: Optional[_Shard] = None
-        self.n_sentences = 0
-        self.permutation: Optional[np.ndarray] = None
-
-    @property
-    def shard(self) -> Optional[int]:
-        return None if self.position < 0 else self.order[self.position]
-
-    def order_of_loaded(self) -> np.ndarray:
-        return np.arange(self.n_sentences) if self.permutation is None else self.permutation
-
-    def _start_pass(self) -> None:
-        n = len(self.shards)
-        self.order = list(range(n)) if self.test else self.rng.permutation(n).tolist()
-        self.passes += 1
-        self.position = -1
-        self.sentences_in_pass = 0
-
-    def _load(self, position: int) -> None:
-        self.position = position
-        self.load_rng_state = self.rng.bit_generator.state
-        self.encoded = self.read(self.order[position])
-        self.n_sentences = self.encoded.n
-        self.permutation = None if self.test else self.rng.permutation(self.n_sentences)
-        self.sentence_position = 0
-
-    def advance(self) -> bool:
-        if self.exhausted:
-            return False
-        while self.order is None or self.sentence_position >= self.n_sentences:
-            if self.order is None or self.position + 1 >= len(self.order):
-                if self.order is not None:
-                    if self.test:
-                        self.exhausted = True
-                        return False
-                    if self.sentences_in_pass == 0:
-                        raise ValueError(f"the shards {self.shards} hold no sentences (all lines are blank)")
-                self._start_pass()
-            self._load(self.position + 1)
-        return True
-
-    def text(self, shard: int, index: int) -> tuple[str, str, int]:
-        """(sentence, shard path, line number) of a sentence, read again from its shard."""
-        sentences, line_numbers = _read_sentences(self.shards[shard])
-        return sentences[index], self.shards[shard], line_numbers[index]
-
-    def state_dict(self) -> dict:
-        return {
-            "passes": self.passes,
-            "shard_order": None if self.order is None else list(self.order),
-            "shard_position": self.position,
-            "sentence_position": self.sentence_position,
-            "sentences_in_pass": self.sentences_in_pass,
-            "shard_sentences": self.n_sentences if self.position >= 0 else None,
-            "exhausted": self.exhausted,
-            "shard_rng_state": self.load_rng_state,
-            "rng_state": self.rng.bit_generator.state,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        order = state["shard_order"]
-        if order is not None and sorted(order) != list(range(len(self.shards))):
-            raise ValueError(f"saved shard order {order} does not fit the {len(self.shards)} shards found")
-        self.passes = int(state["passes"])
-        self.order = None if order is None else [int(i) for i in order]
-        self.sentences_in_pass = int(state["sentences_in_pass"])
-        self.exhausted = bool(state["exhausted"])
-        self.encoded, self.n_sentences, self.permutation = None, 0, None
-        self.load_rng_state = None
-        self.position = -1
-        self.sentence_position = 0
-        if int(state["shard_position"]) >= 0:
-            # Draw the loaded shard's sentence order again from the generator state it came from.
-            self.rng.bit_generator.state = state["shard_rng_state"]
-            self._load(int(state["shard_position"]))
-            if self.n_sentences != state["shard_sentences"]:
-                raise ValueError(f"{self.shards[self.shard]} has {self.n_sentences} sentences, the saved state "
-                                 f"{state['shard_sentences']}; the dataset changed since the state was saved")
-            self.sentence_position = int(state["sentence_position"])
-        self.rng.bit_generator.state = state["rng_state"]
+    __iter__ = iter_batches
 
 
 class _Stream:
@@ -336,47 +90,7 @@ class _Stream:
         return int(self.bad[i]) if i < len(self.bad) else _NO_BAD
 
 
-def _resolve_vocab(vocab: Union[str, Vocabulary], max_characters_per_token: Optional[int]) -> Vocabulary:
-    if isinstance(vocab, (str, os.PathLike)):
-        if max_characters_per_token is None:
-            return Vocabulary(os.fspath(vocab), validate_file=True)
-        return UnicodeCharsVocabulary(os.fspath(vocab), max_characters_per_token, validate_file=True)
-    if not isinstance(vocab, Vocabulary):
-        raise TypeError(f"vocab must be a vocabulary file path or a Vocabulary, got {type(vocab).__name__}")
-    if max_characters_per_token is not None:
-        if not isinstance(vocab, UnicodeCharsVocabulary):
-            raise ValueError("max_characters_per_token is set but vocab is not a UnicodeCharsVocabulary; "
-                             "pass the vocabulary file path instead")
-        if vocab.max_word_length != max_characters_per_token:
-            raise ValueError(f"max_characters_per_token={max_characters_per_token} but the vocabulary spells "
-                             f"tokens with max_word_length={vocab.max_word_length}")
-    return vocab
-
-
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-class _Batches:
-    """Iteration over `next_batch()`, which returns None once an evaluation stream has ended."""
-
-    def next_batch(self) -> Optional[Batch]:
-        raise NotImplementedError
-
-    def iter_batches(self) -> Iterator[Batch]:
-        """Batches from the current position: forever when training, to the end when testing."""
-        while True:
-            batch = self.next_batch()
-            if batch is None:
-                return
-            yield batch
-
-    __iter__ = iter_batches
-
-
-class LMDataset(_Batches):
+class LMDataset(Batches):
     """One direction of a language-model data stream (bilm-tf's LMDataset + _get_batch).
 
     vocab: a Vocabulary / UnicodeCharsVocabulary, or a vocabulary file path (then loaded with
@@ -392,21 +106,21 @@ class LMDataset(_Batches):
                  reverse: bool = False, test: bool = False, seed: int = 0,
                  max_characters_per_token: Optional[int] = None, shard_subset: tuple[int, int] = (0, 1)):
         self.pattern = pattern
-        self.vocab = _resolve_vocab(vocab, max_characters_per_token)
+        self.vocab = resolve_vocab(vocab, max_characters_per_token)
         self.use_chars = isinstance(self.vocab, UnicodeCharsVocabulary)
         self.max_characters_per_token = self.vocab.max_word_length if self.use_chars else None
-        self.batch_size = _check_positive("batch_size", batch_size)
-        self.unroll_steps = _check_positive("unroll_steps", unroll_steps)
+        self.batch_size = check_positive("batch_size", batch_size)
+        self.unroll_steps = check_positive("unroll_steps", unroll_steps)
         self.reverse = bool(reverse)
         self.test = bool(test)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
-        self.shards = _subset(list_shards(pattern), pattern, shard_subset)
+        self.shards = subset(list_shards(pattern), pattern, shard_subset)
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(self.seed, spawn_key=(int(self.reverse),))))
-        self._shard_cache = _ShardCache(self.vocab, self.use_chars)
+        self._shard_cache = ShardCache(self.vocab, self.use_chars)
         self._char_rows = np.asarray(self.vocab.word_char_ids, dtype=np.int32) if self.use_chars else None
-        self._source = _SentenceSource(self.shards, self.test, rng, self._read_shard)
+        self._source = SentenceSource(self.shards, self.test, rng, self._read_shard)
         self._steps = np.arange(self.unroll_steps, dtype=np.int64)[None, :]
         self._reset_rows()
         self._batches = 0
@@ -414,7 +128,7 @@ class LMDataset(_Batches):
         self._tokens = 0
         self._ended = False
 
-    def _read_shard(self, shard: int) -> _Shard:
+    def _read_shard(self, shard: int) -> Shard:
         return self._shard_cache.shard(self.shards[shard])
 
     def _reset_rows(self) -> None:
@@ -439,7 +153,7 @@ class LMDataset(_Batches):
     def _buffer_end(self) -> int:
         return self._base + len(self._inputs) - 1
 
-    def _place(self, shard: int, encoded: _Shard, order: np.ndarray, keep_from: int) -> _Stream:
+    def _place(self, shard: int, encoded: Shard, order: np.ndarray, keep_from: int) -> _Stream:
         """Appends the pairs of sentences `order` of a shard to the buffer, dropping the pairs
         before address `keep_from` (none of which may be used again)."""
         order = np.asarray(order, dtype=np.int64)
@@ -760,57 +474,3 @@ class LMDataset(_Batches):
     def _share_with(self, other: "LMDataset") -> None:
         """Use `other`'s encoded shards (same vocabulary, nothing loaded yet)."""
         self._shard_cache = other._shard_cache
-
-
-class BidirectionalLMDataset(_Batches):
-    """A forward and a backward LMDataset over the same shards, batched together.
-
-    Each batch holds the forward arrays ('token_ids', 'char_ids', 'next_token_id', 'weights')
-    and the backward ones with the suffix '_reverse'. The two streams shuffle independently
-    (as in bilm-tf). When testing, both read the same sentences in the same order, so they end
-    together; should one end first, its arrays are padding until the other ends.
-    """
-
-    def __init__(self, pattern: str, vocab: Union[str, Vocabulary], batch_size: int, unroll_steps: int,
-                 test: bool = False, seed: int = 0, max_characters_per_token: Optional[int] = None,
-                 shard_subset: tuple[int, int] = (0, 1)):
-        vocab = _resolve_vocab(vocab, max_characters_per_token)
-        kwargs = dict(batch_size=batch_size, unroll_steps=unroll_steps, test=test, seed=seed,
-                      shard_subset=shard_subset)
-        self.forward = LMDataset(pattern, vocab, reverse=False, **kwargs)
-        self.backward = LMDataset(pattern, vocab, reverse=True, **kwargs)
-        self.backward._share_with(self.forward)
-        self.pattern = pattern
-        self.vocab = vocab
-        self.batch_size = self.forward.batch_size
-        self.unroll_steps = self.forward.unroll_steps
-        self.test = self.forward.test
-        self.use_chars = self.forward.use_chars
-        self.max_characters_per_token = self.forward.max_characters_per_token
-
-    def next_batch(self) -> Optional[Batch]:
-        forward, backward = self.forward.next_batch(), self.backward.next_batch()
-        if forward is None and backward is None:
-            return None
-        batch = dict(forward if forward is not None else self.forward.empty_batch())
-        backward = backward if backward is not None else self.backward.empty_batch()
-        batch.update({f"{key}_reverse": value for key, value in backward.items()})
-        return batch
-
-
-    def state_dict(self) -> dict:
-        return {"forward": self.forward.state_dict(), "backward": self.backward.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.forward.load_state_dict(state["forward"])
-        self.backward.load_state_dict(state["backward"])
-
-
-def make_dataset(config, vocab, prefix: str, batch_size: int, unroll_steps: int, test: bool, seed: int = 0,
-                 shard_subset: tuple[int, int] = (0, 1)):
-    if not prefix:
-        raise ValueError("no data: set --config.data.train_prefix=GLOB (and heldout_prefix for evaluation)")
-    chars = config.model.char_cnn.max_characters_per_token if config_lib.use_character_inputs(config) else None
-    cls = BidirectionalLMDataset if config.model.bidirectional else LMDataset
-    return cls(prefix, vocab, batch_size, unroll_steps, test=test, seed=seed, max_characters_per_token=chars,
-               shard_subset=shard_subset)

@@ -30,15 +30,15 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Run in the checkout under test: its own train() (elmojax.loop's, or train.py's before it).
 WORKER = r"""
-import json, sys, time
+import json, os, sys, time
 config = json.loads(sys.argv[1])
 import elmojax
 if hasattr(elmojax, "setup"):
     elmojax.setup()
 from elmojax.config import base_config
-try:
+if os.path.exists(os.path.join(os.path.dirname(elmojax.__file__), "loop.py")):
     from elmojax.loop import train
-except ImportError:
+else:  # (an editable install would find a loop.py elsewhere)
     from elmojax.train import train
 c = base_config()
 c.model.char_cnn.update(config["char_cnn"])

@@ -186,6 +186,9 @@ def _start(config, workdir: str, trainer: Trainer, vocab, dataset, checkpointer)
         dataset.load_state_dict(position)
         log.info("resuming from %s at step %d", workdir, step)
         return state
+    warning = data.count_order_warning(vocab, dataset.shards[0]) if jax.process_index() == 0 else None
+    if warning:
+        log.warning(warning)
     rng = jax.random.PRNGKey(config.train.seed)
     params = None
     if config.init_from:

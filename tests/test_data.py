@@ -1,6 +1,7 @@
 """The data stream: bilm-tf's windows written out by hand, evaluation ends, exact resume."""
 
 import json
+import glob
 import os
 
 import numpy as np
@@ -441,3 +442,19 @@ def test_resume_matches_reference_construction(tmp_path):
             if m < n:
                 assert_identical({key: batch[key] for key in forward[m]}, forward[m])
                 assert_identical({key: batch[key + "_reverse"] for key in backward[m]}, backward[m])
+
+
+def test_a_vocabulary_not_by_count_is_warned_about(tmp_path):
+    from elmojax.data import count_order_warning
+    from elmojax.vocab import Vocabulary
+
+    sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "elmojax", "resources",
+                          "kjv_sample")
+    shard = sorted(glob.glob(os.path.join(sample, "train", "*.txt")))[0]
+    by_count = os.path.join(sample, "vocab.txt")
+    assert count_order_warning(Vocabulary(by_count, validate_file=True), shard) is None
+    tokens = open(by_count, encoding="utf-8").read().split()
+    alphabetical = tmp_path / "vocab.txt"
+    alphabetical.write_text("\n".join(tokens[:3] + sorted(tokens[3:])) + "\n", encoding="utf-8")
+    warning = count_order_warning(Vocabulary(str(alphabetical), validate_file=True), shard)
+    assert warning.startswith(f"warning: {alphabetical}: its tokens are not in descending order of count")

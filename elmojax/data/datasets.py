@@ -29,6 +29,7 @@ class BidirectionalLMDataset(Batches):
         self.backward = LMDataset(pattern, vocab, reverse=True, **kwargs)
         self.backward._share_with(self.forward)
         self.pattern = pattern
+        self.shards = self.forward.shards
         self.vocab = vocab
         self.batch_size = self.forward.batch_size
         self.unroll_steps = self.forward.unroll_steps

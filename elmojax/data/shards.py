@@ -11,6 +11,7 @@ import glob
 import os
 from collections import OrderedDict
 from itertools import chain
+from typing import Optional
 
 import numpy as np
 
@@ -176,3 +177,27 @@ class ShardCache:
         while len(self._shards) > self.CAPACITY:
             self._shards.popitem(last=False)
         return shard
+
+
+def count_order_warning(vocab: Vocabulary, path: str, top: int = 1000) -> Optional[str]:
+    """A warning line when the vocabulary's tokens are far from descending count in the shard
+    at `path` (the sampled softmax's log-uniform sampler takes ids as frequency ranks, so an
+    alphabetical vocabulary, say, samples the wrong negatives); None when they follow it, or
+    when the shard is too small to tell. The order is compared by rank correlation over the
+    `top` first tokens."""
+    specials = {vocab.bos, vocab.eos, vocab.unk}
+    ids = encode_shard(path, vocab, spell=False).words[:-1]
+    counts = np.bincount(ids[ids >= 0], minlength=vocab.size)
+    tokens = np.array([i for i in range(min(vocab.size, top + 3)) if i not in specials])
+    if len(tokens) < 10 or counts[tokens].sum() < 1000:
+        return None
+    by_count = np.argsort(np.argsort(-counts[tokens], kind="stable"))  # each token's rank by count
+    correlation = float(np.corrcoef(np.arange(len(tokens)), by_count)[0, 1])
+    if correlation >= COUNT_ORDER_MIN_CORRELATION:
+        return None
+    return (f"warning: {vocab.filename}: its tokens are not in descending order of count in {path} (rank "
+            f"correlation {correlation:.2f}); the sampled softmax draws ids as frequency ranks, so build the "
+            f"vocabulary by count (python -m elmojax.prepare does)")
+
+
+COUNT_ORDER_MIN_CORRELATION = 0.3  # a vocabulary of another corpus of the language still scores about 0.6 or more

@@ -6,14 +6,14 @@
 
 DIR is a corpus written by `python -m elmojax.prepare` (train/, heldout/, vocab.txt). Each seed
 trains bilm-tf (bilm_tf_training.py train, its own train() in bilm_tf.py's environment) and
-elmojax (elmojax.train.train on configs/bilm_options.py's reading of the same file) for the
+elmojax (elmojax.loop.train on configs/bilm_options.py's reading of the same file) for the
 options' n_epochs * int(n_train_tokens / (batch_size * unroll_steps)) batches; --set overrides
 options fields (JSON values), --elmojax elmojax config fields. Both trained models are then scored by one evaluator, elmojax's
 (full softmax, state carried, every heldout token once), from the zero LSTM state, as
 embeddings start, and again from the state training left the LSTMs in (carry_perplexity: the
 model's quality apart from where it starts); bilm-tf's own test() figure (batch 256, unroll 1,
 which leaves out the tails of the last sentences of its 256 rows) is recorded beside them. A run's line also says whether its model blew up: heldout perplexity above
-the unigram baseline of the heldout targets (elmojax.train.blown_up). Appends one JSON line per
+the unigram baseline of the heldout targets (elmojax.evaluation.blown_up). Appends one JSON line per
 run to --out (runs already there are skipped, so a stopped sweep resumes) and prints the
 summary: per implementation the median, min and max, and the blown-up seeds.
 """
@@ -125,7 +125,7 @@ def _spread(values: list) -> dict:
 
 def summary(runs: list[dict]) -> dict:
     """Per implementation: the heldout perplexity's median, min and max over all seeds and over
-    those not blown up (elmojax.train.blown_up), the same from the training carry, and the
+    those not blown up (elmojax.evaluation.blown_up), the same from the training carry, and the
     blown-up seeds; then elmojax's medians over bilm-tf's."""
     out = {}
     for implementation in IMPLEMENTATIONS:

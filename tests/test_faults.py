@@ -6,8 +6,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import jax
@@ -209,8 +211,6 @@ def _start(work, *args):
 
 def _wait_for_step(work, step: int, process, timeout: float = 120.0) -> int:
     """Waits until the run has logged `step` (metrics.jsonl); returns the last step logged."""
-    import time
-
     deadline = time.monotonic() + timeout
     path = os.path.join(work, metrics.METRICS_FILE)
     while time.monotonic() < deadline:
@@ -224,8 +224,6 @@ def _wait_for_step(work, step: int, process, timeout: float = 120.0) -> int:
 
 
 def test_sigterm_and_sigint_save_and_stop_and_kill_9_loses_at_most_one_interval(tmp_path):
-    import signal
-
     work = str(tmp_path / "work")
     run = _start(work, "--config.train.max_steps=100000")
     _wait_for_step(work, 3, run)
@@ -244,12 +242,18 @@ def test_sigterm_and_sigint_save_and_stop_and_kill_9_loses_at_most_one_interval(
     stopped = int(err.split("stopped by SIGINT at step ")[1].split()[0])
     assert checkpoint.steps(work)[-1] == stopped and "Traceback" not in err
 
-    run = _start(work, "--config.train.max_steps=100000")
-    killed_after = _wait_for_step(work, stopped + 12, run)
+    # kill -9 with a checkpoint every step, so that it lands in a save as often as not
+    run = _start(work, "--config.train.max_steps=100000", "--config.train.checkpoint_every=1")
+    killed_after = _wait_for_step(work, stopped + 6, run)
     run.kill()
     run.communicate(timeout=60)
-    assert checkpoint.steps(work)[-1] >= killed_after - 5  # at most one interval (checkpoint_every=5) lost
+    assert checkpoint.steps(work)[-1] >= killed_after - 1  # at most one interval lost
     assert os.path.exists(os.path.join(work, workdir_lib.LOCK_FILE))  # left by the killed run
+    # and kill -9 while it starts (restoring, compiling)
+    run = _start(work, "--config.train.max_steps=100000")
+    time.sleep(3)
+    run.kill()
+    run.communicate(timeout=60)
 
     resumed_at = checkpoint.steps(work)[-1]
     run = _start(work, f"--config.train.max_steps={resumed_at + 2}", "--config.data.heldout_prefix=")
@@ -265,6 +269,7 @@ def test_sigterm_and_sigint_save_and_stop_and_kill_9_loses_at_most_one_interval(
     (["--config.train.dropout=1.5"], "error: config: train.dropout must be a number from 0 up to (not including) 1, got 1.5"),
     (["--config.train.learning_rate=-0.1"], "error: config: train.learning_rate must be a number of at least 0, got -0.1"),
     (["--config.train.n_epochs=0"], "error: config: train.n_epochs must be an integer of at least 1, got 0"),
+    (["--config.train.batch_size=0"], "error: config: train.batch_size must be an integer of at least 1, got 0"),
     (["--workdir=README.md"], "error: README.md: the workdir is a file, not a directory"),
     (["--mode=export", "--output=tests"], "error: --output=tests: a directory; give the weight file to write"),
 ])

@@ -73,6 +73,16 @@ def _run_processes(commands, timeout=240):
     return results
 
 
+def _two_shards(tmp_path):
+    """The toy corpus as two shards, one for each process."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    lines = open(os.path.join(ROOT, "tests", "fixtures", "train", "data.txt"), encoding="utf-8").read().splitlines()
+    (shards / "a.txt").write_text("\n".join(lines[:3]) + "\n", encoding="utf-8")
+    (shards / "b.txt").write_text("\n".join(lines[3:]) + "\n", encoding="utf-8")
+    return shards
+
+
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()
     two = [[sys.executable, "-c", WORKER, str(i), "2", str(port), str(tmp_path / "two.npz")] for i in range(2)]
@@ -87,11 +97,7 @@ def test_two_processes_equal_one(tmp_path):
 def test_command_line_as_two_processes(tmp_path):
     """elmojax.main with --coordinator_address etc.: each process reads its own shard, process 0
     logs and evaluates, checkpoints are written across processes, and a rerun resumes."""
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    lines = open(os.path.join(ROOT, "tests", "fixtures", "train", "data.txt"), encoding="utf-8").read().splitlines()
-    (shards / "a.txt").write_text("\n".join(lines[:3]) + "\n", encoding="utf-8")
-    (shards / "b.txt").write_text("\n".join(lines[3:]) + "\n", encoding="utf-8")
+    shards = _two_shards(tmp_path)
     workdir = str(tmp_path / "work")
 
     def commands(steps):
@@ -109,3 +115,40 @@ def test_command_line_as_two_processes(tmp_path):
     resumed = _run_processes(commands(4))
     assert "resuming from" in resumed[0][2] and "at step 2" in resumed[0][2]
     assert "process_1.json" in os.listdir(os.path.join(workdir, "checkpoints", "4", "data"))
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+    """SIGTERM reaches one process (as a node's preemption would): JAX's preemption service
+    makes both stop after the same step, each saving its part of that step's checkpoint."""
+    import json
+    import signal
+    import time
+
+    workdir, shards = str(tmp_path / "work"), _two_shards(tmp_path)
+    port = _free_port()
+    commands = [[sys.executable, "-m", "elmojax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+                 f"--config.data.train_prefix={shards}/*.txt", "--config.train.max_steps=100000",
+                 "--config.train.log_every=1", "--config.train.batch_size=1",
+                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+                for i in range(2)]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands]
+    try:
+        metrics_file = os.path.join(workdir, "metrics.jsonl")
+        deadline = time.monotonic() + 180
+        while not (os.path.exists(metrics_file) and len(open(metrics_file).read().splitlines()) >= 3):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    stopped = []
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+        stopped.append(int(err.split(" at step ")[-1].split()[0]))
+    assert stopped[0] == stopped[1]
+    data = os.path.join(workdir, "checkpoints", str(stopped[0]), "data")
+    assert sorted(os.listdir(data))[-2:] == ["process_0.json", "process_1.json"]
+    assert json.load(open(os.path.join(data, "process_1.json")))

@@ -215,7 +215,6 @@ class Loop:
         self.unchecked: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked for finiteness
         self.interval: list[tuple[float, float]] = []  # (loss, grad norm) of the steps since the last log
         self.interval_start: Optional[float] = None  # when the interval's timing began (after compiling)
-        self.interval_steps = 0
         self.saved_step: Optional[int] = None
         self.evaluator: Optional[Evaluator] = None
         tc = config.train
@@ -265,10 +264,9 @@ class Loop:
         for step, metrics in ready:
             loss, grad_norm = (float(v) for v in jax.device_get((metrics["loss"], metrics["grad_norm"])))
             if self.interval_start is None:  # the first step of the run has compiled: timing starts
-                self.interval_start, self.interval_steps = time.monotonic(), 0
+                self.interval_start = time.monotonic()
             else:
                 self.interval.append((loss, grad_norm))
-                self.interval_steps += 1
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 newest = checkpoint.steps(self.workdir)
                 kept = (f"the newest checkpoint, step {newest[-1]} in {checkpoint.checkpoint_dir(self.workdir)}, is "
@@ -283,14 +281,14 @@ class Loop:
             return
         loss, grad_norm = np.mean(self.interval, axis=0)
         elapsed = time.monotonic() - self.interval_start
-        tokens_per_second = self.interval_steps * self.plan.tokens_per_step / elapsed
-        left = (self.plan.total_steps - step) * elapsed / self.interval_steps
+        tokens_per_second = len(self.interval) * self.plan.tokens_per_step / elapsed
+        left = (self.plan.total_steps - step) * elapsed / len(self.interval)
         if self.writer is not None:
             log.info("step %d/%d  %.0f tokens/s  train perplexity (sampled softmax) %.2f  grad norm %.3g  %s left",
                      step, self.plan.total_steps, tokens_per_second, np.exp(loss), grad_norm, _duration(left))
             self.writer.scalars(step, {"train/loss": loss, "train/sampled_perplexity": float(np.exp(loss)),
                                        "train/grad_norm": grad_norm, "train/tokens_per_second": tokens_per_second})
-        self.interval, self.interval_start, self.interval_steps = [], time.monotonic(), 0
+        self.interval, self.interval_start = [], time.monotonic()
 
     def evaluate(self, step: int, state: TrainState) -> None:
         if jax.process_index() != 0 or not self.config.data.heldout_prefix:

@@ -210,8 +210,8 @@ class BiLM(nn.Module):
     """The bidirectional language model: token embedder and forward / backward LSTM stacks.
 
     The backward LM reads each row's real tokens reversed; its outputs are returned realigned
-    to forward order. Besides `__call__`, `embed` and `run_lstm` expose the parts for training,
-    where the backward LM reads its own stream.
+    to forward order. Training calls the same parts, `embed` and `contextualize`, on its own
+    streams (the backward LM's read reversed from the data).
     """
 
     options: BiLMOptions
@@ -243,10 +243,30 @@ class BiLM(nn.Module):
             return self.embedder(ids, tail_ids)
         return self.embedder(ids)
 
-    def run_lstm(self, direction: str, inputs: Array, mask: Array, state, deterministic: bool = True,
-                 drop_output: bool = False):
-        stack = self.forward_lstm if direction == "forward" else self.backward_lstm
-        return stack(inputs, mask, state, deterministic, drop_output)
+    def contextualize(self, inputs: dict, masks: dict, state: dict, deterministic: bool = True,
+                      drop_output: bool = False, in_turn: bool = False) -> tuple[dict, dict]:
+        """Each direction's LSTM stack over its own inputs, in its own reading order (the
+        backward LM's: each row's tokens reversed): per direction, the layers' outputs and the
+        new carry. Training, whose backward stream comes reversed from the data, and `__call__`,
+        which reverses the embedding, both run the LSTMs here. `drop_output` applies dropout to
+        the top layer too (training, before the softmax).
+
+        `in_turn` makes the backward LM start after the forward one has finished (by adding an
+        exact zero computed from the forward LM's output to its input), so XLA cannot hold both
+        directions' (time, batch, 4 * dim) input products in memory at once: inference's peak
+        memory. Training leaves it off: there it cost about 4% of the small char config's
+        steps (benchmarks/train.py, side by side), and the gradients keep more than that alive.
+        """
+        outputs, new_state = {}, {}
+        outputs["forward"], new_state["forward"] = self.forward_lstm(
+            inputs["forward"], masks["forward"], state["forward"], deterministic, drop_output)
+        if self.options.bidirectional:
+            backward_inputs = inputs["backward"]
+            if in_turn:
+                backward_inputs = backward_inputs + 0.0 * outputs["forward"][-1][:1, :1, :1]
+            outputs["backward"], new_state["backward"] = self.backward_lstm(
+                backward_inputs, masks["backward"], state["backward"], deterministic, drop_output)
+        return outputs, new_state
 
     def __call__(self, ids: Array, state: dict, deterministic: bool = True,
                  embedding: Optional[Array] = None) -> tuple[BiLMOutput, dict]:
@@ -256,16 +276,9 @@ class BiLM(nn.Module):
         mask = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
         embedding = self.embed(ids) if embedding is None else embedding
         embedding = jnp.where(mask[..., None], embedding, 0.0)
-        forward, forward_state = self.run_lstm("forward", embedding, mask, state["forward"], deterministic)
-        new_state = {"forward": forward_state}
-        backward = []
+        inputs, masks = {"forward": embedding}, {"forward": mask}
         if self.options.bidirectional:
-            # Adding an exact zero computed from the forward LM's output makes the backward LM
-            # wait for it, so XLA cannot hold both directions' (time, batch, 4 * dim) input
-            # products in memory at once.
-            after_forward = 0.0 * forward[-1][:1, :1, :1]
-            reversed_outputs, new_state["backward"] = self.run_lstm(
-                "backward", reverse_sequence(embedding, lengths) + after_forward, mask, state["backward"],
-                deterministic)
-            backward = [reverse_sequence(x, lengths) for x in reversed_outputs]
-        return BiLMOutput(embedding, mask, lengths, forward, backward), new_state
+            inputs["backward"], masks["backward"] = reverse_sequence(embedding, lengths), mask
+        outputs, new_state = self.contextualize(inputs, masks, state, deterministic, in_turn=True)
+        backward = [reverse_sequence(x, lengths) for x in outputs.get("backward", [])]
+        return BiLMOutput(embedding, mask, lengths, outputs["forward"], backward), new_state

@@ -1,8 +1,8 @@
 """The pure training math: the TrainState, the losses, and the train and eval steps.
 
-A step embeds the forward stream and the reversed stream with the shared token embedder
-(`BiLM.embed`, as inference does), runs each direction's LSTM stack from the carried state
-(`BiLM.run_lstm`), and scores next tokens with a softmax shared by both directions (sampled for
+A step embeds the forward stream and the reversed stream and runs each direction's LSTM stack
+from the carried state with the BiLM methods inference calls too (`BiLM.embed`,
+`BiLM.contextualize`), and scores next tokens with a softmax shared by both directions (sampled for
 training, full for evaluation), as bilm-tf's training.py does. Nothing here knows about devices:
 elmojax.trainer jits these functions over a mesh.
 """
@@ -91,22 +91,24 @@ def direction_losses(params, batch: Batch, lstm_state: dict, rng: jax.Array, *, 
         # the char CNN runs once per distinct token of the batch (both streams), see batch.to_device
         token_table = model.apply({"params": bilm_params}, batch.distinct_char_ids, batch.distinct_tail_ids,
                                   method=BiLM.embed)
-    sums, new_state = {}, {}
+    inputs, masks = {}, {}
     for direction in directions(settings):
-        rng, dropout_key = jax.random.split(rng)
         stream = batch.stream(direction)
-        weights = stream.weights
         if settings.use_character_inputs:
-            embedding = jnp.take(token_table, stream.token_index, axis=0)
+            inputs[direction] = jnp.take(token_table, stream.token_index, axis=0)
         else:  # the embedder's lookup, on its table as the step has it (maybe only `rows`)
             token_ids = stream.token_ids
             if positions is not None:  # ids + 1 (0: padding) -> their rows' positions + 1
                 token_ids = jnp.where(token_ids > 0, positions[direction, "token_ids"] + 1, 0)
-            embedding = lookup_tokens(bilm_params["embedder"]["embedding"], token_ids)
-        outputs, new_state[direction] = model.apply(
-            {"params": bilm_params}, direction, embedding, weights > 0, lstm_state[direction],
-            not training, training, rngs={"dropout": dropout_key}, method=BiLM.run_lstm)
-        top = outputs[-1].reshape(-1, outputs[-1].shape[-1])
+            inputs[direction] = lookup_tokens(bilm_params["embedder"]["embedding"], token_ids)
+        masks[direction] = stream.weights > 0
+    outputs, new_state = model.apply({"params": bilm_params}, inputs, masks, lstm_state, not training, training,
+                                     rngs={"dropout": rng}, method=BiLM.contextualize)
+    sums = {}
+    for direction in directions(settings):
+        stream = batch.stream(direction)
+        top = outputs[direction][-1]
+        top = top.reshape(-1, top.shape[-1])
         targets = stream.next_token_id.reshape(-1)
         if training and settings.sample_softmax:
             sampled, num_tries = samples[direction]
@@ -118,7 +120,7 @@ def direction_losses(params, batch: Batch, lstm_state: dict, rng: jax.Array, *, 
         else:
             losses = softmax.full_softmax_loss(softmax_w, softmax_b, top, targets,
                                                compute_dtype=settings.compute_dtype)
-        token_weights = weights.reshape(-1)
+        token_weights = stream.weights.reshape(-1)
         sums[direction] = (jnp.sum(losses * token_weights), jnp.sum(token_weights))
     return sums, new_state
 

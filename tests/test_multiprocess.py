@@ -1,5 +1,5 @@
 """Two processes on localhost (CPU, gloo collectives) train like one process with the same
-global batch; and the command line runs as two processes."""
+global batch; and the command line runs as two processes, stops together and resumes."""
 
 import os
 import socket
@@ -94,45 +94,27 @@ def test_two_processes_equal_one(tmp_path):
         np.testing.assert_allclose(two_params[name], one_params[name], atol=1e-5, rtol=0, err_msg=name)
 
 
-def test_command_line_as_two_processes(tmp_path):
-    """elmojax.main with --coordinator_address etc.: each process reads its own shard, process 0
-    logs and evaluates, checkpoints are written across processes, and a rerun resumes."""
-    shards = _two_shards(tmp_path)
-    workdir = str(tmp_path / "work")
-
-    def commands(steps):
-        port = _free_port()
-        return [[sys.executable, "-m", "elmojax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-                 f"--config.data.train_prefix={shards}/*.txt", f"--config.train.max_steps={steps}",
-                 "--config.train.batch_size=1", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                 f"--process_id={i}"] for i in range(2)]
-
-    results = _run_processes(commands(2))
-    assert "heldout perplexity" in results[0][1] and "heldout perplexity" not in results[1][1]
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
-    positions = os.listdir(os.path.join(workdir, "checkpoints", "2", "data"))  # each process's, inside the step
-    assert {"process_0.json", "process_1.json"} <= set(positions)
-    resumed = _run_processes(commands(4))
-    assert "resuming from" in resumed[0][2] and "at step 2" in resumed[0][2]
-    assert "process_1.json" in os.listdir(os.path.join(workdir, "checkpoints", "4", "data"))
-
-
-def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
-    """SIGTERM reaches one process (as a node's preemption would): JAX's preemption service
-    makes both stop after the same step, each saving its part of that step's checkpoint."""
+def test_command_line_as_two_processes_stops_together_at_sigterm_and_resumes(tmp_path):
+    """elmojax.main with --coordinator_address etc.: each process reads its own shard. SIGTERM
+    reaches one process (as a node's preemption would): JAX's preemption service makes both
+    stop after the same step, each saving its part of that step's checkpoint (its data
+    position, inside the step). A rerun resumes there; process 0 logs and evaluates."""
     import json
     import signal
     import time
 
     workdir, shards = str(tmp_path / "work"), _two_shards(tmp_path)
-    port = _free_port()
-    commands = [[sys.executable, "-m", "elmojax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-                 f"--config.data.train_prefix={shards}/*.txt", "--config.train.max_steps=100000",
+
+    def commands(steps):
+        port = _free_port()
+        return [[sys.executable, "-m", "elmojax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+                 f"--config.data.train_prefix={shards}/*.txt", f"--config.train.max_steps={steps}",
                  "--config.train.log_every=1", "--config.train.batch_size=1",
                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
                 for i in range(2)]
+
     procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in commands]
+             for c in commands(100000)]
     try:
         metrics_file = os.path.join(workdir, "metrics.jsonl")
         deadline = time.monotonic() + 180
@@ -149,6 +131,14 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
         assert p.returncode == 0, err[-3000:]
         stopped.append(int(err.split(" at step ")[-1].split()[0]))
     assert stopped[0] == stopped[1]
-    data = os.path.join(workdir, "checkpoints", str(stopped[0]), "data")
+    step = stopped[0]
+    data = os.path.join(workdir, "checkpoints", str(step), "data")
     assert sorted(os.listdir(data))[-2:] == ["process_0.json", "process_1.json"]
     assert json.load(open(os.path.join(data, "process_1.json")))
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+
+    resumed = _run_processes(commands(step + 2))
+    assert "resuming from" in resumed[0][2] and f"at step {step}" in resumed[0][2]
+    assert "heldout perplexity" in resumed[0][1] and "heldout perplexity" not in resumed[1][1]
+    assert {"process_0.json", "process_1.json"} <= set(os.listdir(os.path.join(workdir, "checkpoints", str(step + 2),
+                                                                                "data")))

@@ -28,6 +28,7 @@ The parts, each where its part of bilm-tf's semantics is implemented:
 
   shards.py    the shard files, each encoded once into arrays of vocabulary ids (and a cache)
   order.py     shard and sentence order, with the random generator's state for a restore
+  pairs.py     one direction's (input, target) pairs of the loaded sentences, in stream order
   windows.py   LMDataset: one direction's rows of sentences cut into unroll_steps windows
   datasets.py  BidirectionalLMDataset (both directions) and make_dataset (from a config)
   prefetch.py  BatchPrefetcher: batches read ahead in a thread, each with its data position

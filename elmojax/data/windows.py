@@ -7,11 +7,9 @@ sentence is used up takes the next sentence of the shared stream (rows filled in
 pairs; the backward stream reads [</S>, wn..w1, <S>]. Evaluation pads the last batch, so every
 heldout token counts once (bilm-tf drops it).
 
-A shard is read and encoded once when it is loaded: the words of its sentences become one
-flat array of vocabulary ids. Each direction then lays the loaded shard's sentences out in
-stream order as (input, target) pairs in a flat buffer, so a row's window is at most two
-contiguous runs of that buffer (the rest of its current sentence, then the next sentences of
-the stream, which follow one another there) and a whole batch is a few gathers.
+A shard is read and encoded once when it is loaded (elmojax.data.shards); each direction lays
+its sentences out in stream order as (input, target) pairs (elmojax.data.pairs), from which a
+row's window is at most two contiguous runs and a whole batch one gather.
 """
 
 from __future__ import annotations
@@ -23,14 +21,13 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from elmojax.data.order import SentenceSource
+from elmojax.data.pairs import NO_BAD, PairBuffer, Placed
 from elmojax.data.shards import Shard, ShardCache, list_shards, subset
 from elmojax.vocab import UnicodeCharsVocabulary, Vocabulary
 
 STATE_VERSION = 1
 
 Batch = dict[str, np.ndarray]  # a host batch: bilm-tf's arrays by name (elmojax.batch.to_device sends it)
-
-_NO_BAD = 1 << 62
 
 
 def resolve_vocab(vocab: Union[str, Vocabulary], max_characters_per_token: Optional[int]) -> Vocabulary:
@@ -71,23 +68,6 @@ class Batches:
             yield batch
 
     __iter__ = iter_batches
-
-
-class _Stream:
-    """Sentences of one shard (`order`: their indices, in stream order) placed in a dataset's
-    buffer: the pairs of the k-th are at addresses off[k] .. off[k + 1] - 1."""
-
-    __slots__ = ("shard", "order", "off", "n", "bad")
-
-    def __init__(self, shard: int, order: np.ndarray, off: list[int], bad: np.ndarray):
-        self.shard, self.order, self.off, self.n, self.bad = shard, order, off, len(order), bad
-
-    def first_bad(self, k: int) -> int:
-        """The first position >= k of a sentence the vocabulary cannot encode (_NO_BAD if none)."""
-        if not len(self.bad):
-            return _NO_BAD
-        i = int(np.searchsorted(self.bad, k))
-        return int(self.bad[i]) if i < len(self.bad) else _NO_BAD
 
 
 class LMDataset(Batches):
@@ -132,71 +112,16 @@ class LMDataset(Batches):
         return self._shard_cache.shard(self.shards[shard])
 
     def _reset_rows(self) -> None:
-        """No rows and an empty buffer. Row i's current sentence is the sentence
-        `_row_sentence[i]` of `_row_stream[i]`; its pairs not used yet are at addresses
-        `_pos[i]` .. `_end[i]` - 1 (none: the row takes the next sentence of the stream)."""
+        """No rows and an empty pair buffer. Row i's current sentence is the sentence
+        `_row_sentence[i]` of `_row_stream[i]`; its pairs not used yet are at the buffer's
+        addresses `_pos[i]` .. `_end[i]` - 1 (none: the row takes the next sentence of the stream)."""
         b = self.batch_size
         self._pos = np.zeros(b, np.int64)
         self._end = np.zeros(b, np.int64)
         self._row_sentence = np.zeros(b, np.int64)
-        self._row_stream: list[Optional[_Stream]] = [None] * b
-        self._stream: Optional[_Stream] = None  # the loaded shard's sentences
-        # The buffer: inputs (ids + 1) and targets of the pairs at addresses _base, _base + 1, ...,
-        # then one padding pair (0, 0); the pairs spelled unlike their token id: addresses and
-        # char ids + 1.
-        self._base = 0
-        self._inputs = np.zeros(1, np.int32)
-        self._targets = np.zeros(1, np.int32)
-        self._spelled_at = np.zeros(0, np.int64)
-        self._spelled = np.zeros((0, self.max_characters_per_token or 0), np.int32)
-
-    def _buffer_end(self) -> int:
-        return self._base + len(self._inputs) - 1
-
-    def _place(self, shard: int, encoded: Shard, order: np.ndarray, keep_from: int) -> _Stream:
-        """Appends the pairs of sentences `order` of a shard to the buffer, dropping the pairs
-        before address `keep_from` (none of which may be used again)."""
-        order = np.asarray(order, dtype=np.int64)
-        lengths = encoded.lengths[order]
-        pairs = lengths + 1
-        off = np.zeros(len(order) + 1, np.int64)
-        np.cumsum(pairs, out=off[1:])
-        heads = off[:-1]
-        within = np.arange(off[-1], dtype=np.int64) - np.repeat(heads, pairs)
-        vocab = self.vocab
-        if self.reverse:  # [</S>, wn .. w1, <S>]
-            target_word = np.repeat(encoded.starts[order] + lengths - 1, pairs) - within
-            input_word = target_word + 1
-            first, last = vocab.eos, vocab.bos
-        else:  # [<S>, w1 .. wn, </S>]
-            target_word = np.repeat(encoded.starts[order], pairs) + within
-            input_word = target_word - 1
-            first, last = vocab.bos, vocab.eos
-        # Out-of-sentence word positions (-1 or the next sentence's) are overwritten by <S>/</S>.
-        targets = encoded.words[target_word]
-        targets[off[1:] - 1] = last
-        inputs = encoded.words[input_word]
-        inputs[heads] = first
-        inputs += 1
-        start = self._buffer_end()
-        drop = keep_from - self._base
-        self._inputs = np.concatenate([self._inputs[drop:-1], inputs, np.zeros(1, np.int32)])
-        self._targets = np.concatenate([self._targets[drop:-1], targets, np.zeros(1, np.int32)])
-        if self.use_chars:
-            kept = int(np.searchsorted(self._spelled_at, keep_from))
-            if len(encoded.spelled_at):
-                row = np.full(len(encoded.words), -1, np.int64)
-                row[encoded.spelled_at] = encoded.spelled_rows
-                row = row[input_word]
-                row[heads] = -1
-                at = np.flatnonzero(row >= 0)
-                self._spelled_at = np.concatenate([self._spelled_at[kept:], at + start])
-                self._spelled = np.concatenate([self._spelled[kept:], encoded.spelled[row[at]]])
-            elif kept:
-                self._spelled_at, self._spelled = self._spelled_at[kept:], self._spelled[kept:]
-        self._base = keep_from
-        bad = np.flatnonzero(np.isin(order, encoded.bad)) if len(encoded.bad) else encoded.bad
-        return _Stream(shard, order, (off + start).tolist(), bad)
+        self._row_stream: list[Optional[Placed]] = [None] * b
+        self._stream: Optional[Placed] = None  # the loaded shard's sentences
+        self._buffer = PairBuffer(self.vocab, self.reverse, self.max_characters_per_token)
 
     def _raise_unencodable(self, shard: int, index: int) -> None:
         """The error the vocabulary gives for a sentence with a word it cannot encode."""
@@ -216,7 +141,7 @@ class LMDataset(Batches):
         if not self._source.advance():
             return False
         source = self._source
-        self._stream = self._place(source.shard, source.encoded, source.order_of_loaded(), keep_from)
+        self._stream = self._buffer.place(source.shard, source.encoded, source.order_of_loaded(), keep_from)
         return True
 
     # --- batches -------------------------------------------------------------------------
@@ -242,7 +167,7 @@ class LMDataset(Batches):
         row_stream = self._row_stream
         k = source.sentence_position
         if stream is None:
-            off, n, limit, bad = [self._buffer_end()], 0, -1, _NO_BAD
+            off, n, limit, bad = [self._buffer.end], 0, -1, NO_BAD
         else:
             off, n, bad = stream.off, stream.n, stream.first_bad(k)
             limit = off[n]
@@ -346,24 +271,24 @@ class LMDataset(Batches):
             self._ended = True
             return None
         # Buffer indices of each (row, step): the current sentence, then the drawn run, then padding.
-        base = self._base
+        buffer = self._buffer
+        base = buffer.base
         cols = self._steps
         index = np.where(cols < kept[:, None], (pos - base)[:, None] + cols,
                          (draw_start - base - kept)[:, None] + cols)
         padded = n_real < b * steps
         if padded:
-            index[cols >= filled[:, None]] = len(self._inputs) - 1
-        token_ids = self._inputs.take(index)
+            index[cols >= filled[:, None]] = buffer.padding
+        token_ids = buffer.inputs.take(index)
         batch = {"token_ids": token_ids}
         if self.use_chars:
             char_ids = self._char_rows.take(token_ids - 1, axis=0)  # padding: fixed below
             char_ids += 1
             if padded:
                 char_ids[token_ids == 0] = 0
-            if len(self._spelled_at):
-                self._spell(char_ids, token_ids, index)
+            buffer.spell(char_ids, token_ids, index)
             batch["char_ids"] = char_ids
-        batch["next_token_id"] = self._targets.take(index)
+        batch["next_token_id"] = buffer.targets.take(index)
         if padded:
             batch["weights"] = (token_ids != 0).astype(np.float32)
         else:
@@ -371,18 +296,6 @@ class LMDataset(Batches):
         self._batches += 1
         self._tokens += n_real
         return batch
-
-    def _spell(self, char_ids: np.ndarray, token_ids: np.ndarray, index: np.ndarray) -> None:
-        """Char ids of the <UNK> inputs that spell their own word."""
-        unknown = np.flatnonzero(token_ids == self.vocab.unk + 1)
-        if not len(unknown):
-            return
-        address = index.ravel()[unknown] + self._base
-        found = np.searchsorted(self._spelled_at, address)
-        np.minimum(found, len(self._spelled_at) - 1, out=found)
-        hit = self._spelled_at[found] == address
-        char_ids.reshape(-1, char_ids.shape[-1])[unknown[hit]] = self._spelled[found[hit]]
-
 
     # --- resume ----------------------------------------------------------------------------
 
@@ -420,7 +333,7 @@ class LMDataset(Batches):
             "ended": self._ended,
         }
 
-    def _restore_row(self, shard: int, index: int, offset: int) -> _Stream:
+    def _restore_row(self, shard: int, index: int, offset: int) -> Placed:
         """Places a saved row's sentence in the buffer (with the checks and errors of reading it)."""
         path = self.shards[shard]
         encoded = self._read_shard(shard)
@@ -435,7 +348,7 @@ class LMDataset(Batches):
             line = int(encoded.line_numbers[canonical])
             raise ValueError(f"{path}, line {line}: saved offset {offset} does not fit the sentence's "
                              f"{pairs} pairs; the dataset changed since the state was saved")
-        stream = self._place(shard, encoded, np.array([canonical]), self._base)
+        stream = self._buffer.place(shard, encoded, np.array([canonical]), self._buffer.base)
         stream.order = np.array([index])
         return stream
 
@@ -465,7 +378,8 @@ class LMDataset(Batches):
             self._pos[i] = stream.off[0] + offset
             self._end[i] = stream.off[1]
         if source.shard is not None:
-            self._stream = self._place(source.shard, source.encoded, source.order_of_loaded(), self._base)
+            self._stream = self._buffer.place(source.shard, source.encoded, source.order_of_loaded(),
+                                              self._buffer.base)
         self._batches = int(state["batches"])
         self._sentences = int(state["sentences"])
         self._tokens = int(state["tokens"])

@@ -6,6 +6,8 @@ It runs in bilm_tf.py's environment (TensorFlow 2.15 compat.v1 and the `bilm` pa
       --train 'DIR/train/*' --steps 20 --snapshots 1,20 --seed 0 --out RECORD.npz
   /tmp/tf/bin/python benchmarks/bilm_tf_training.py train --options O.json --vocab V.txt \
       --train 'DIR/train/*' --heldout 'DIR/heldout/*' --seed 0 --out RUN.npz
+  /tmp/tf/bin/python benchmarks/bilm_tf_training.py checkpoint --options O.json --vocab V.txt \
+      --train 'DIR/train/*' --steps 3 --seed 0 --out CHECKPOINT_DIR
 
 Both build the graph of bilm-tf's `train()` for one tower (bilm.training: LanguageModel, Adagrad
 with initial accumulator 1.0, the loss times unroll_steps, average_gradients, clip_grads), seed
@@ -36,7 +38,17 @@ batches (train()'s own loop, but for its summaries and checkpoints, so that the 
 can be kept) and writes the trained variables (TF names, trained/<variable>), the carry
 (lstm_state/<d>/<l>/{c,h}) and JSON facts (result) to an npz; with --heldout it also runs
 bilm-tf's own test() (batch 256, unroll 1, as bin/run_test.py) on them and records its
-perplexity. Prints one JSON object on stdout.
+perplexity.
+
+checkpoint: runs --steps of train()'s loop and saves what train() saves, where it saves it: a
+TensorFlow checkpoint of every global variable (its Saver: the variables, their Adagrad slots,
+global_step) as CHECKPOINT_DIR/model.ckpt-STEP with TF's `checkpoint` file, and options.json
+beside it (the .meta graph is left out: nothing reads it). Then, as records of what TensorFlow
+itself reads there: reference.npz (every variable by name, through tf.train.load_checkpoint)
+and dump_weights.hdf5 (bilm-tf's own dump_weights on the directory); and vocab.txt, a copy of
+--vocab.
+
+Prints one JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -273,6 +285,30 @@ def train(args, tf, bilm) -> dict:
     return result
 
 
+def checkpoint(args, tf, bilm) -> dict:
+    """train()'s checkpoint after --steps steps, with TensorFlow's own reading of it."""
+    import shutil
+
+    from bilm.training import dump_weights
+
+    options = json.loads(open(args.options).read())
+    os.makedirs(args.out, exist_ok=True)
+    for step, _, _, session, _ in _steps(tf, bilm, args, options):
+        if step == n_batches(options, args.steps):
+            saver = tf.train.Saver(tf.global_variables(), max_to_keep=2)  # as train() does
+            prefix = saver.save(session, os.path.join(args.out, "model.ckpt"), global_step=step,
+                                write_meta_graph=False)
+    with open(os.path.join(args.out, "options.json"), "w") as f:  # as train() writes it
+        f.write(json.dumps(options))
+    shutil.copyfile(args.vocab, os.path.join(args.out, "vocab.txt"))
+    reader = tf.train.load_checkpoint(prefix)
+    reference = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+    _save_npz(os.path.join(args.out, "reference.npz"), reference)
+    tf.reset_default_graph()
+    dump_weights(args.out, os.path.join(args.out, "dump_weights.hdf5"))
+    return {"checkpoint": prefix, "variables": len(reference), "steps": step}
+
+
 def _end_test_streams(bilm):
     """bilm's test streams end by raising StopIteration inside a generator, which Python 3.7 and
     later turn into a RuntimeError (PEP 479): end them with a return instead, as intended."""
@@ -296,13 +332,14 @@ def _save_npz(path: str, arrays: dict) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("work", choices=["record", "train"])
+    parser.add_argument("work", choices=["record", "train", "checkpoint"])
     parser.add_argument("--options", required=True, help="a bilm-tf training options.json")
     parser.add_argument("--vocab", required=True)
     parser.add_argument("--train", required=True, help="glob of the training shards")
     parser.add_argument("--heldout", default="", help="train: glob of the heldout shards, for bilm-tf's test()")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=0, help="record: this many steps (default: the options')")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="record, checkpoint: this many steps (default: the options')")
     parser.add_argument("--snapshots", default="1", help="record: steps after which every variable is saved")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -310,7 +347,7 @@ def main(argv=None) -> dict:
     sys.stdout = sys.stderr  # bilm prints as it builds and trains; stdout is for the JSON
     try:
         tf, bilm = _import_bilm()
-        result = (record if args.work == "record" else train)(args, tf, bilm)
+        result = {"record": record, "train": train, "checkpoint": checkpoint}[args.work](args, tf, bilm)
     finally:
         sys.stdout = stdout
     print(json.dumps(result))

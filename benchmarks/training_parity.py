@@ -159,11 +159,7 @@ def initial_state(trainer, record: Record, prefix: str = "init"):
     params = tf_variables.params_from_tf(variables, trainer.options, share, source=record.path)
     accumulators = tf_variables.params_from_tf(variables, trainer.options, share, slot=tf_variables.ADAGRAD_SLOT,
                                                source=record.path)
-    state = trainer.create_state(jax.random.PRNGKey(0), params)
-    clip_state, (rss_state, *rest) = state.opt_state
-    opt_state = (clip_state, (rss_state._replace(sum_of_squares=jax.device_put(accumulators, trainer.replicated)),
-                              *rest))
-    return state.replace(opt_state=opt_state)
+    return trainer.create_state(jax.random.PRNGKey(0), params, accumulators=accumulators)
 
 
 @contextlib.contextmanager

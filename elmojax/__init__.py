@@ -2,7 +2,8 @@
 
 Using a trained biLM: `BidirectionalLanguageModel` (embed.py) on `Batcher` ids (vocab.py),
 mixed by `weight_layers` or `ScalarMix` (elmo.py); the modules are model.py's and lstm.py's,
-the weights bilm-tf's hdf5 files (hdf5.py).
+the weights bilm-tf's hdf5 files (hdf5.py) or its TensorFlow training checkpoints
+(tf_checkpoint.py, tf_variables.py).
 
 Training, from the command line down:
 
@@ -16,7 +17,8 @@ Training, from the command line down:
     evaluation.py heldout perplexity and the blow-up check
     checkpoint.py orbax checkpoints (state, metadata, each process's data position)
     workdir.py    the workdir's lock; metrics.py: TensorBoard and metrics.jsonl
-  model_files.py  trained models in and out: load_trained, init_from, export
+  model_files.py  trained models in and out: load_trained, init_from, export (workdirs,
+                  exports, bilm-tf checkpoints through tf_variables.py)
 
 Importing elmojax changes no process-wide setting; entry points call `elmojax.setup()`.
 """

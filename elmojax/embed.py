@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elmojax import files, hdf5, numerics
+from elmojax import files, hdf5, numerics, tf_checkpoint, tf_variables
 from elmojax.model import BiLM, BiLMOutput, zero_state
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
 from elmojax.vocab import Batcher, UnicodeCharsVocabulary
@@ -148,7 +148,9 @@ def trim_char_ids(char_ids: np.ndarray, max_width: int, multiple: int = 8) -> tu
 class BidirectionalLanguageModel:
     """A trained biLM that maps Batcher (or TokenBatcher) ids to ELMo layers.
 
-    options_file, weight_file: bilm-tf's options.json and hdf5 weights (n_characters 261 or 262).
+    options_file, weight_file: bilm-tf's options.json and hdf5 weights (n_characters 261 or 262);
+    the weights may also be a bilm-tf training checkpoint (a TensorFlow checkpoint's prefix, one
+    of its files or its directory: elmojax.tf_checkpoint), whose softmax is then left unread.
     use_character_inputs=False reads token ids (TokenBatcher) and needs embedding_weight_file,
     written by `dump_token_embeddings` for the same vocabulary file.
     max_batch_size: the largest batch a call embeds at once (a larger one is split, or refused
@@ -170,8 +172,13 @@ class BidirectionalLanguageModel:
         options = load_options(options_file)
         if not options.bidirectional:
             raise ValueError(f"{options_file}: ELMo needs a bidirectional LM (bidirectional is false)")
-        # each array goes to the device as it is read: the model is never held twice
-        params = hdf5.load_weights(weight_file, options, use_character_inputs, convert=jax.device_put)
+        if tf_checkpoint.is_checkpoint(weight_file):  # bilm-tf's training checkpoint (read from memory maps)
+            params = tf_variables.read_training_checkpoint(weight_file, options_file, softmax=False).params["bilm"]
+            if not use_character_inputs:
+                params.pop("embedder", None)
+            params = jax.device_put(params)
+        else:  # each array goes to the device as it is read: the model is never held twice
+            params = hdf5.load_weights(weight_file, options, use_character_inputs, convert=jax.device_put)
         if use_character_inputs:
             if options.char_cnn is None:
                 raise ValueError(f"{options_file}: character inputs need a char_cnn section")

@@ -114,12 +114,13 @@ def _read(f: h5py.File, filename: str, name: str, shape: tuple[int, ...]) -> np.
     return check_finite(dataset[...], filename, name)
 
 
-def check_finite(value: np.ndarray, filename: str, name: str) -> np.ndarray:
-    """`value`, if all of it is finite; otherwise an error naming the file and dataset: weights
-    with NaN or inf in them are never read or written (they come from a diverged run)."""
+def check_finite(value: np.ndarray, filename: str, name: str, what: str = "dataset") -> np.ndarray:
+    """`value`, if all of it is finite; otherwise an error naming the file and dataset (or
+    `what` it is): weights with NaN or inf in them are never read or written (they come from a
+    diverged run)."""
     if not np.all(np.isfinite(value)):
         bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
-        raise ValueError(f"{filename}: dataset '{name}' holds {bad} NaN or infinite values: these weights are "
+        raise ValueError(f"{filename}: {what} '{name}' holds {bad} NaN or infinite values: these weights are "
                          f"broken (a diverged training run?)")
     return value
 

@@ -190,15 +190,15 @@ def _start(config, workdir: str, trainer: Trainer, vocab, dataset, checkpointer)
     if warning:
         log.warning(warning)
     rng = jax.random.PRNGKey(config.train.seed)
-    params = None
+    params = accumulators = None
     if config.init_from:
-        params = init_from(trainer, trainer.init_params(jax.random.fold_in(rng, 1)), config.init_from,
-                           config.init_softmax_from, vocab_tokens(vocab))
+        params, accumulators = init_from(trainer, trainer.init_params(jax.random.fold_in(rng, 1)), config.init_from,
+                                         config.init_softmax_from, vocab_tokens(vocab))
     if jax.process_index() == 0:
         with files.atomic_output(vocab_copy) as tmp:
             shutil.copyfile(vocab.filename, tmp)
         files.write_json(os.path.join(workdir, "options.json"), ours)
-    return trainer.create_state(rng, params)
+    return trainer.create_state(rng, params, accumulators=accumulators)
 
 
 class Loop:

@@ -1,9 +1,12 @@
-"""Model files in and out: the vocabulary, a trained model from a workdir or an exported weight
-file (load_trained), the start of a fine-tuning run (init_from), and export in bilm-tf's format.
+"""Model files in and out: the vocabulary, a trained model from a workdir, an exported weight
+file or a bilm-tf training checkpoint (load_trained), the start of a fine-tuning run
+(init_from), and export in bilm-tf's format.
 
 A workdir holds checkpoints (elmojax.checkpoint), options.json and a copy of the vocabulary
 (VOCAB_FILE). An export is bilm-tf's hdf5 weight file with options.json, the softmax
-(FILE_softmax.hdf5) and the vocabulary beside it.
+(FILE_softmax.hdf5) and the vocabulary beside it. A bilm-tf checkpoint (elmojax.tf_variables)
+is a TensorFlow checkpoint with bilm-tf's options.json beside it, and the vocabulary it was
+trained with (vocab.txt, or the only vocab*.txt).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from elmojax import checkpoint, config as config_lib, files, hdf5
+from elmojax import checkpoint, config as config_lib, files, hdf5, tf_checkpoint, tf_variables
 from elmojax.options import N_CHARACTERS_PREDICT, BiLMOptions
+from elmojax.step import INITIAL_ACCUMULATOR
 from elmojax.trainer import Trainer
 from elmojax.vocab import UnicodeCharsVocabulary, Vocabulary
 
@@ -54,19 +58,66 @@ def remap_rows(old: np.ndarray, old_vocab: list[str], new: np.ndarray, new_vocab
 
 
 def exported_files(weight_file: str, softmax_file: str = "") -> dict:
+    """The files an export writes beside its weight file."""
     stem, _ = os.path.splitext(weight_file)
     directory = os.path.dirname(os.path.abspath(weight_file))
     return {"weights": weight_file, "options": os.path.join(directory, "options.json"),
             "softmax": softmax_file or f"{stem}_softmax.hdf5", "vocab": os.path.join(directory, VOCAB_FILE)}
 
 
+def files_beside(weight_file: str, softmax_file: str = "") -> dict:
+    """The files that go with a weight file: an export's (exported_files), or AllenNLP's
+    published names (X_weights.hdf5 with X_options.json and X_softmax_weights.hdf5) and a
+    vocabulary as the only vocab*.txt beside it, where an export's are not there."""
+    found = exported_files(weight_file, softmax_file)
+    stem = os.path.splitext(weight_file)[0]
+    if stem.endswith("_weights"):
+        published = stem[:-len("_weights")]
+        if not os.path.isfile(found["options"]):
+            found["options"] = published + "_options.json"
+        if not softmax_file and not os.path.isfile(found["softmax"]):
+            found["softmax"] = published + "_softmax_weights.hdf5"
+    if not os.path.isfile(found["vocab"]):
+        found["vocab"] = tf_variables.vocab_beside(os.path.dirname(os.path.abspath(weight_file))) or found["vocab"]
+    return found
+
+
+def is_tf_checkpoint(path: str) -> bool:
+    """Whether `path` is a TensorFlow checkpoint (a prefix, one of its files, its directory)
+    rather than a workdir."""
+    return not os.path.isdir(checkpoint.checkpoint_dir(path)) and tf_checkpoint.is_checkpoint(path)
+
+
 def trained_vocab_file(path: str) -> str:
-    """The vocabulary of a workdir (copied into it) or of an exported weight file (beside it)."""
-    return os.path.join(path, VOCAB_FILE) if os.path.isdir(path) else exported_files(path)["vocab"]
+    """The vocabulary of a workdir (copied into it), of an exported weight file or of a bilm-tf
+    checkpoint (beside it)."""
+    if is_tf_checkpoint(path):
+        directory = os.path.dirname(tf_checkpoint.resolve_prefix(path)) or "."
+        return tf_variables.vocab_beside(directory) or os.path.join(directory, VOCAB_FILE)
+    return os.path.join(path, VOCAB_FILE) if os.path.isdir(path) else files_beside(path)["vocab"]
+
+
+def load_tf_checkpoint(path: str) -> tuple[tf_variables.TrainingCheckpoint, list[str]]:
+    """A bilm-tf training checkpoint and its vocabulary's tokens."""
+    trained = tf_variables.read_training_checkpoint(path)
+    if trained.vocab_file is None:
+        directory = os.path.dirname(trained.prefix) or "."
+        raise ValueError(f"{trained.prefix}: no vocabulary beside the checkpoint; copy the one it was trained with "
+                         f"into {directory} as vocab.txt (the released ELMo's: vocab-2016-09-10.txt)")
+    tokens = vocab_tokens(Vocabulary(trained.vocab_file, validate_file=True))
+    rows = trained.params["softmax"]["b"].shape[0]
+    if len(tokens) != rows:
+        raise ValueError(f"{trained.vocab_file}: {len(tokens)} tokens, but the checkpoint's softmax has {rows} rows "
+                         f"(n_tokens_vocab); not the vocabulary it was trained with")
+    return trained, tokens
 
 
 def load_trained(path: str, softmax_file: str = "") -> tuple[dict, dict, list[str]]:
-    """(params, options.json dict, vocabulary tokens) of a workdir's latest checkpoint or an export."""
+    """(params, options.json dict, vocabulary tokens) of a workdir's latest checkpoint, an export
+    or a bilm-tf training checkpoint."""
+    if is_tf_checkpoint(path):
+        trained, tokens = load_tf_checkpoint(path)
+        return trained.params, trained.options, tokens
     if os.path.isdir(path):
         vocab = Vocabulary(trained_vocab_file(path))
 
@@ -78,8 +129,9 @@ def load_trained(path: str, softmax_file: str = "") -> tuple[dict, dict, list[st
         _, state, meta, _ = checkpoint.restore(path, abstract_state)
         return jax.device_get(state.params), meta["options"], vocab_tokens(vocab)
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: neither a workdir with checkpoints nor an exported weight file")
-    exported = exported_files(path, softmax_file)
+        raise ValueError(f"{path}: neither a workdir with checkpoints, an exported weight file nor a TensorFlow "
+                         f"checkpoint")
+    exported = files_beside(path, softmax_file)
     if not os.path.isfile(exported["options"]):
         raise ValueError(f"{path}: no options.json beside it ({exported['options']})")
     options_d = files.read_json(exported["options"])
@@ -87,8 +139,14 @@ def load_trained(path: str, softmax_file: str = "") -> tuple[dict, dict, list[st
     if not os.path.isfile(exported["softmax"]):
         raise ValueError(f"{path}: no softmax file {exported['softmax']} (give --config.init_softmax_from=FILE)")
     softmax_w, softmax_b, vocab = hdf5.load_softmax(exported["softmax"])
-    if vocab is None:
-        vocab = vocab_tokens(Vocabulary(exported["vocab"]))
+    if vocab is None:  # (AllenNLP's published softmax file holds none)
+        if not os.path.isfile(exported["vocab"]):
+            raise ValueError(f"{exported['softmax']}: holds no vocabulary, and there is no {VOCAB_FILE} (nor a single "
+                             f"vocab*.txt) beside {path}; put the vocabulary of the softmax's rows there")
+        vocab = vocab_tokens(Vocabulary(exported["vocab"], validate_file=True))
+    if len(vocab) != softmax_w.shape[0]:
+        raise ValueError(f"{exported['vocab']}: {len(vocab)} tokens for the {softmax_w.shape[0]} rows of "
+                         f"{exported['softmax']}; not the softmax's vocabulary")
     if options.char_cnn is None:
         options = dataclasses.replace(options, n_tokens_vocab=softmax_w.shape[0])
     params = {"bilm": hdf5.load_weights(path, options), "softmax": {"W": softmax_w, "b": softmax_b}}
@@ -121,24 +179,60 @@ def architecture_difference(trained: dict, ours: dict) -> Optional[str]:
     return None
 
 
-def init_from(trainer: Trainer, fresh: dict, path: str, softmax_file: str, vocab: list[str]) -> dict:
-    """Params for fine-tuning: the trained model's, with softmax (and word embedding) rows
-    re-mapped by token onto the new vocabulary; tokens it did not have keep their fresh init."""
-    params, options_d, old_vocab = load_trained(path, softmax_file)
+def _remapped(trained: dict, start: dict, old_vocab: list[str], vocab: list[str], word_inputs: bool) -> tuple[dict, int]:
+    """`trained` (params, or a params-shaped tree such as Adagrad's accumulators) with its
+    vocabulary tables re-mapped by token onto `start`'s rows; and how many tokens were shared."""
+    out = {"bilm": trained["bilm"], "softmax": dict(start["softmax"])}
+    n_shared = len(vocab)
+    if word_inputs:
+        out["bilm"]["embedder"]["embedding"], n_shared = remap_rows(
+            trained["bilm"]["embedder"]["embedding"], old_vocab, start["bilm"]["embedder"]["embedding"], vocab)
+    for name in out["softmax"]:
+        if name in trained["softmax"]:
+            out["softmax"][name], n_shared = remap_rows(trained["softmax"][name], old_vocab, start["softmax"][name], vocab)
+    return out, n_shared
+
+
+def init_from(trainer: Trainer, fresh: dict, path: str, softmax_file: str,
+              vocab: list[str]) -> tuple[dict, Optional[dict]]:
+    """Params for fine-tuning, and Adagrad's accumulators when `path` is a bilm-tf checkpoint
+    (None otherwise: Adagrad starts afresh). The trained model's softmax (and word embedding)
+    rows are re-mapped by token onto the new vocabulary; tokens it did not have keep their fresh
+    init, and their accumulators the initial value. With the trained model's own vocabulary
+    everything carries over as it is, as bilm-tf's restart does."""
+    accumulators = None
+    if is_tf_checkpoint(path):
+        trained, old_vocab = load_tf_checkpoint(path)
+        params, options_d, accumulators = trained.params, trained.options, trained.accumulators
+        what = f"bilm-tf checkpoint {trained.prefix} (global_step {trained.global_step})"
+    else:
+        params, options_d, old_vocab = load_trained(path, softmax_file)
+        what = path
     difference = architecture_difference(options_d, config_lib.options_json(trainer.config))
     if difference:
         raise ValueError(f"{path}: its architecture differs from the config's model ({difference})")
-    fresh = jax.device_get(fresh)
-    out = {"bilm": params["bilm"], "softmax": dict(fresh["softmax"])}
-    if trainer.options.char_cnn is None:
-        out["bilm"]["embedder"]["embedding"], _ = remap_rows(
-            params["bilm"]["embedder"]["embedding"], old_vocab, fresh["bilm"]["embedder"]["embedding"], vocab)
-    for name in out["softmax"]:
-        if name in params["softmax"]:
-            out["softmax"][name], n_shared = remap_rows(params["softmax"][name], old_vocab, fresh["softmax"][name], vocab)
-    log.info("init from %s: %d of %d vocabulary tokens re-mapped from the trained softmax, %d initialized fresh",
-             path, n_shared, len(vocab), len(vocab) - n_shared)
-    return jax.tree.map(lambda x: np.asarray(x, np.float32), out)
+    as_is = old_vocab == vocab and jax.tree.structure(params) == jax.tree.structure(fresh)
+    if as_is:  # nothing to re-map: no copies of the vocabulary-sized tables (1.6 GB each for the released ELMo)
+        n_shared = len(vocab)
+        out = params
+    else:
+        fresh = jax.device_get(fresh)
+        out, n_shared = _remapped(params, fresh, old_vocab, vocab, trainer.options.char_cnn is None)
+        if accumulators is not None:
+            initial = jax.tree.map(lambda x: np.full(np.shape(x), INITIAL_ACCUMULATOR, np.float32), fresh)
+            accumulators, _ = _remapped(accumulators, initial, old_vocab, vocab, trainer.options.char_cnn is None)
+    out = jax.tree.map(lambda x: np.asarray(x, np.float32), out)
+    if accumulators is not None:
+        accumulators = jax.tree.map(lambda x: np.asarray(x, np.float32), accumulators)
+    carried = "params" + (" and Adagrad's accumulators" if accumulators is not None else " (Adagrad starts afresh)")
+    if as_is:
+        log.info("init from %s: its own vocabulary (%d tokens); %s carried over as they are", what, len(vocab), carried)
+    else:
+        log.info("init from %s: a new vocabulary; %s carried over, with the softmax%s rows of %d of its %d tokens "
+                 "re-mapped from the trained model's and %d initialized fresh", what, carried,
+                 " and word embedding" if trainer.options.char_cnn is None else "", n_shared, len(vocab),
+                 len(vocab) - n_shared)
+    return out, accumulators
 
 
 def export(path: str, output: str, trained: Optional[tuple] = None) -> dict:

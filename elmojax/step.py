@@ -219,11 +219,18 @@ def eval_step(params, lstm_state: dict, batch: Batch, *, model: BiLM, settings: 
     return new_lstm_state, sums
 
 
+INITIAL_ACCUMULATOR = 1.0  # bilm-tf's Adagrad (initial_accumulator_value)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     # TensorFlow's Adagrad: accumulator starts at 1.0, no epsilon.
     return optax.chain(
         optax.clip_by_global_norm(config.train.all_clip_norm_val),
-        optax.adagrad(config.train.learning_rate, initial_accumulator_value=1.0, eps=0.0),
+        optax.adagrad(config.train.learning_rate, initial_accumulator_value=INITIAL_ACCUMULATOR, eps=0.0),
     )
 
 
+def with_accumulators(opt_state, accumulators):
+    """make_optimizer's state with Adagrad's accumulators (a params-shaped tree) replaced."""
+    clip_state, (rss_state, *rest) = opt_state
+    return clip_state, (rss_state._replace(sum_of_squares=accumulators), *rest)

@@ -22,7 +22,7 @@ from elmojax import config as config_lib, numerics
 from elmojax.batch import Batch, to_device
 from elmojax.model import BiLM, zero_state
 from elmojax.options import BiLMOptions
-from elmojax.step import TrainState, eval_step, loss_settings, make_optimizer, train_step
+from elmojax.step import TrainState, eval_step, loss_settings, make_optimizer, train_step, with_accumulators
 
 
 class Trainer:
@@ -71,13 +71,16 @@ class Trainer:
                 o.projection_dim)
         return params
 
-    def create_state(self, rng: jax.Array, params: Optional[dict] = None,
-                     batch_size: Optional[int] = None) -> TrainState:
-        """A fresh TrainState: new params (or `params`), a new optimizer state, a zero carry for
-        `batch_size` rows (default: the global batch)."""
+    def create_state(self, rng: jax.Array, params: Optional[dict] = None, batch_size: Optional[int] = None,
+                     accumulators: Optional[dict] = None) -> TrainState:
+        """A fresh TrainState: new params (or `params`), a new optimizer state (or one with
+        Adagrad's `accumulators`), a zero carry for `batch_size` rows (default: the global batch)."""
         params_rng, state_rng = jax.random.split(rng)
         params = self.init_params(params_rng) if params is None else params
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+        opt_state = self.tx.init(params)
+        if accumulators is not None:
+            opt_state = with_accumulators(opt_state, accumulators)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                            lstm_state=zero_state(self.options, batch_size or self.batch_size), rng=state_rng)
         return jax.device_put(state, self.state_sharding)
 

@@ -1,7 +1,8 @@
 """elmojax: ELMo's character-based bidirectional LSTM language model in JAX/Flax.
 
 Using a trained biLM: `BidirectionalLanguageModel` (embed.py) on `Batcher` ids (vocab.py),
-mixed by `weight_layers` or `ScalarMix` (elmo.py); the modules are model.py's and lstm.py's,
+mixed by `weight_layers` or `ScalarMix` (elmo.py), or inside a downstream model as AllenNLP's
+`Elmo` (downstream.py: `load_elmo`); the modules are model.py's and lstm.py's,
 the weights bilm-tf's hdf5 files (hdf5.py) or its TensorFlow training checkpoints
 (tf_checkpoint.py, tf_variables.py).
 
@@ -23,6 +24,7 @@ Training, from the command line down:
 Importing elmojax changes no process-wide setting; entry points call `elmojax.setup()`.
 """
 
+from elmojax.downstream import Elmo, load_elmo
 from elmojax.elmo import ScalarMix, weight_layers
 from elmojax.embed import BidirectionalLanguageModel, dump_bilm_embeddings, dump_token_embeddings
 from elmojax.runtime import setup
@@ -33,12 +35,14 @@ __version__ = "0.1.0"
 __all__ = [
     "Batcher",
     "BidirectionalLanguageModel",
+    "Elmo",
     "ScalarMix",
     "TokenBatcher",
     "UnicodeCharsVocabulary",
     "Vocabulary",
     "dump_bilm_embeddings",
     "dump_token_embeddings",
+    "load_elmo",
     "setup",
     "weight_layers",
 ]

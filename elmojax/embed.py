@@ -145,6 +145,19 @@ def trim_char_ids(char_ids: np.ndarray, max_width: int, multiple: int = 8) -> tu
     return np.ascontiguousarray(char_ids[:, :keep]), tail_ids
 
 
+def load_bilm_params(options_file: str, options: BiLMOptions, weight_file: str,
+                     use_character_inputs: bool = True) -> dict:
+    """The biLM's params on the device, from an hdf5 weight file or a bilm-tf training
+    checkpoint (its softmax left unread); without the embedder's for token inputs."""
+    if tf_checkpoint.is_checkpoint(weight_file):  # read from memory maps
+        params = tf_variables.read_training_checkpoint(weight_file, options_file, softmax=False).params["bilm"]
+        if not use_character_inputs:
+            params.pop("embedder", None)
+        return jax.device_put(params)
+    # each array goes to the device as it is read: the model is never held twice
+    return hdf5.load_weights(weight_file, options, use_character_inputs, convert=jax.device_put)
+
+
 class BidirectionalLanguageModel:
     """A trained biLM that maps Batcher (or TokenBatcher) ids to ELMo layers.
 
@@ -172,13 +185,7 @@ class BidirectionalLanguageModel:
         options = load_options(options_file)
         if not options.bidirectional:
             raise ValueError(f"{options_file}: ELMo needs a bidirectional LM (bidirectional is false)")
-        if tf_checkpoint.is_checkpoint(weight_file):  # bilm-tf's training checkpoint (read from memory maps)
-            params = tf_variables.read_training_checkpoint(weight_file, options_file, softmax=False).params["bilm"]
-            if not use_character_inputs:
-                params.pop("embedder", None)
-            params = jax.device_put(params)
-        else:  # each array goes to the device as it is read: the model is never held twice
-            params = hdf5.load_weights(weight_file, options, use_character_inputs, convert=jax.device_put)
+        params = load_bilm_params(options_file, options, weight_file, use_character_inputs)
         if use_character_inputs:
             if options.char_cnn is None:
                 raise ValueError(f"{options_file}: character inputs need a char_cnn section")

@@ -99,12 +99,25 @@ class Vocabulary:
         return np.array([first] + ids + [last], dtype=np.int32)
 
 
+def spell(word: str, max_word_length: int) -> np.ndarray:
+    """A token's character ids (max_word_length,): [bow, UTF-8 bytes cut to max_word_length - 2,
+    eow, pad, ...]; <S> and </S> are [bow, bos|eos, eow, pad, ...]."""
+    code = np.full(max_word_length, PAD_CHAR, dtype=np.int32)
+    code[0] = BOW_CHAR
+    if word in (BOS, EOS):
+        code[1:3] = (BOS_CHAR if word == BOS else EOS_CHAR), EOW_CHAR
+        return code
+    encoded = word.encode("utf-8", "ignore")[: max_word_length - 2]
+    code[1 : len(encoded) + 1] = np.frombuffer(encoded, dtype=np.uint8)
+    code[len(encoded) + 1] = EOW_CHAR
+    return code
+
+
 class UnicodeCharsVocabulary(Vocabulary):
     """A vocabulary that also spells tokens as character ids (UTF-8 bytes plus specials).
 
-    Each token becomes [bow, bytes..., eow, pad, ...] of length max_word_length, its UTF-8
-    bytes cut to max_word_length - 2; <S> and </S> are [bow, bos|eos, eow, pad, ...].
-    Tokens of the file are spelled once up front; others are spelled on demand.
+    Each token is spelled by `spell` in max_word_length character ids; tokens of the file once
+    up front, others on demand.
     """
 
     def __init__(self, filename: str, max_word_length: int, **kwargs):
@@ -114,16 +127,9 @@ class UnicodeCharsVocabulary(Vocabulary):
         self._max_word_length = max_word_length
         self.bos_char, self.eos_char = BOS_CHAR, EOS_CHAR
         self.bow_char, self.eow_char, self.pad_char = BOW_CHAR, EOW_CHAR, PAD_CHAR
-        self.bos_chars = self._special_chars(BOS_CHAR)
-        self.eos_chars = self._special_chars(EOS_CHAR)
-        self._word_char_ids = np.stack([self._convert_word_to_char_ids(w) for w in self._id_to_word])
-        self._word_char_ids[self.bos] = self.bos_chars
-        self._word_char_ids[self.eos] = self.eos_chars
-
-    def _special_chars(self, char: int) -> np.ndarray:
-        code = np.full(self._max_word_length, PAD_CHAR, dtype=np.int32)
-        code[:3] = (BOW_CHAR, char, EOW_CHAR)
-        return code
+        self.bos_chars = spell(BOS, max_word_length)
+        self.eos_chars = spell(EOS, max_word_length)
+        self._word_char_ids = np.stack([spell(w, max_word_length) for w in self._id_to_word])
 
     @property
     def word_char_ids(self) -> np.ndarray:
@@ -133,19 +139,11 @@ class UnicodeCharsVocabulary(Vocabulary):
     def max_word_length(self) -> int:
         return self._max_word_length
 
-    def _convert_word_to_char_ids(self, word: str) -> np.ndarray:
-        code = np.full(self._max_word_length, PAD_CHAR, dtype=np.int32)
-        encoded = word.encode("utf-8", "ignore")[: self._max_word_length - 2]
-        code[0] = BOW_CHAR
-        code[1 : len(encoded) + 1] = np.frombuffer(encoded, dtype=np.uint8)
-        code[len(encoded) + 1] = EOW_CHAR
-        return code
-
     def word_to_char_ids(self, word: str) -> np.ndarray:
         found = self._word_to_id.get(word)
         if found is not None:
             return self._word_char_ids[found]
-        return self._convert_word_to_char_ids(word)
+        return spell(word, self._max_word_length)
 
     def encode_chars(self, sentence, reverse: bool = False, split: bool = True) -> np.ndarray:
         """Character ids (n_tokens + 2, max_word_length) with <S> and </S> (swapped when `reverse`)."""

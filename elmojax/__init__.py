@@ -26,7 +26,8 @@ Importing elmojax changes no process-wide setting; entry points call `elmojax.se
 
 from elmojax.downstream import Elmo, load_elmo
 from elmojax.elmo import ScalarMix, weight_layers
-from elmojax.embed import BidirectionalLanguageModel, dump_bilm_embeddings, dump_token_embeddings
+from elmojax.dumps import dump_bilm_embeddings, dump_token_embeddings
+from elmojax.embed import BidirectionalLanguageModel
 from elmojax.runtime import setup
 from elmojax.vocab import Batcher, TokenBatcher, UnicodeCharsVocabulary, Vocabulary
 

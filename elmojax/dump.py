@@ -1,7 +1,11 @@
-"""Command line for the dump functions.
+"""Command line for the dumps (elmojax.dumps).
 
   python -m elmojax.dump tokens --vocab V --options O --weights W --out token_embeddings.hdf5
   python -m elmojax.dump bilm --vocab V --dataset D --options O --weights W --out elmo.hdf5 [--stateful]
+  python -m elmojax.dump elmo INPUT OUTPUT (--all | --top | --average) --options O --weights W
+      [--batch-size 64] [--use-sentence-keys] [--forget-sentences]      (AllenNLP's `allennlp elmo`)
+  python -m elmojax.dump sentences INPUT OUTPUT --options O --weights W [--layers average|top|K]
+      [--pooling mean|max]
 """
 
 from __future__ import annotations
@@ -10,8 +14,12 @@ import argparse
 import logging
 import sys
 
-from elmojax.embed import dump_bilm_embeddings, dump_token_embeddings
+from elmojax.dumps import dump_bilm_embeddings, dump_elmo, dump_sentence_vectors, dump_token_embeddings
 from elmojax.runtime import setup
+
+
+def _layers(value: str):
+    return int(value) if value.isdigit() else value
 
 
 def main(argv=None) -> int:
@@ -19,34 +27,60 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def common(p):
-        p.add_argument("--vocab", required=True, help="vocabulary file, one token per line")
+    def model(p, vocab=True, out=True):
+        if vocab:
+            p.add_argument("--vocab", required=True, help="vocabulary file, one token per line")
         p.add_argument("--options", required=True, help="the biLM's options.json")
-        p.add_argument("--weights", required=True, help="the biLM's hdf5 weight file")
-        p.add_argument("--out", required=True, help="hdf5 file to write (atomically)")
+        p.add_argument("--weights", required=True, help="the biLM's hdf5 weight file (or a bilm-tf checkpoint)")
+        if out:
+            p.add_argument("--out", required=True, help="hdf5 file to write (atomically)")
         p.add_argument("--quiet", action="store_true", help="no progress report")
 
     tokens = commands.add_parser("tokens", help="char CNN embedding of every vocabulary token")
-    common(tokens)
+    model(tokens)
     bilm = commands.add_parser("bilm", help="all biLM layers for every line of a dataset")
-    common(bilm)
+    model(bilm)
     bilm.add_argument("--dataset", required=True, help="text file, one whitespace-tokenized sentence per line")
     bilm.add_argument("--batch-size", type=int, default=64, help="sentences per call (default 64)")
     bilm.add_argument("--stateful", action="store_true",
                       help="carry LSTM state from line to line, one line at a time, as bilm-tf does")
+    elmo = commands.add_parser("elmo", help="AllenNLP's `allennlp elmo`: a dataset per line, and sentence_to_index")
+    elmo.add_argument("input_file", help="text file, one whitespace-tokenized sentence per line, none blank")
+    elmo.add_argument("output_file", help="hdf5 file to write (atomically)")
+    layers = elmo.add_mutually_exclusive_group(required=True)
+    for name, what in (("all", "every layer"), ("top", "the top layer"), ("average", "the layers' average")):
+        layers.add_argument(f"--{name}", dest="output_format", action="store_const", const=name, help=what)
+    model(elmo, vocab=False, out=False)
+    elmo.add_argument("--batch-size", type=int, default=64, help="sentences per call (default 64)")
+    elmo.add_argument("--use-sentence-keys", action="store_true", help="key each dataset by its sentence")
+    elmo.add_argument("--forget-sentences", action="store_true", help="no sentence_to_index dataset")
+    sentences = commands.add_parser("sentences", help="one vector per line (dataset sentence_vectors)")
+    sentences.add_argument("input_file")
+    sentences.add_argument("output_file")
+    model(sentences, vocab=False, out=False)
+    sentences.add_argument("--layers", type=_layers, default="average", help="average (default), top or a layer K")
+    sentences.add_argument("--pooling", choices=["mean", "max"], default="mean")
+    sentences.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     setup()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "tokens":
             dump_token_embeddings(args.vocab, args.options, args.weights, args.out, progress=not args.quiet)
-        else:
+        elif args.command == "bilm":
             dump_bilm_embeddings(args.vocab, args.dataset, args.options, args.weights, args.out,
                                  batch_size=args.batch_size, stateful=args.stateful, progress=not args.quiet)
+        elif args.command == "elmo":
+            dump_elmo(args.input_file, args.output_file, args.output_format, args.options, args.weights,
+                      batch_size=args.batch_size, forget_sentences=args.forget_sentences,
+                      use_sentence_keys=args.use_sentence_keys, progress=not args.quiet)
+        else:
+            dump_sentence_vectors(args.input_file, args.output_file, args.options, args.weights, args.layers,
+                                  args.pooling, args.batch_size)
     except (ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}")
+    print(f"wrote {getattr(args, 'out', None) or args.output_file}")
     return 0
 
 

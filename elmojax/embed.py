@@ -15,19 +15,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import sys
-import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elmojax import files, hdf5, numerics, tf_checkpoint, tf_variables
+from elmojax import hdf5, numerics, tf_checkpoint, tf_variables
 from elmojax.model import BiLM, BiLMOutput, zero_state
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
-from elmojax.vocab import Batcher, UnicodeCharsVocabulary
+from elmojax.vocab import batch_char_ids
 
 log = logging.getLogger(__name__)
 
@@ -292,87 +289,29 @@ class BidirectionalLanguageModel:
             "token_embeddings": outputs["token_embeddings"][:n, :length],
         }
 
-
-class _Progress:
-    """A one-line progress report on stderr for long jobs (silent for short ones)."""
-
-    def __init__(self, total: int, what: str, enabled: bool = True, min_total: int = 1000):
-        self.total, self.what = total, what
-        self.enabled = enabled and total >= min_total
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 1.0 and done < self.total):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        left = (self.total - done) / rate if rate > 0 else float("inf")
-        sys.stderr.write(f"\r{self.what}: {done}/{self.total} ({100 * done / self.total:.0f}%), "
-                         f"{rate:.0f}/s, {left:.0f}s left ")
-        if done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, outfile: str,
-                          batch_size: int = 4096, progress: bool = True) -> None:
-    """Writes the char CNN's embedding of every vocabulary token to outfile (dataset `embedding`).
-
-    The file serves as embedding_weight_file of a BidirectionalLanguageModel with
-    use_character_inputs=False and a TokenBatcher over the same vocab_file.
-    """
-    options = load_options(options_file)
-    if options.char_cnn is None:
-        raise ValueError(f"{options_file}: token embeddings are computed by the char CNN; options have none")
-    vocab = UnicodeCharsVocabulary(vocab_file, options.char_cnn.max_characters_per_token)
-    params = hdf5.load_weights(weight_file, options)
-    model = BiLM(options, cnn_chunk_size=cnn_chunk_size(options))  # batches of 4096 tokens, in chunks
-    embed = numerics.jit(lambda p, ids: model.apply({"params": p}, ids, method=BiLM.embed))
-
-    char_ids = vocab.word_char_ids + 1
-    out = np.zeros((vocab.size, options.projection_dim), np.float32)
-    report = _Progress(vocab.size, "tokens", progress, min_total=20000)
-    for start in range(0, vocab.size, batch_size):
-        chunk = char_ids[start : start + batch_size]
-        padded = np.zeros((batch_size,) + chunk.shape[1:], np.int32)  # one shape: one compilation
-        padded[: len(chunk)] = chunk
-        out[start : start + len(chunk)] = np.asarray(embed(params, padded))[: len(chunk)]
-        report.update(start + len(chunk))
-    hdf5.save_token_embeddings(out, outfile)
-
-
-def _read_sentences(dataset_file: str) -> list[list[str]]:
-    return [line.split() for _, line in files.read_lines(dataset_file)]
-
-
-def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, weight_file: str,
-                         outfile: str, batch_size: int = 64, stateful: bool = False,
-                         progress: bool = True) -> None:
-    """Writes the biLM layers of every line of dataset_file (whitespace-tokenized) to outfile.
-
-    One dataset per line, named str(line number) from 0, of shape (n_layers + 1, n_tokens,
-    2 * projection_dim). Lines are embedded `batch_size` at a time from zero state; with
-    `stateful=True` they go one at a time, each starting from the previous line's final state,
-    reproducing bilm-tf. The file appears only when complete.
-    """
-    options = load_options(options_file)
-    if options.char_cnn is None:
-        raise ValueError(f"{options_file}: dump_bilm_embeddings reads characters; options have no char_cnn")
-    sentences = _read_sentences(dataset_file)
-    batcher = Batcher(vocab_file, options.char_cnn.max_characters_per_token)
-    model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=1 if stateful else batch_size,
-                                       stateful=stateful)
-    step = 1 if stateful else batch_size
-    # Embedding similar lengths together wastes less padding; order does not matter from zero state.
-    order = list(range(len(sentences))) if stateful else sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-    report = _Progress(len(sentences), "sentences", progress)
-    with files.atomic_output(outfile) as tmp:
-        with h5py.File(tmp, "w") as fout:
-            for start in range(0, len(order), step):
-                rows = order[start : start + step]
-                result = model(batcher.batch_sentences([sentences[i] for i in rows]))
-                for k, i in enumerate(rows):
-                    n_tokens = int(result["lengths"][k])
-                    fout.create_dataset(str(i), data=result["lm_embeddings"][k, :, :n_tokens])
-                report.update(start + len(rows))
+    def sentence_vectors(self, sentences: Sequence[Sequence[str]], layers: Union[str, int] = "average",
+                         pooling: str = "mean") -> np.ndarray:
+        """One vector per sentence (n, 2 * projection_dim), pooled over its tokens (padding
+        excluded), <S> and </S> left out: of the average of the layers ("average"), the top
+        layer ("top") or layer k (0: the token embeddings); pooling "mean" or "max". (The FAQ's
+        sentence embedding, after Perone et al. 2018: mean of the averaged layers.)"""
+        n_layers = self.options.lstm.n_layers + 1
+        if not (layers in ("average", "top") or (isinstance(layers, int) and not isinstance(layers, bool)
+                                                  and 0 <= layers < n_layers)):
+            raise ValueError(f"layers must be 'average', 'top' or a layer 0..{n_layers - 1}, got {layers!r}")
+        if pooling not in ("mean", "max"):
+            raise ValueError(f"pooling must be 'mean' or 'max', got {pooling!r}")
+        if not self.use_character_inputs:
+            raise ValueError("sentence_vectors spells the sentences: it needs use_character_inputs=True")
+        for k, sentence in enumerate(sentences):
+            if len(sentence) == 0:
+                raise ValueError(f"sentence {k} has no tokens, so no vector")
+        width = self.options.char_cnn.max_characters_per_token
+        out = np.zeros((len(sentences), 2 * self.options.projection_dim), np.float32)
+        for start in range(0, len(sentences), self.max_batch_size):
+            lm = self(batch_char_ids(sentences[start:start + self.max_batch_size], width))["lm_embeddings"]
+            x = lm.mean(axis=1) if layers == "average" else lm[:, -1 if layers == "top" else layers]
+            for k, sentence in enumerate(sentences[start:start + self.max_batch_size]):
+                tokens = x[k, :len(sentence)]
+                out[start + k] = tokens.mean(axis=0) if pooling == "mean" else tokens.max(axis=0)
+        return out

@@ -160,6 +160,16 @@ def _check_sentences(sentences) -> None:
             raise TypeError(f"sentence {k} is a string; give each sentence as a list of tokens (e.g. line.split())")
 
 
+def batch_char_ids(sentences: Sequence[Sequence[str]], max_token_length: int) -> np.ndarray:
+    """Batcher's ids (n, max_len + 2, max_token_length) without a vocabulary file: a token's
+    spelling does not depend on one."""
+    _check_sentences(sentences)
+    char_ids = np.zeros((len(sentences), max(len(s) for s in sentences) + 2, max_token_length), dtype=np.int64)
+    for k, sentence in enumerate(sentences):
+        char_ids[k, : len(sentence) + 2] = np.stack([spell(w, max_token_length) for w in [BOS, *sentence, EOS]]) + 1
+    return char_ids
+
+
 class Batcher:
     """Batches tokenized sentences into character ids (n, max_len + 2, max_token_length)."""
 

@@ -67,8 +67,84 @@ def test_commands(tmp_path, fixture_sentences):
     assert result.returncode == 0, result.stderr
     with h5py.File(tmp_path / "elmo.hdf5", "r") as f:
         assert f["1"].shape == (3, len(sentences[2][2]), 32)
+    result = run("elmo", dataset, str(tmp_path / "allennlp.hdf5"), "--top", "--options", OPTIONS_FILE,
+                 "--weights", WEIGHT_FILE, "--forget-sentences")
+    assert result.returncode == 0, result.stderr
+    with h5py.File(tmp_path / "allennlp.hdf5", "r") as f:
+        assert sorted(f) == ["0", "1"] and f["1"].shape == (len(sentences[2][2]), 32)
     result = run("tokens", *common, "--out", str(tmp_path / "tokens.hdf5"))
     assert result.returncode == 0, result.stderr
     assert hdf5.load_token_embeddings(str(tmp_path / "tokens.hdf5")).shape == (448, 16)
     result = run("bilm", *common, "--dataset", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x.hdf5"))
     assert result.returncode == 1 and "missing.txt" in result.stderr
+
+
+def _elmo_dump(tmp_path, lines, output_format, **kwargs):
+    from elmojax.dumps import dump_elmo
+    dataset = _write_lines(tmp_path / "input.txt", lines)
+    out = str(tmp_path / f"{output_format}.hdf5")
+    dump_elmo(dataset, out, output_format, OPTIONS_FILE, WEIGHT_FILE, batch_size=2, **kwargs)
+    return out
+
+
+def test_allennlp_elmo_dump_layouts(tmp_path, fixture_sentences):
+    """dump elmo --all / --top / --average: AllenNLP's `allennlp elmo` file layout; --top and
+    --average are what --all's layers give through NumPy."""
+    import json
+    sentences, _ = fixture_sentences
+    lines = [sentences[0][3], sentences[1][0], sentences[2][4], sentences[0][3]]  # a repeated sentence
+    files = {fmt: _elmo_dump(tmp_path, lines, fmt) for fmt in ("all", "top", "average")}
+    bilm = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE)
+    with h5py.File(files["all"], "r") as a, h5py.File(files["top"], "r") as t, h5py.File(files["average"], "r") as v:
+        assert sorted(a) == ["0", "1", "2", "3", "sentence_to_index"]
+        index = json.loads(a["sentence_to_index"][0])
+        assert index == {" ".join(lines[0]): "3", " ".join(lines[1]): "1", " ".join(lines[2]): "2"}  # the last key
+        for i, tokens in enumerate(lines):
+            layers = a[str(i)][...]
+            assert layers.shape == (3, len(tokens), 32) and layers.dtype == np.float32
+            want = bilm(Batcher(VOCAB_FILE, 50).batch_sentences([tokens]))["lm_embeddings"][0]
+            np.testing.assert_allclose(layers, want, atol=1e-6, rtol=0)
+            np.testing.assert_array_equal(t[str(i)][...], layers[-1])
+            np.testing.assert_allclose(v[str(i)][...], np.mean(layers.astype(np.float64), axis=0), atol=1e-7)
+    keyed = _elmo_dump(tmp_path, lines[:3], "top", use_sentence_keys=True)
+    with h5py.File(keyed, "r") as f:
+        assert sorted(f) == sorted(" ".join(t) for t in lines[:3])  # keys are the sentences, no sentence_to_index
+
+
+def test_allennlp_elmo_dump_refuses_what_it_cannot_key(tmp_path, fixture_sentences):
+    from elmojax.dumps import dump_elmo
+    sentences, _ = fixture_sentences
+    with pytest.raises(ValueError, match=r"input.txt, line 3: the sentence of line 1 again"):
+        _elmo_dump(tmp_path, [sentences[0][3], sentences[1][0], sentences[0][3]], "all", use_sentence_keys=True)
+    with pytest.raises(ValueError, match=r"input.txt: blank line\(s\) 2; every line is a sentence"):
+        _elmo_dump(tmp_path, [sentences[0][3], [], sentences[1][0]], "all")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.txt: holds no sentences"):
+        dump_elmo(str(empty), str(tmp_path / "out.hdf5"), "all", OPTIONS_FILE, WEIGHT_FILE)
+    assert not (tmp_path / "out.hdf5").exists() and not (tmp_path / "all.hdf5").exists()
+
+
+def test_sentence_vectors_pool_the_layers_over_real_tokens(tmp_path, fixture_sentences):
+    sentences, _ = fixture_sentences
+    batch = [sentences[0][3], sentences[1][0], sentences[2][4]]
+    bilm = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=2)
+    lm = [bilm(Batcher(VOCAB_FILE, 50).batch_sentences([s]))["lm_embeddings"][0].astype(np.float64) for s in batch]
+    for layers, pooling in [("average", "mean"), ("top", "max"), (0, "mean")]:
+        got = bilm.sentence_vectors(batch, layers=layers, pooling=pooling)
+        for k, x in enumerate(lm):
+            x = x.mean(axis=0) if layers == "average" else x[-1 if layers == "top" else layers]
+            want = x.mean(axis=0) if pooling == "mean" else x.max(axis=0)
+            np.testing.assert_allclose(got[k], want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="sentence 1 has no tokens"):
+        bilm.sentence_vectors([["a"], []])
+    with pytest.raises(ValueError, match="layers must be"):
+        bilm.sentence_vectors(batch, layers=3)
+    dataset = _write_lines(tmp_path / "input.txt", batch)
+    result = subprocess.run([sys.executable, "-m", "elmojax.dump", "sentences", dataset, str(tmp_path / "v.hdf5"),
+                             "--options", OPTIONS_FILE, "--weights", WEIGHT_FILE, "--layers", "top", "--pooling", "max"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(tmp_path / "v.hdf5", "r") as f:
+        np.testing.assert_allclose(f["sentence_vectors"][...], bilm.sentence_vectors(batch, "top", "max"), atol=1e-6)
+        assert f["sentence_vectors"].attrs["pooling"] == "max"

@@ -1,0 +1,183 @@
+"""Dumps for whole datasets: token embeddings of a vocabulary (dump_token_embeddings), bilm-tf's
+biLM layers per line (dump_bilm_embeddings), AllenNLP's `allennlp elmo` file (dump_elmo) and
+sentence vectors (dump_sentence_vectors). Each file appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import h5py
+import numpy as np
+
+from elmojax import files, hdf5, numerics
+from elmojax.embed import BidirectionalLanguageModel, cnn_chunk_size
+from elmojax.model import BiLM
+from elmojax.options import load_options
+from elmojax.vocab import Batcher, UnicodeCharsVocabulary, batch_char_ids
+
+
+class _Progress:
+    """A one-line progress report on stderr for long jobs (silent for short ones)."""
+
+    def __init__(self, total: int, what: str, enabled: bool = True, min_total: int = 1000):
+        self.total, self.what = total, what
+        self.enabled = enabled and total >= min_total
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 1.0 and done < self.total):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        sys.stderr.write(f"\r{self.what}: {done}/{self.total} ({100 * done / self.total:.0f}%), "
+                         f"{rate:.0f}/s, {left:.0f}s left ")
+        if done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, outfile: str,
+                          batch_size: int = 4096, progress: bool = True) -> None:
+    """Writes the char CNN's embedding of every vocabulary token to outfile (dataset `embedding`).
+
+    The file serves as embedding_weight_file of a BidirectionalLanguageModel with
+    use_character_inputs=False and a TokenBatcher over the same vocab_file.
+    """
+    options = load_options(options_file)
+    if options.char_cnn is None:
+        raise ValueError(f"{options_file}: token embeddings are computed by the char CNN; options have none")
+    vocab = UnicodeCharsVocabulary(vocab_file, options.char_cnn.max_characters_per_token)
+    params = hdf5.load_weights(weight_file, options)
+    model = BiLM(options, cnn_chunk_size=cnn_chunk_size(options))  # batches of 4096 tokens, in chunks
+    embed = numerics.jit(lambda p, ids: model.apply({"params": p}, ids, method=BiLM.embed))
+
+    char_ids = vocab.word_char_ids + 1
+    out = np.zeros((vocab.size, options.projection_dim), np.float32)
+    report = _Progress(vocab.size, "tokens", progress, min_total=20000)
+    for start in range(0, vocab.size, batch_size):
+        chunk = char_ids[start : start + batch_size]
+        padded = np.zeros((batch_size,) + chunk.shape[1:], np.int32)  # one shape: one compilation
+        padded[: len(chunk)] = chunk
+        out[start : start + len(chunk)] = np.asarray(embed(params, padded))[: len(chunk)]
+        report.update(start + len(chunk))
+    hdf5.save_token_embeddings(out, outfile)
+
+
+def _read_sentences(dataset_file: str) -> list[list[str]]:
+    return [line.split() for _, line in files.read_lines(dataset_file)]
+
+
+def _layers_by_line(model: BidirectionalLanguageModel, sentences: list[list[str]], batch_size: int,
+                    stateful: bool = False, progress: bool = True):
+    """(line index, biLM layers (n_layers + 1, n_tokens, 2 * projection_dim)) for every line,
+    `batch_size` lines a call from zero state, similar lengths together (order does not matter
+    from zero state; with `stateful`, one line a call in order)."""
+    width = model.options.char_cnn.max_characters_per_token
+    step = 1 if stateful else batch_size
+    order = list(range(len(sentences))) if stateful else sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    report = _Progress(len(sentences), "sentences", progress)
+    for start in range(0, len(order), step):
+        rows = order[start : start + step]
+        result = model(batch_char_ids([sentences[i] for i in rows], width))
+        for k, i in enumerate(rows):
+            yield i, result["lm_embeddings"][k, :, : int(result["lengths"][k])]
+        report.update(start + len(rows))
+
+
+def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, weight_file: str,
+                         outfile: str, batch_size: int = 64, stateful: bool = False,
+                         progress: bool = True) -> None:
+    """Writes the biLM layers of every line of dataset_file (whitespace-tokenized) to outfile.
+
+    One dataset per line, named str(line number) from 0, of shape (n_layers + 1, n_tokens,
+    2 * projection_dim). Lines are embedded `batch_size` at a time from zero state; with
+    `stateful=True` they go one at a time, each starting from the previous line's final state,
+    reproducing bilm-tf. (vocab_file is bilm-tf's argument; the spelling does not need it.)
+    """
+    options = load_options(options_file)
+    if options.char_cnn is None:
+        raise ValueError(f"{options_file}: dump_bilm_embeddings reads characters; options have no char_cnn")
+    Batcher(vocab_file, options.char_cnn.max_characters_per_token)  # read as bilm-tf does: a bad path is an error
+    sentences = _read_sentences(dataset_file)
+    model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=1 if stateful else batch_size,
+                                       stateful=stateful)
+    with files.atomic_output(outfile) as tmp:
+        with h5py.File(tmp, "w") as fout:
+            for i, layers in _layers_by_line(model, sentences, batch_size, stateful, progress):
+                fout.create_dataset(str(i), data=layers)
+
+
+def _sentence_lines(input_file: str) -> list[tuple[int, str]]:
+    """The (line number, text) of every line, none of them blank."""
+    lines = [(number, line.strip()) for number, line in files.read_lines(input_file)]
+    if not lines:
+        raise ValueError(f"{input_file}: holds no sentences")
+    blank = [number for number, line in lines if not line]
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
+        raise ValueError(f"{input_file}: blank line(s) {shown}; every line is a sentence, remove them")
+    return lines
+
+
+OUTPUT_FORMATS = ("all", "top", "average")
+
+
+def dump_elmo(input_file: str, output_file: str, output_format: str, options_file: str, weight_file: str,
+              batch_size: int = 64, forget_sentences: bool = False, use_sentence_keys: bool = False,
+              progress: bool = True) -> None:
+    """AllenNLP's `allennlp elmo` command (0.9, removed in 1.0): each line of input_file, a
+    whitespace-tokenized sentence, as a dataset keyed by its index from 0 (or by the sentence
+    itself, use_sentence_keys): `all` (n_layers + 1, n_tokens, dim), `top` the last layer or
+    `average` the layers' mean, (n_tokens, dim); and `sentence_to_index`, one JSON string
+    {sentence: key} (a repeated sentence maps to its last key, as AllenNLP's), unless
+    forget_sentences or use_sentence_keys.
+
+    Unlike AllenNLP's command, whose biLM carries the LSTM state from batch to batch, every
+    batch starts from zero state, so the file does not depend on batch_size or line order.
+    Blank lines and an empty file are errors (AllenNLP's too), as is a repeated sentence under
+    use_sentence_keys.
+    """
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    lines = _sentence_lines(input_file)
+    if use_sentence_keys:
+        first: dict[str, int] = {}
+        for number, line in lines:
+            if line in first:
+                raise ValueError(f"{input_file}, line {number}: the sentence of line {first[line]} again; with "
+                                 f"--use-sentence-keys every sentence is a key (leave it out to keep duplicates)")
+            first[line] = number
+    model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=batch_size)
+    sentences = [line.split() for _, line in lines]
+    with files.atomic_output(output_file) as tmp:
+        with h5py.File(tmp, "w") as fout:
+            for i, layers in _layers_by_line(model, sentences, batch_size, progress=progress):
+                output = {"all": layers, "top": layers[-1], "average": layers.mean(axis=0)}[output_format]
+                key = lines[i][1] if use_sentence_keys else str(i)
+                try:
+                    fout.create_dataset(key, data=np.asarray(output, np.float32))
+                except (ValueError, KeyError) as e:
+                    raise ValueError(f"{input_file}, line {lines[i][0]}: cannot be an hdf5 key ({e}); leave out "
+                                     f"--use-sentence-keys") from None
+            if not (forget_sentences or use_sentence_keys):
+                index = {line: str(i) for i, (_, line) in enumerate(lines)}
+                fout.create_dataset("sentence_to_index", data=[json.dumps(index)],
+                                    dtype=h5py.string_dtype())
+
+
+def dump_sentence_vectors(input_file: str, output_file: str, options_file: str, weight_file: str,
+                          layers="average", pooling: str = "mean", batch_size: int = 64) -> None:
+    """One vector per line of input_file (BidirectionalLanguageModel.sentence_vectors) as the
+    dataset `sentence_vectors` (n_lines, dim), with `layers` and `pooling` as its attributes."""
+    lines = _sentence_lines(input_file)
+    model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=batch_size)
+    vectors = model.sentence_vectors([line.split() for _, line in lines], layers, pooling)
+    with files.atomic_output(output_file) as tmp:
+        with h5py.File(tmp, "w") as fout:
+            fout.create_dataset("sentence_vectors", data=vectors)
+            fout["sentence_vectors"].attrs.update({"layers": str(layers), "pooling": pooling})

@@ -6,6 +6,7 @@
       [--batch-size 64] [--use-sentence-keys] [--forget-sentences]      (AllenNLP's `allennlp elmo`)
   python -m elmojax.dump sentences INPUT OUTPUT --options O --weights W [--layers average|top|K]
       [--pooling mean|max]
+  python -m elmojax.dump score INPUT OUTPUT.jsonl --options O --weights W --softmax S
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from elmojax.dumps import dump_bilm_embeddings, dump_elmo, dump_sentence_vectors, dump_token_embeddings
+from elmojax.dumps import dump_bilm_embeddings, dump_elmo, dump_scores, dump_sentence_vectors, dump_token_embeddings
 from elmojax.runtime import setup
 
 
@@ -61,6 +62,12 @@ def main(argv=None) -> int:
     sentences.add_argument("--layers", type=_layers, default="average", help="average (default), top or a layer K")
     sentences.add_argument("--pooling", choices=["mean", "max"], default="mean")
     sentences.add_argument("--batch-size", type=int, default=64)
+    score = commands.add_parser("score", help="each line's tokens' log-probabilities and perplexity, as JSON lines")
+    score.add_argument("input_file")
+    score.add_argument("output_file")
+    model(score, vocab=False, out=False)
+    score.add_argument("--softmax", required=True, help="the softmax file (softmax/W, softmax/b, vocabulary)")
+    score.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     setup()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -74,6 +81,8 @@ def main(argv=None) -> int:
             dump_elmo(args.input_file, args.output_file, args.output_format, args.options, args.weights,
                       batch_size=args.batch_size, forget_sentences=args.forget_sentences,
                       use_sentence_keys=args.use_sentence_keys, progress=not args.quiet)
+        elif args.command == "score":
+            dump_scores(args.input_file, args.output_file, args.options, args.weights, args.softmax, args.batch_size)
         else:
             dump_sentence_vectors(args.input_file, args.output_file, args.options, args.weights, args.layers,
                                   args.pooling, args.batch_size)

@@ -1,6 +1,7 @@
 """Dumps for whole datasets: token embeddings of a vocabulary (dump_token_embeddings), bilm-tf's
 biLM layers per line (dump_bilm_embeddings), AllenNLP's `allennlp elmo` file (dump_elmo) and
-sentence vectors (dump_sentence_vectors). Each file appears only when complete.
+sentence vectors (dump_sentence_vectors) and LM scores (dump_scores). Each file appears only
+when complete.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 import h5py
 import numpy as np
 
-from elmojax import files, hdf5, numerics
+from elmojax import files, hdf5, numerics, scoring
 from elmojax.embed import BidirectionalLanguageModel, cnn_chunk_size
 from elmojax.model import BiLM
 from elmojax.options import load_options
@@ -181,3 +182,26 @@ def dump_sentence_vectors(input_file: str, output_file: str, options_file: str, 
         with h5py.File(tmp, "w") as fout:
             fout.create_dataset("sentence_vectors", data=vectors)
             fout["sentence_vectors"].attrs.update({"layers": str(layers), "pooling": pooling})
+
+
+def dump_scores(input_file: str, output_file: str, options_file: str, weight_file: str, softmax_file: str,
+                batch_size: int = 64) -> None:
+    """One JSON line per line of input_file: its tokens, each token's forward and backward
+    log-probability, those of </S> (forward_end) and <S> (backward_end), and its perplexity
+    (BidirectionalLanguageModel.log_probs, elmojax.scoring)."""
+    lines = _sentence_lines(input_file)
+    model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=batch_size, softmax_file=softmax_file)
+    width = model.options.char_cnn.max_characters_per_token
+    with files.atomic_output(output_file) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for start in range(0, len(lines), batch_size):
+            part = [line.split() for _, line in lines[start:start + batch_size]]
+            scores = model.log_probs(batch_char_ids(part, width))
+            for k, tokens in enumerate(part):
+                one = {name: scores[name][k:k + 1] for name in scores}
+                record = {"line": lines[start + k][0], "tokens": tokens,
+                          "forward": scores["forward"][k, :len(tokens)].tolist(),
+                          "backward": scores["backward"][k, :len(tokens)].tolist(),
+                          "forward_end": float(scores["forward_end"][k]),
+                          "backward_end": float(scores["backward_end"][k]),
+                          "perplexity": scoring.perplexity([one])}
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")

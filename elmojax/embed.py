@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elmojax import hdf5, numerics, tf_checkpoint, tf_variables
+from elmojax import hdf5, numerics, scoring, tf_checkpoint, tf_variables
 from elmojax.model import BiLM, BiLMOutput, zero_state
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
 from elmojax.vocab import batch_char_ids
@@ -178,7 +178,7 @@ class BidirectionalLanguageModel:
 
     def __init__(self, options_file: str, weight_file: str, use_character_inputs: bool = True,
                  embedding_weight_file: Optional[str] = None, max_batch_size: int = 128,
-                 stateful: bool = False, compute_dtype: str = "float32"):
+                 stateful: bool = False, compute_dtype: str = "float32", softmax_file: Optional[str] = None):
         options = load_options(options_file)
         if not options.bidirectional:
             raise ValueError(f"{options_file}: ELMo needs a bidirectional LM (bidirectional is false)")
@@ -207,6 +207,14 @@ class BidirectionalLanguageModel:
         self._distinct_embed_fn = make_distinct_embed_fn(self.model) if use_character_inputs else None
         self._state = None
         self.reset_state()
+        self._scoring = None
+        if softmax_file is not None:
+            weights, biases, index = scoring.load_scorer_softmax(softmax_file)
+            if weights.shape[1] != options.projection_dim:
+                raise ValueError(f"{softmax_file}: softmax/W has {weights.shape[1]} columns, the biLM's top layer "
+                                 f"{options.projection_dim}")
+            self._scoring = (jax.device_put(weights), jax.device_put(biases), index,
+                             scoring.make_log_prob_fn(self.model))
 
     @property
     def state(self):
@@ -315,3 +323,20 @@ class BidirectionalLanguageModel:
                 tokens = x[k, :len(sentence)]
                 out[start + k] = tokens.mean(axis=0) if pooling == "mean" else tokens.max(axis=0)
         return out
+
+    def log_probs(self, char_ids: np.ndarray) -> dict:
+        """Each token's log-probability under the full softmax (needs softmax_file), from zero
+        state, for Batcher ids: forward (n, T) log p(w_j | w_<j) and backward (n, T) log p(w_j |
+        w_>j), mask (n, T), and forward_end / backward_end (n,), the scores of </S> and <S>
+        (see elmojax.scoring)."""
+        if self._scoring is None:
+            raise ValueError("log_probs needs the softmax: BidirectionalLanguageModel(..., softmax_file=FILE)")
+        weights, biases, index, fn = self._scoring
+        char_ids = np.asarray(char_ids)
+        return scoring.score(fn, self.params, weights, biases, index, char_ids, scoring.tokens_of(char_ids))
+
+    def perplexity(self, sentences: Sequence[Sequence[str]]) -> float:
+        """bilm-tf's perplexity of the sentences (elmojax.scoring.perplexity), max_batch_size at a time."""
+        width = self.options.char_cnn.max_characters_per_token
+        return scoring.perplexity([self.log_probs(batch_char_ids(sentences[k:k + self.max_batch_size], width))
+                                   for k in range(0, len(sentences), self.max_batch_size)])

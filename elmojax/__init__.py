@@ -28,6 +28,7 @@ from elmojax.downstream import Elmo, load_elmo
 from elmojax.elmo import ScalarMix, weight_layers
 from elmojax.dumps import dump_bilm_embeddings, dump_token_embeddings
 from elmojax.embed import BidirectionalLanguageModel
+from elmojax.remote import pretrained
 from elmojax.runtime import setup
 from elmojax.vocab import Batcher, TokenBatcher, UnicodeCharsVocabulary, Vocabulary
 
@@ -44,6 +45,7 @@ __all__ = [
     "dump_bilm_embeddings",
     "dump_token_embeddings",
     "load_elmo",
+    "pretrained",
     "setup",
     "weight_layers",
 ]

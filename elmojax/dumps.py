@@ -13,7 +13,7 @@ import time
 import h5py
 import numpy as np
 
-from elmojax import files, hdf5, numerics, scoring
+from elmojax import files, hdf5, numerics, remote, scoring
 from elmojax.embed import BidirectionalLanguageModel, cnn_chunk_size
 from elmojax.model import BiLM
 from elmojax.options import load_options
@@ -53,7 +53,7 @@ def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, 
     if options.char_cnn is None:
         raise ValueError(f"{options_file}: token embeddings are computed by the char CNN; options have none")
     vocab = UnicodeCharsVocabulary(vocab_file, options.char_cnn.max_characters_per_token)
-    params = hdf5.load_weights(weight_file, options)
+    params = hdf5.load_weights(remote.local_path(weight_file), options)
     model = BiLM(options, cnn_chunk_size=cnn_chunk_size(options))  # batches of 4096 tokens, in chunks
     embed = numerics.jit(lambda p, ids: model.apply({"params": p}, ids, method=BiLM.embed))
 

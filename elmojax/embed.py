@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elmojax import hdf5, numerics, scoring, tf_checkpoint, tf_variables
+from elmojax import hdf5, numerics, remote, scoring, tf_checkpoint, tf_variables
 from elmojax.model import BiLM, BiLMOutput, zero_state
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
 from elmojax.vocab import batch_char_ids
@@ -144,8 +144,10 @@ def trim_char_ids(char_ids: np.ndarray, max_width: int, multiple: int = 8) -> tu
 
 def load_bilm_params(options_file: str, options: BiLMOptions, weight_file: str,
                      use_character_inputs: bool = True) -> dict:
-    """The biLM's params on the device, from an hdf5 weight file or a bilm-tf training
-    checkpoint (its softmax left unread); without the embedder's for token inputs."""
+    """The biLM's params on the device, from an hdf5 weight file (a path or an http(s) URL,
+    elmojax.remote) or a bilm-tf training checkpoint (its softmax left unread); without the
+    embedder's for token inputs."""
+    weight_file = remote.local_path(weight_file)
     if tf_checkpoint.is_checkpoint(weight_file):  # read from memory maps
         params = tf_variables.read_training_checkpoint(weight_file, options_file, softmax=False).params["bilm"]
         if not use_character_inputs:
@@ -209,7 +211,7 @@ class BidirectionalLanguageModel:
         self.reset_state()
         self._scoring = None
         if softmax_file is not None:
-            weights, biases, index = scoring.load_scorer_softmax(softmax_file)
+            weights, biases, index = scoring.load_scorer_softmax(remote.local_path(softmax_file))
             if weights.shape[1] != options.projection_dim:
                 raise ValueError(f"{softmax_file}: softmax/W has {weights.shape[1]} columns, the biLM's top layer "
                                  f"{options.projection_dim}")

@@ -13,6 +13,7 @@ import logging
 from typing import Any, Optional
 
 from elmojax import files
+from elmojax.remote import local_path
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +181,9 @@ class BiLMOptions:
 
 
 def load_options(options_file: str) -> BiLMOptions:
-    """Reads options.json; options written for training (n_characters 261) work for prediction."""
-    options = BiLMOptions.from_dict(files.read_json(options_file), source=options_file)
+    """Reads options.json (a path or an http(s) URL, elmojax.remote); options written for
+    training (n_characters 261) work for prediction."""
+    options = BiLMOptions.from_dict(files.read_json(local_path(options_file)), source=options_file)
     if options.char_cnn is not None and options.char_cnn.n_characters == N_CHARACTERS_TRAIN:
         log.info("%s: n_characters is %d (training layout); prediction uses %d, the same table with a zero "
                  "padding row in front for Batcher's id 0", options_file, N_CHARACTERS_TRAIN, N_CHARACTERS_PREDICT)

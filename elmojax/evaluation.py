@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from elmojax import config as config_lib, data
-from elmojax.model_files import load_trained, load_vocab, trained_vocab_file, vocab_tokens
+from elmojax.model_files import load_trained, load_vocab, local_model, trained_vocab_file, vocab_tokens
 from elmojax.trainer import Trainer, local_mesh
 
 
@@ -72,6 +72,7 @@ def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[tup
     """The Evaluator's result for the model in `path` (a workdir or an exported weight file) on
     config.data.heldout_prefix; `trained` (params, options.json dict, vocabulary) stands for
     what `path` holds, if given."""
+    path = local_model(path)
     params, options_d, tokens = trained or load_trained(path, config.init_softmax_from)
     model_config = config_lib.config_from_options_json(options_d, source=path)
     model_config.train.matmul_precision = config.train.matmul_precision

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from elmojax import checkpoint, config as config_lib, files, hdf5, tf_checkpoint, tf_variables
+from elmojax import checkpoint, config as config_lib, files, hdf5, remote, tf_checkpoint, tf_variables
 from elmojax.options import N_CHARACTERS_PREDICT, BiLMOptions
 from elmojax.step import INITIAL_ACCUMULATOR
 from elmojax.trainer import Trainer
@@ -112,9 +112,24 @@ def load_tf_checkpoint(path: str) -> tuple[tf_variables.TrainingCheckpoint, list
     return trained, tokens
 
 
+def local_model(path: str) -> str:
+    """`path` as it is; an exported or published weight file's http(s) URL as its file in the
+    cache, the files that go with it (files_beside) fetched beside it where the server has them."""
+    if not remote.is_url(path):
+        return path
+    weight_url = path
+    name = weight_url.split("?")[0].rsplit("/", 1)[-1]
+    stem = os.path.splitext(name)[0]
+    published = stem[:-len("_weights")] if stem.endswith("_weights") else stem
+    return remote.local_path_beside(weight_url, ["options.json", f"{stem}_softmax.hdf5", VOCAB_FILE,
+                                                 f"{published}_options.json", f"{published}_softmax_weights.hdf5"])
+
+
 def load_trained(path: str, softmax_file: str = "") -> tuple[dict, dict, list[str]]:
     """(params, options.json dict, vocabulary tokens) of a workdir's latest checkpoint, an export
-    or a bilm-tf training checkpoint."""
+    (a path, or an http(s) URL with its files beside it) or a bilm-tf training checkpoint."""
+    path = local_model(path)
+    softmax_file = remote.local_path(softmax_file) if softmax_file else softmax_file
     if is_tf_checkpoint(path):
         trained, tokens = load_tf_checkpoint(path)
         return trained.params, trained.options, tokens

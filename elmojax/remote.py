@@ -50,9 +50,27 @@ def cache_dir() -> str:
 
 
 def cached_file(url: str) -> str:
-    """Where the cache keeps a URL's file: its name, after a hash of the whole URL."""
-    name = os.path.basename(url.split("?")[0]) or "file"
-    return os.path.join(cache_dir(), f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}")
+    """Where the cache keeps a URL's file: under its own name, in a directory for the URL's
+    directory (so files published side by side stay side by side, as a weight file's options
+    and softmax files are looked for)."""
+    url = url.split("?")[0]
+    directory, name = url.rsplit("/", 1) if "/" in url else (url, "")
+    return os.path.join(cache_dir(), hashlib.sha256(directory.encode()).hexdigest()[:16], name or "file")
+
+
+def local_path_beside(weight_url: str, names: list[str], progress: bool = True) -> str:
+    """A weight file's local path (local_path), after fetching those of `names` that exist
+    beside it on the server into the cache beside it (absent ones are passed over)."""
+    path = local_path(weight_url, progress)
+    if is_url(weight_url):
+        directory = weight_url.split("?")[0].rsplit("/", 1)[0]
+        for name in names:
+            try:
+                local_path(f"{directory}/{name}", progress)
+            except ValueError as e:
+                if "answered 404" not in str(e):
+                    raise
+    return path
 
 
 def local_path(path_or_url, progress: bool = True):

@@ -71,7 +71,7 @@ def test_a_download_then_a_cache_hit(served):
     server, files = served
     url = f"{server.url}/lm_weights.hdf5"
     path = remote.local_path(url)
-    assert path.startswith(os.environ["ELMOJAX_CACHE"]) and path.endswith("-lm_weights.hdf5")
+    assert path.startswith(os.environ["ELMOJAX_CACHE"]) and path.endswith(os.sep + "lm_weights.hdf5")
     assert open(path, "rb").read() == (files / "lm_weights.hdf5").read_bytes()
     assert remote.local_path(url) == path and len(server.requests) == 1  # from the cache
     assert remote.local_path(str(files / "options.json")) == str(files / "options.json")  # local: as it is
@@ -98,7 +98,7 @@ def test_server_errors_and_missing_files_are_one_line(served):
         remote.local_path(f"{server.url}/options.json")
     with pytest.raises(ValueError, match=r"/nothing.hdf5: the server answered 404"):
         remote.local_path(f"{server.url}/nothing.hdf5")
-    assert not os.listdir(os.environ["ELMOJAX_CACHE"])
+    assert not [f for _, _, names in os.walk(os.environ["ELMOJAX_CACHE"]) for f in names]  # no file, nor part
 
 
 def test_a_model_by_url_embeds_as_from_files(served):
@@ -116,3 +116,28 @@ def test_pretrained_names_the_published_models():
     assert pretrained("pubmed")[1].endswith("contributed/pubmed/elmo_2x4096_512_2048cnn_2xhighway_weights_PubMed_only.hdf5")
     with pytest.raises(ValueError, match="no pretrained model 'large'; there are small, medium, original"):
         pretrained("large")
+
+
+@pytest.mark.parametrize("published", [False, True])
+def test_a_trained_model_by_url_brings_its_files_along(tmp_path, monkeypatch, published):
+    """--model / --config.init_from take an export's URL (or AllenNLP's published names): the
+    options, softmax and vocabulary beside it on the server come along into the cache."""
+    import jax
+    from elmojax import model_files
+    monkeypatch.setenv("ELMOJAX_CACHE", str(tmp_path / "cache"))
+    checkpoint = os.path.join(ROOT, "tests", "fixtures", "bilm_tf_checkpoint")
+    export = model_files.export(checkpoint, str(tmp_path / "export" / "weights.hdf5"))
+    served = tmp_path / "served"
+    served.mkdir()
+    names = (["elmo_tiny_weights.hdf5", "elmo_tiny_options.json", "elmo_tiny_softmax_weights.hdf5", "vocab.txt"]
+             if published else ["weights.hdf5", "options.json", "weights_softmax.hdf5", "vocab.txt"])
+    for name, source in zip(names, [export["weights"], export["options"], export["softmax"], export["vocab"]]):
+        shutil.copy(source, served / name)
+    server = Server(str(served))
+    try:
+        by_url = model_files.load_trained(f"{server.url}/{names[0]}")
+    finally:
+        server.httpd.shutdown()
+    local = model_files.load_trained(export["weights"])
+    jax.tree.map(np.testing.assert_array_equal, by_url[0], local[0])
+    assert by_url[2] == local[2] and by_url[1] == local[1]

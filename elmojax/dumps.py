@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Optional
 
 import h5py
 import numpy as np
@@ -17,7 +18,7 @@ from elmojax import files, hdf5, numerics, remote, scoring
 from elmojax.embed import BidirectionalLanguageModel, cnn_chunk_size
 from elmojax.model import BiLM
 from elmojax.options import load_options
-from elmojax.vocab import Batcher, UnicodeCharsVocabulary, batch_char_ids
+from elmojax.vocab import UnicodeCharsVocabulary, batch_char_ids
 
 
 class _Progress:
@@ -74,17 +75,17 @@ def _read_sentences(dataset_file: str) -> list[list[str]]:
 
 
 def _layers_by_line(model: BidirectionalLanguageModel, sentences: list[list[str]], batch_size: int,
-                    stateful: bool = False, progress: bool = True):
+                    stateful: bool = False, progress: bool = True, vocab: Optional[UnicodeCharsVocabulary] = None):
     """(line index, biLM layers (n_layers + 1, n_tokens, 2 * projection_dim)) for every line,
     `batch_size` lines a call from zero state, similar lengths together (order does not matter
-    from zero state; with `stateful`, one line a call in order)."""
+    from zero state; with `stateful`, one line a call in order); `vocab` spells its tokens."""
     width = model.options.char_cnn.max_characters_per_token
     step = 1 if stateful else batch_size
     order = list(range(len(sentences))) if stateful else sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
     report = _Progress(len(sentences), "sentences", progress)
     for start in range(0, len(order), step):
         rows = order[start : start + step]
-        result = model(batch_char_ids([sentences[i] for i in rows], width))
+        result = model(batch_char_ids([sentences[i] for i in rows], width, vocab))
         for k, i in enumerate(rows):
             yield i, result["lm_embeddings"][k, :, : int(result["lengths"][k])]
         report.update(start + len(rows))
@@ -98,18 +99,18 @@ def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, 
     One dataset per line, named str(line number) from 0, of shape (n_layers + 1, n_tokens,
     2 * projection_dim). Lines are embedded `batch_size` at a time from zero state; with
     `stateful=True` they go one at a time, each starting from the previous line's final state,
-    reproducing bilm-tf. (vocab_file is bilm-tf's argument; the spelling does not need it.)
+    reproducing bilm-tf.
     """
     options = load_options(options_file)
     if options.char_cnn is None:
         raise ValueError(f"{options_file}: dump_bilm_embeddings reads characters; options have no char_cnn")
-    Batcher(vocab_file, options.char_cnn.max_characters_per_token)  # read as bilm-tf does: a bad path is an error
+    vocab = UnicodeCharsVocabulary(vocab_file, options.char_cnn.max_characters_per_token)
     sentences = _read_sentences(dataset_file)
     model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=1 if stateful else batch_size,
                                        stateful=stateful)
     with files.atomic_output(outfile) as tmp:
         with h5py.File(tmp, "w") as fout:
-            for i, layers in _layers_by_line(model, sentences, batch_size, stateful, progress):
+            for i, layers in _layers_by_line(model, sentences, batch_size, stateful, progress, vocab):
                 fout.create_dataset(str(i), data=layers)
 
 

@@ -8,7 +8,7 @@ around each sentence, ids + 1, 0 = padding.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -160,13 +160,18 @@ def _check_sentences(sentences) -> None:
             raise TypeError(f"sentence {k} is a string; give each sentence as a list of tokens (e.g. line.split())")
 
 
-def batch_char_ids(sentences: Sequence[Sequence[str]], max_token_length: int) -> np.ndarray:
-    """Batcher's ids (n, max_len + 2, max_token_length) without a vocabulary file: a token's
-    spelling does not depend on one."""
+def batch_char_ids(sentences: Sequence[Sequence[str]], max_token_length: int,
+                   vocab: Optional[UnicodeCharsVocabulary] = None) -> np.ndarray:
+    """Batcher's ids (n, max_len + 2, max_token_length): char ids + 1, 0 = padding. A token's
+    spelling does not depend on a vocabulary; `vocab`, if given, only has its tokens spelled
+    already."""
     _check_sentences(sentences)
     char_ids = np.zeros((len(sentences), max(len(s) for s in sentences) + 2, max_token_length), dtype=np.int64)
     for k, sentence in enumerate(sentences):
-        char_ids[k, : len(sentence) + 2] = np.stack([spell(w, max_token_length) for w in [BOS, *sentence, EOS]]) + 1
+        if vocab is not None:
+            char_ids[k, : len(sentence) + 2] = vocab.encode_chars(sentence, split=False) + 1
+        else:
+            char_ids[k, : len(sentence) + 2] = np.stack([spell(w, max_token_length) for w in [BOS, *sentence, EOS]]) + 1
     return char_ids
 
 
@@ -179,12 +184,7 @@ class Batcher:
 
     def batch_sentences(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
         """[['The', 'first', '.'], ['Second', '.']] -> int64 char ids + 1, 0 = padding."""
-        _check_sentences(sentences)
-        max_length = max(len(s) for s in sentences) + 2
-        char_ids = np.zeros((len(sentences), max_length, self._max_token_length), dtype=np.int64)
-        for k, sentence in enumerate(sentences):
-            char_ids[k, : len(sentence) + 2] = self._lm_vocab.encode_chars(sentence, split=False) + 1
-        return char_ids
+        return batch_char_ids(sentences, self._max_token_length, self._lm_vocab)
 
 
 class TokenBatcher:

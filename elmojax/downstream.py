@@ -40,13 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from elmojax.dropout import Dropout
-from elmojax.embed import load_bilm_params
+from elmojax.embed import embed_tokens, load_bilm_params
 from elmojax.model import BiLM, zero_state
 from elmojax.options import BiLMOptions, load_options
 from elmojax.vocab import BOS, EOS, spell
 
 LAYER_NORM_EPSILON = 1e-13  # allennlp.nn.util.tiny_value_of_dtype(torch.float32)
-_CACHE_CHUNK = 1024        # tokens whose char CNN runs at once when a vocabulary is cached
 
 
 def scalar_mix(layers: Sequence[jax.Array], mask: jax.Array, weights: jax.Array, gamma: jax.Array,
@@ -174,14 +173,7 @@ def load_elmo(options_file: str, weight_file: str, num_output_representations: i
             params[f"scalar_mix_{k}_gamma"] = jnp.ones((1,), jnp.float32)
     if vocab_to_cache is not None:
         width = options.char_cnn.max_characters_per_token
-        embed = jax.jit(lambda p, ids: BiLM(options).apply({"params": p}, ids, method=BiLM.embed))
-        tokens = [BOS, EOS, *vocab_to_cache]
-        chunks = []
-        for start in range(0, len(tokens), _CACHE_CHUNK):  # (a fixed shape: one compilation)
-            spelled = np.zeros((_CACHE_CHUNK, 1, width), np.int32)
-            part = tokens[start:start + _CACHE_CHUNK]
-            spelled[:len(part), 0] = np.stack([spell(t, width) for t in part]) + 1
-            chunks.append(np.asarray(embed(params["bilm"], spelled))[:len(part), 0])
-        table = jnp.asarray(np.concatenate(chunks))
+        spelled = np.stack([spell(t, width) for t in [BOS, EOS, *vocab_to_cache]]) + 1
+        table = jnp.asarray(embed_tokens(params["bilm"], options, spelled, batch_size=min(4096, len(spelled))))
         params["boundary_embedding"], params["word_embedding"] = table[:2], table[2:]
     return module, {"params": params}

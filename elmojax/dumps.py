@@ -14,9 +14,8 @@ from typing import Optional
 import h5py
 import numpy as np
 
-from elmojax import files, hdf5, numerics, remote, scoring
-from elmojax.embed import BidirectionalLanguageModel, cnn_chunk_size
-from elmojax.model import BiLM
+from elmojax import files, hdf5, remote, scoring
+from elmojax.embed import BidirectionalLanguageModel, embed_tokens
 from elmojax.options import load_options
 from elmojax.vocab import UnicodeCharsVocabulary, batch_char_ids
 
@@ -55,18 +54,8 @@ def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, 
         raise ValueError(f"{options_file}: token embeddings are computed by the char CNN; options have none")
     vocab = UnicodeCharsVocabulary(vocab_file, options.char_cnn.max_characters_per_token)
     params = hdf5.load_weights(remote.local_path(weight_file), options)
-    model = BiLM(options, cnn_chunk_size=cnn_chunk_size(options))  # batches of 4096 tokens, in chunks
-    embed = numerics.jit(lambda p, ids: model.apply({"params": p}, ids, method=BiLM.embed))
-
-    char_ids = vocab.word_char_ids + 1
-    out = np.zeros((vocab.size, options.projection_dim), np.float32)
     report = _Progress(vocab.size, "tokens", progress, min_total=20000)
-    for start in range(0, vocab.size, batch_size):
-        chunk = char_ids[start : start + batch_size]
-        padded = np.zeros((batch_size,) + chunk.shape[1:], np.int32)  # one shape: one compilation
-        padded[: len(chunk)] = chunk
-        out[start : start + len(chunk)] = np.asarray(embed(params, padded))[: len(chunk)]
-        report.update(start + len(chunk))
+    out = embed_tokens(params, options, vocab.word_char_ids + 1, batch_size, report.update)
     hdf5.save_token_embeddings(out, outfile)
 
 

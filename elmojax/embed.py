@@ -142,6 +142,23 @@ def trim_char_ids(char_ids: np.ndarray, max_width: int, multiple: int = 8) -> tu
     return np.ascontiguousarray(char_ids[:, :keep]), tail_ids
 
 
+def embed_tokens(params: dict, options: BiLMOptions, char_ids: np.ndarray, batch_size: int = 4096,
+                 report: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """The char CNN's embedding (n, projection_dim) of spelled tokens, char_ids (n, chars) + 1,
+    `batch_size` at a time in one padded shape (one compilation); report(done) after each."""
+    model = BiLM(options, cnn_chunk_size=cnn_chunk_size(options))  # batches of 4096 tokens, in chunks
+    embed = numerics.jit(lambda p, ids: model.apply({"params": p}, ids, method=BiLM.embed))
+    out = np.zeros((len(char_ids), options.projection_dim), np.float32)
+    for start in range(0, len(char_ids), batch_size):
+        chunk = char_ids[start : start + batch_size]
+        padded = np.zeros((batch_size,) + chunk.shape[1:], np.int32)
+        padded[: len(chunk)] = chunk
+        out[start : start + len(chunk)] = np.asarray(embed(params, padded))[: len(chunk)]
+        if report is not None:
+            report(start + len(chunk))
+    return out
+
+
 def load_bilm_params(options_file: str, options: BiLMOptions, weight_file: str,
                      use_character_inputs: bool = True) -> dict:
     """The biLM's params on the device, from an hdf5 weight file (a path or an http(s) URL,

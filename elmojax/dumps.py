@@ -178,14 +178,13 @@ def dump_scores(input_file: str, output_file: str, options_file: str, weight_fil
                 batch_size: int = 64) -> None:
     """One JSON line per line of input_file: its tokens, each token's forward and backward
     log-probability, those of </S> (forward_end) and <S> (backward_end), and its perplexity
-    (BidirectionalLanguageModel.log_probs, elmojax.scoring)."""
+    (BidirectionalLanguageModel.sentence_log_probs, elmojax.scoring)."""
     lines = _sentence_lines(input_file)
     model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=batch_size, softmax_file=softmax_file)
-    width = model.options.char_cnn.max_characters_per_token
     with files.atomic_output(output_file) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for start in range(0, len(lines), batch_size):
             part = [line.split() for _, line in lines[start:start + batch_size]]
-            scores = model.log_probs(batch_char_ids(part, width))
+            scores = model.sentence_log_probs(part)
             for k, tokens in enumerate(part):
                 one = {name: scores[name][k:k + 1] for name in scores}
                 record = {"line": lines[start + k][0], "tokens": tokens,

@@ -347,15 +347,21 @@ class BidirectionalLanguageModel:
         """Each token's log-probability under the full softmax (needs softmax_file), from zero
         state, for Batcher ids: forward (n, T) log p(w_j | w_<j) and backward (n, T) log p(w_j |
         w_>j), mask (n, T), and forward_end / backward_end (n,), the scores of </S> and <S>
-        (see elmojax.scoring)."""
+        (see elmojax.scoring). The targets are the tokens the ids spell."""
+        char_ids = np.asarray(char_ids)
+        return self._scores(char_ids, scoring.tokens_of(char_ids))
+
+    def sentence_log_probs(self, sentences: Sequence[Sequence[str]]) -> dict:
+        """log_probs of tokenized sentences (the targets are the tokens as given)."""
+        return self._scores(batch_char_ids(sentences, self.options.char_cnn.max_characters_per_token), sentences)
+
+    def _scores(self, char_ids: np.ndarray, sentences: Sequence[Sequence[str]]) -> dict:
         if self._scoring is None:
             raise ValueError("log_probs needs the softmax: BidirectionalLanguageModel(..., softmax_file=FILE)")
         weights, biases, index, fn = self._scoring
-        char_ids = np.asarray(char_ids)
-        return scoring.score(fn, self.params, weights, biases, index, char_ids, scoring.tokens_of(char_ids))
+        return scoring.score(fn, self.params, weights, biases, index, char_ids, sentences)
 
     def perplexity(self, sentences: Sequence[Sequence[str]]) -> float:
         """bilm-tf's perplexity of the sentences (elmojax.scoring.perplexity), max_batch_size at a time."""
-        width = self.options.char_cnn.max_characters_per_token
-        return scoring.perplexity([self.log_probs(batch_char_ids(sentences[k:k + self.max_batch_size], width))
+        return scoring.perplexity([self.sentence_log_probs(sentences[k:k + self.max_batch_size])
                                    for k in range(0, len(sentences), self.max_batch_size)])

@@ -100,16 +100,16 @@ class Record:
         return carry_from_arrays(self.arrays, prefix, self.options)
 
     def masks(self, step: int) -> dict:
-        """Dropout keep masks at a step by the path of elmojax's Dropout module they stand for."""
-        out = {}
+        """Dropout keep masks at a step by the path of elmojax's Dropout module they stand for,
+        the directions' masks stacked as its input is (elmojax.lstm)."""
+        parts: dict = {}
         for key, value in self.arrays.items():
             if key.startswith("mask/input_"):
                 d, layer = key[len("mask/input_"):].split("_")
-                out[(("forward_lstm", "backward_lstm")[int(d)], f"layer_{layer}", "Dropout_0")] = value[step - 1]
+                parts.setdefault(("lstm", f"layer_{layer}", "Dropout_0"), {})[int(d)] = value[step - 1]
             elif key.startswith("mask/output_"):
-                d = int(key[len("mask/output_"):])
-                out[(("forward_lstm", "backward_lstm")[d], "output_dropout")] = value[step - 1]
-        return out
+                parts.setdefault(("lstm", "output_dropout"), {})[int(key[len("mask/output_"):])] = value[step - 1]
+        return {path: np.stack([by_direction[d] for d in sorted(by_direction)]) for path, by_direction in parts.items()}
 
 
 def carry_from_arrays(arrays, prefix: str, options: dict) -> dict:
@@ -214,18 +214,12 @@ def first_step_gradients(trainer, record: Record) -> dict:
 
 def as_tf_variables(params: dict, trainer, record: Record, slot: str = "") -> dict:
     """The trainer's params (or a tree shaped like them) as TensorFlow variables by name."""
-    from elmojax import tf_variables
+    from elmojax import hdf5, tf_variables
 
     share = bool(record.options.get("share_embedding_softmax", False))
     out = {}
-    for name, path, _ in tf_variables.tf_layout(trainer.options, share):
-        node = params
-        for key in path[:-1]:
-            node = node[key]
-        if path[-1] == "W_0":
-            value = np.concatenate([node["W_x"], node["W_h"]])
-        else:
-            value = node[path[-1]]
+    for name, path, shape in tf_variables.tf_layout(trainer.options, share):
+        value = hdf5.take(params, path, shape, trainer.options, "params")
         out[f"{name}/{slot}" if slot else name] = np.asarray(value)
     return out
 

@@ -8,6 +8,10 @@
 Saves are synchronous: when `save` returns, the step is on disk, so a kill loses at most what
 was trained since. A newest step that cannot be read (a damaged disk, a copy cut short) is
 passed over with a warning for the one before it.
+
+meta records the params' layout (PARAMS_LAYOUT). Checkpoints written before the LSTM's
+directions were stacked on a leading axis (no `params_layout`: forward_lstm/ and backward_lstm/
+params) are restored in their own layout and stacked as they are read.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import shutil
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -26,6 +31,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_PREFIX = "damaged-"  # a damaged step's directory is renamed so, out of orbax's sight
 SAVE_MARGIN_BYTES = 256 << 10  # a checkpoint's metadata beyond its arrays, about
+PARAMS_LAYOUT = "lstm-directions-stacked"  # meta's params_layout; absent: one LSTM stack per direction
+_PER_DIRECTION = ("forward_lstm", "backward_lstm")
 
 
 class CheckpointError(ValueError):
@@ -83,7 +90,7 @@ class Checkpointer:
         absl_log.setLevel(logging.CRITICAL)
         try:
             self._manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "params_layout": PARAMS_LAYOUT}),
                 data=ocp.args.JsonSave(data_position)), force=True)
             self._manager.wait_until_finished()
         except Exception as e:  # tensorstore reports I/O failures as ValueError, the rest as OSError
@@ -150,6 +157,9 @@ def restore(workdir: str, abstract_state: Callable[[dict], Any], on_damaged: Opt
                 if not isinstance(meta, dict) or "config" not in meta:
                     raise ValueError("its metadata has no config")
                 abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state(meta))
+                per_direction = meta.get("params_layout") != PARAMS_LAYOUT
+                if per_direction:
+                    abstract = split_directions(abstract)
                 items = {"state": ocp.args.StandardRestore(abstract)}
                 has_data = os.path.isdir(os.path.join(checkpoint_dir(workdir), str(step), "data"))
                 if has_data:
@@ -166,9 +176,47 @@ def restore(workdir: str, abstract_state: Callable[[dict], Any], on_damaged: Opt
                     on_damaged(step)
                 continue
             data_position = restored.data if has_data else meta.get("data")
-            return step, restored.state, meta, data_position
+            state = stack_directions(restored.state) if per_direction else restored.state
+            if per_direction:
+                log.info("checkpoint step %d in %s has one LSTM param tree per direction (elmojax before "
+                         "they were stacked); read into the stacked layout", step, checkpoint_dir(workdir))
+            return step, state, meta, data_position
     finally:
         manager.close()
     step, reason = failures[0]
     raise CheckpointError(f"{checkpoint_dir(workdir)}: no checkpoint can be read (steps {', '.join(map(str, found))}; "
                           f"step {step}: {reason}); nothing was changed")
+
+
+def _map_bilm_params(tree: Any, key: str, f: Callable[[dict], dict]) -> Any:
+    """`tree` with f applied to every dict node holding `key` (the biLM's params, in the train
+    state's params and in each of the optimizer's trees shaped like them)."""
+    return jax.tree.map(lambda node: f(node) if isinstance(node, dict) and key in node else node, tree,
+                        is_leaf=lambda node: isinstance(node, dict) and key in node)
+
+
+def split_directions(tree: Any) -> Any:
+    """The params' stacked LSTM (lstm/layer_i/*, a leading direction axis) as the per-direction
+    trees older checkpoints hold (forward_lstm/, backward_lstm/); leaves may be abstract."""
+    def unstack(leaf, d):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=leaf.sharding)
+        return leaf[d]
+
+    def split(node: dict) -> dict:
+        lstm = node["lstm"]
+        n = jax.tree.leaves(lstm)[0].shape[0]
+        rest = {k: v for k, v in node.items() if k != "lstm"}
+        return {**rest, **{_PER_DIRECTION[d]: jax.tree.map(lambda leaf: unstack(leaf, d), lstm) for d in range(n)}}
+
+    return _map_bilm_params(tree, "lstm", split)
+
+
+def stack_directions(tree: Any) -> Any:
+    """The inverse of split_directions (on arrays)."""
+    def stack(node: dict) -> dict:
+        present = [node[k] for k in _PER_DIRECTION if k in node]
+        rest = {k: v for k, v in node.items() if k not in _PER_DIRECTION}
+        return {**rest, "lstm": jax.tree.map(lambda *xs: jnp.stack(xs), *present)}
+
+    return _map_bilm_params(tree, "forward_lstm", stack)

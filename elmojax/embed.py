@@ -38,6 +38,11 @@ def cnn_chunk_size(options: BiLMOptions) -> int:
     cnn = options.char_cnn
     return max(1, CNN_CHUNK_BYTES // (4 * cnn.max_characters_per_token * cnn.n_filters))
 
+# The LSTMs' input products (directions x steps x batch x 4 * dim, float32) are made at most this
+# many bytes at a time in inference (elmojax.lstm.chunked_recurrence): 8 steps of 64 rows at
+# ELMo's size, all steps at once for small models.
+LSTM_INPUT_CHUNK_BYTES = 64 * 2**20
+
 # Sequence lengths (with <S> and </S>) are padded up to one of these, then to multiples of 512.
 LENGTH_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -220,7 +225,8 @@ class BidirectionalLanguageModel:
         self.stateful = stateful
         self.model = BiLM(options, use_character_inputs,
                           cnn_chunk_size=cnn_chunk_size(options) if use_character_inputs else None,
-                          compute_dtype=numerics.compute_dtype(compute_dtype))
+                          compute_dtype=numerics.compute_dtype(compute_dtype),
+                          lstm_input_chunk_bytes=LSTM_INPUT_CHUNK_BYTES)
         self.params = params
         self.embed_fn = make_embed_fn(self.model)
         self._distinct_embed_fn = make_distinct_embed_fn(self.model) if use_character_inputs else None

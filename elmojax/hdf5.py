@@ -11,8 +11,10 @@ The weight file (lm_weights.hdf5) holds, for options.json's architecture:
 A word-input model's file holds `embedding` (vocab, projection_dim) instead of the char CNN, as
 does a token-embedding file (from `dump_token_embeddings`).
 Both directions check every dataset's name and shape and name the one at fault. Params keep
-the file's shapes (but for W_0, which the model holds as its two row blocks W_x and W_h), so
-load -> save -> load is bit-identical.
+the file's values, so load -> save -> load is bit-identical, in the model's layout: each LSTM
+dataset is one direction's row of a stacked param (the forward LM's at 0, the backward's at 1),
+and W_0 is held as its two row blocks W_x and W_h. `place` and `take` map a layout entry to
+and from the params (elmojax.tf_variables uses them too).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from elmojax import files
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions
 
 Params = dict[str, Any]
-Entry = tuple[str, tuple[str, ...], tuple[int, ...]]  # (hdf5 dataset, params path, shape)
+# (hdf5 dataset, params path, shape); an LSTM entry's path ends in its direction's index
+# into the stacked param: (..., 'lstm', 'layer_i', 'W_0' | 'B' | 'W_P_0', d)
+Entry = tuple[str, tuple, tuple[int, ...]]
 
 DIRECTIONS = ("forward", "backward")
 
@@ -57,36 +61,71 @@ def lstm_layout(options: BiLMOptions) -> list[Entry]:
     lstm = options.lstm
     entries: list[Entry] = []
     directions = DIRECTIONS if options.bidirectional else DIRECTIONS[:1]
-    for d, direction in enumerate(directions):
+    for d in range(len(directions)):
         for i in range(lstm.n_layers):
             in_dim = options.projection_dim if i == 0 else lstm.output_dim
             root = f"RNN_{d}/RNN/MultiRNNCell/Cell{i}/LSTMCell"
-            path = (f"{direction}_lstm", f"layer_{i}")
-            entries.append((f"{root}/W_0", path + ("W_0",), (in_dim + lstm.output_dim, 4 * lstm.dim)))
-            entries.append((f"{root}/B", path + ("B",), (4 * lstm.dim,)))
+            path = ("lstm", f"layer_{i}")
+            entries.append((f"{root}/W_0", path + ("W_0", d), (in_dim + lstm.output_dim, 4 * lstm.dim)))
+            entries.append((f"{root}/B", path + ("B", d), (4 * lstm.dim,)))
             if lstm.use_projection:
-                entries.append((f"{root}/W_P_0", path + ("W_P_0",), (lstm.dim, lstm.projection_dim)))
+                entries.append((f"{root}/W_P_0", path + ("W_P_0", d), (lstm.dim, lstm.projection_dim)))
     return entries
 
 
-def split_lstm_kernel(w_0: np.ndarray, options: BiLMOptions) -> tuple[np.ndarray, np.ndarray]:
-    """An LSTM kernel W_0 (in + out, 4 * dim) as the model's two row blocks (W_x, W_h)."""
-    split = w_0.shape[0] - options.lstm.output_dim
-    return w_0[:split], w_0[split:]
+def _pieces(path: tuple, shape: tuple[int, ...], options: BiLMOptions) -> list[tuple[tuple, Optional[int], slice]]:
+    """Where an entry's value goes in the params: (leaf path, direction index or None, the
+    value's rows there). An LSTM kernel W_0 (in + out, 4 * dim) is the model's two row blocks
+    W_x and W_h."""
+    if not isinstance(path[-1], int):
+        return [(path, None, slice(None))]
+    *node, name, d = path
+    if name != "W_0":
+        return [((*node, name), d, slice(None))]
+    split = shape[0] - options.lstm.output_dim
+    return [((*node, "W_x"), d, slice(0, split)), ((*node, "W_h"), d, slice(split, None))]
 
 
-def _join_lstm_kernels(params: Params) -> Params:
-    """The model's W_x and W_h as the file's W_0 (a shallow copy of params; inputs untouched)."""
-    params = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
-    for key in DIRECTIONS:
-        lstm = params.get(f"{key}_lstm")
-        if lstm is None:
-            continue
-        params[f"{key}_lstm"] = lstm = {name: dict(layer) for name, layer in lstm.items()}
-        for layer in lstm.values():
-            if "W_x" in layer and "W_h" in layer:
-                layer["W_0"] = np.concatenate([np.asarray(layer.pop("W_x")), np.asarray(layer.pop("W_h"))])
-    return params
+def n_directions(options: BiLMOptions) -> int:
+    return len(DIRECTIONS) if options.bidirectional else 1
+
+
+def place(params: Params, path: tuple, value: np.ndarray, options: BiLMOptions) -> list[tuple]:
+    """Puts a layout entry's value into the params (numpy), allocating a stacked LSTM param at
+    its first direction; returns the leaf paths it wrote."""
+    written = []
+    for leaf, d, rows in _pieces(path, value.shape, options):
+        part = value[rows]
+        if d is None:
+            _set(params, leaf, part)
+        else:
+            node = params
+            for key in leaf[:-1]:
+                node = node.setdefault(key, {})
+            if leaf[-1] not in node:
+                node[leaf[-1]] = np.empty((n_directions(options),) + part.shape, part.dtype)
+            node[leaf[-1]][d] = part
+        written.append(leaf)
+    return written
+
+
+def take(params: Params, path: tuple, shape: tuple[int, ...], options: BiLMOptions, what: str) -> np.ndarray:
+    """A layout entry's value from the params (inverse of `place`); `what` names the file in errors."""
+    values = []
+    for leaf, d, _ in _pieces(path, shape, options):
+        value = np.asarray(_get(params, leaf, what))
+        if d is not None:
+            if value.ndim == 0 or value.shape[0] != n_directions(options):
+                raise ValueError(f"{what}: params entry {'/'.join(leaf)} has shape {value.shape}, but the options' "
+                                 f"{n_directions(options)} direction(s) need it stacked on its first axis")
+            value = value[d]
+        values.append(value)
+    return values[0] if len(values) == 1 else np.concatenate(values)
+
+
+def leaf_paths(layout: list[Entry], options: BiLMOptions) -> set[tuple]:
+    """The params' leaf paths a layout's entries fill."""
+    return {leaf for _, path, shape in layout for leaf, _, _ in _pieces(path, shape, options)}
 
 
 def _datasets(f: h5py.File) -> Iterator[str]:
@@ -169,15 +208,17 @@ def load_weights(weight_file: str, options: BiLMOptions, use_character_inputs: b
         if unexpected:
             raise ValueError(f"{weight_file}: dataset '{unexpected[0]}' is not part of the architecture in the "
                              f"options ({len(unexpected)} unexpected in all); do options and weights belong together?")
-        convert = convert or (lambda x: x)
+        # a leaf is converted once every dataset that fills it has been read (a stacked LSTM
+        # param after its last direction)
+        remaining: dict[tuple, int] = {}
+        for _, path, shape in wanted:
+            for leaf, _, _ in _pieces(path, shape, options):
+                remaining[leaf] = remaining.get(leaf, 0) + 1
         for name, path, shape in wanted:
-            value = _read(f, weight_file, name, shape)
-            if path[-1] == "W_0":  # the model keeps W_0 = [W_x; W_h] as two params
-                w_x, w_h = split_lstm_kernel(value, options)
-                _set(params, path[:-1] + ("W_x",), convert(w_x))
-                _set(params, path[:-1] + ("W_h",), convert(w_h))
-            else:
-                _set(params, path, convert(value))
+            for leaf in place(params, path, _read(f, weight_file, name, shape), options):
+                remaining[leaf] -= 1
+                if remaining[leaf] == 0 and convert is not None:
+                    _set(params, leaf, convert(_get(params, leaf, weight_file)))
     return params
 
 
@@ -202,17 +243,16 @@ def save_weights(params: Params, options: BiLMOptions, weight_file: str) -> None
 
 def weights_image(params: Params, options: BiLMOptions, weight_file: str) -> bytes:
     """save_weights' file as bytes, after every check (names in errors are weight_file's)."""
-    params = _join_lstm_kernels(params)
     layout = embedder_layout(options) + lstm_layout(options)
-    known = {path for _, path, _ in layout}
+    known = leaf_paths(layout, options)
     extra = [p for p in _leaf_paths(params) if p not in known]
     if extra:
         raise ValueError(f"{weight_file}: params entry {'/'.join(extra[0])} has no place in the weight-file schema")
     arrays = []
     for name, path, shape in layout:
-        value = check_finite(np.asarray(_get(params, path, weight_file)), weight_file, name)
+        value = check_finite(take(params, path, shape, options, weight_file), weight_file, name)
         if value.shape != shape:
-            raise ValueError(f"{weight_file}: params entry {'/'.join(path)} (dataset '{name}') has shape "
+            raise ValueError(f"{weight_file}: params entry {'/'.join(map(str, path))} (dataset '{name}') has shape "
                              f"{value.shape}, but the options need {shape}")
         arrays.append((name, value))
     return _image(arrays)

@@ -1,6 +1,8 @@
 """The LSTM with projection and clipping, bilm-tf's LSTMCell(num_proj, cell_clip, proj_clip),
 run over time by `lax.scan` with a hand-written backward pass (`lstm_recurrence`), one layer
-(`LSTMLayer`) or a stack with skip connections and dropout (`LSTMStack`).
+(`LSTMLayer`) or a stack with skip connections and dropout (`LSTMStack`). Each runs the biLM's
+directions together: their weights, inputs and state are stacked on a leading direction axis,
+and every step is one batched product for all of them.
 """
 
 from __future__ import annotations
@@ -45,11 +47,18 @@ class RecurrenceSettings:
         return einsum(subscripts, x, y, precision=self.precision, compute_dtype=self.compute_dtype)
 
 
+def _at(x: Array, t) -> Array:
+    """Step t of a direction-major sequence (directions, time, ...)."""
+    return lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False)
+
+
 def _lstm_step(weights, settings: RecurrenceSettings, c_prev, h_prev, x_gates, m):
-    """One LSTMCell step: (c, h, gate activations); rows where m is False keep (c, h)."""
+    """One LSTMCell step of every direction at once, each a batched product over the leading
+    direction axis: (c, h, gate activations); rows where m (directions, batch) is False keep
+    (c, h)."""
     w_hidden, bias, w_proj = weights
     # the bias is added here, fused with the step, not to the whole input product in memory
-    gates = x_gates + settings.einsum("bk,kn->bn", h_prev, w_hidden) + bias
+    gates = x_gates + settings.einsum("dbk,dkn->dbn", h_prev, w_hidden) + bias[:, None, :]
     i, j, f, o = jnp.split(gates, 4, axis=-1)
     i, j, f, o = jax.nn.sigmoid(i), jnp.tanh(j), jax.nn.sigmoid(f + FORGET_BIAS), jax.nn.sigmoid(o)
     c = f * c_prev + i * j
@@ -57,48 +66,56 @@ def _lstm_step(weights, settings: RecurrenceSettings, c_prev, h_prev, x_gates, m
         c = jnp.clip(c, -settings.cell_clip, settings.cell_clip)
     h = o * jnp.tanh(c)
     if w_proj is not None:
-        h = settings.einsum("bk,kn->bn", h, w_proj)
+        h = settings.einsum("dbk,dkn->dbn", h, w_proj)
         if settings.proj_clip is not None:
             h = jnp.clip(h, -settings.proj_clip, settings.proj_clip)
-    m = m[:, None]
+    m = m[..., None]
     return jnp.where(m, c, c_prev), jnp.where(m, h, h_prev), (i, j, f, o)
 
 
 def _scan_steps(input_gates, mask, state, weights, settings: RecurrenceSettings, save_residuals: bool):
-    """The steps over time (a lax.scan). With save_residuals, it returns what the backward pass
-    needs instead of the outputs: every step's gate activations and carry (c, h) (the outputs
-    are the carry's h where the mask is set)."""
+    """The steps over time (a lax.scan over t, reading step t of the direction-major inputs).
+    With save_residuals, it returns what the backward pass needs instead of the outputs: every
+    step's gate activations and carry (c, h) (the outputs are the carry's h where the mask is
+    set), direction-major."""
+    steps = jnp.arange(input_gates.shape[1])
+    mask_t = jnp.swapaxes(mask, 0, 1)  # (time, directions, batch), small
 
     if not save_residuals:
         def step(carry, xs):
-            x_gates, m = xs
-            c, h, _ = _lstm_step(weights, settings, *carry, x_gates, m)
-            return (c, h), jnp.where(m[:, None], h, 0.0)  # no output where the mask is not set
+            t, m = xs
+            c, h, _ = _lstm_step(weights, settings, *carry, _at(input_gates, t), m)
+            return (c, h), jnp.where(m[..., None], h, 0.0)  # no output where the mask is not set
 
-        return lax.scan(step, state, (input_gates, mask), unroll=settings.unroll)
+        final, outputs = lax.scan(step, state, (steps, mask_t), unroll=settings.unroll)
+        return final, jnp.swapaxes(outputs, 0, 1)
 
     # The activations overwrite the input products step by step, in their buffer (a scan output
     # would be a new buffer, zero-filled first, at every call).
     def residual_step(carry, xs):
         c_prev, h_prev, buffer = carry
         t, m = xs
-        c, h, gates = _lstm_step(weights, settings, c_prev, h_prev,
-                                 lax.dynamic_index_in_dim(buffer, t, keepdims=False), m)
-        buffer = lax.dynamic_update_index_in_dim(buffer, jnp.concatenate(gates, axis=-1), t, 0)
+        c, h, gates = _lstm_step(weights, settings, c_prev, h_prev, _at(buffer, t), m)
+        buffer = lax.dynamic_update_index_in_dim(buffer, jnp.concatenate(gates, axis=-1), t, 1)
         return (c, h, buffer), (c, h)
 
-    steps = jnp.arange(input_gates.shape[0])
     (c, h, activations), (c_seq, h_seq) = lax.scan(
-        residual_step, (*state, input_gates), (steps, mask), unroll=settings.unroll)
-    return (c, h), (activations, c_seq, h_seq)
+        residual_step, (*state, input_gates), (steps, mask_t), unroll=settings.unroll)
+    return (c, h), (activations, jnp.swapaxes(c_seq, 0, 1), jnp.swapaxes(h_seq, 0, 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def lstm_recurrence(input_gates: Array, mask: Array, state: tuple[Array, Array], weights: tuple,
                     settings: RecurrenceSettings) -> tuple[Array, tuple[Array, Array]]:
-    """TensorFlow LSTMCell steps over time-major `input_gates` (time, batch, 4 * dim), the input
-    products x_t @ W_x; weights = (W_h, B, W_P_0 or None). Returns the outputs (time, batch,
-    out), zero where `mask` (time, batch) is False, and the final (c, h).
+    """TensorFlow LSTMCell steps over time for several independent LSTMs at once (the biLM's
+    two directions), each array direction-major: `input_gates` (directions, time, batch, 4 * dim),
+    the input products x_t @ W_x; mask (directions, time, batch); state (c, h), each (directions,
+    batch, .); weights = (W_h, B, W_P_0 or None), each with the leading direction axis. Returns
+    the outputs (directions, time, batch, out), zero where `mask` is False, and the final (c, h).
+
+    One loop steps all directions: each step's products are one batched product over the
+    directions, so a step's fixed costs are paid once for all of them (XLA:CPU runs independent
+    loops one after the other, not side by side).
 
     Its gradient is written by hand (backpropagation through time): reverse-mode autodiff of the
     scan would accumulate the weight gradients step by step in small (batch-row) products and
@@ -120,8 +137,8 @@ def _recurrence_fwd(input_gates, mask, state, weights, settings):
 def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
     mask, (c0, h0), (w_hidden, _, w_proj), activations, c_seq, h_seq = residuals
     d_outputs, (dc_final, dh_final) = cotangents
-    c_prev_seq = jnp.concatenate([c0[None], c_seq[:-1]], axis=0)
-    h_prev_seq = jnp.concatenate([h0[None], h_seq[:-1]], axis=0)
+    c_prev_seq = jnp.concatenate([c0[:, None], c_seq[:, :-1]], axis=1)
+    h_prev_seq = jnp.concatenate([h0[:, None], h_seq[:, :-1]], axis=1)
     m = mask[..., None]
     # All that does not depend on the carried gradients is computed for all steps at once, which
     # leaves the loop few and small operations per step; its products take the weights transposed
@@ -129,7 +146,7 @@ def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
     i, j, f, o = jnp.split(activations, 4, axis=-1)
     tanh_c = jnp.tanh(c_seq)
     per_step = dict(
-        t=jnp.arange(mask.shape[0]), d_out=d_outputs, m=m, f=f,
+        d_out=d_outputs, m=m, f=f,
         dc_dh=o * (1.0 - tanh_c * tanh_c),  # d c / d (unprojected output), through o * tanh(c)
         # where the clips pass gradient (None: everywhere)
         keep_c=None if settings.cell_clip is None else jnp.abs(c_seq) < settings.cell_clip,
@@ -137,53 +154,85 @@ def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
             m if settings.proj_clip is None else m & (jnp.abs(h_seq) < settings.proj_clip)))
     # d (gate pre-activations) / d (c, c, c, unprojected output), zero on masked steps; the
     # loop overwrites each step's factors with its gate gradients (no new zero-filled buffer)
-    # (one elementwise pass over (time, batch, gate, dim): the activations' derivatives, sigmoid's
-    # a (1 - a) and tanh's (j) 1 - a^2, times what each gate multiplies: j, i, c_prev, tanh(c))
-    gates = activations.reshape(activations.shape[:2] + (4, -1))
+    # (one elementwise pass over (directions, time, batch, gate, dim): the activations'
+    # derivatives, sigmoid's a (1 - a) and tanh's (j) 1 - a^2, times what each gate multiplies:
+    # j, i, c_prev, tanh(c))
+    gates = activations.reshape(activations.shape[:3] + (4, -1))
     derivatives = jnp.where(jnp.arange(4)[:, None] == 1, 1.0 - gates * gates, gates * (1.0 - gates))
-    multipliers = jnp.stack([j, i, c_prev_seq, tanh_c], axis=2)
+    multipliers = jnp.stack([j, i, c_prev_seq, tanh_c], axis=3)
     gate_factors = jnp.where(m[..., None], derivatives * multipliers, 0.0).reshape(activations.shape)
-    w_hidden_t = w_hidden.T
-    w_proj_t = None if w_proj is None else w_proj.T
+    w_hidden_t = jnp.swapaxes(w_hidden, 1, 2)
+    w_proj_t = None if w_proj is None else jnp.swapaxes(w_proj, 1, 2)
 
-    def step(carry, xs):
+    def step(carry, t):
         dc, dh, buffer = carry  # gradients of the carry leaving this step; factors / d_gates
+        xs = {k: None if v is None else _at(v, t) for k, v in per_step.items()}
         dh_out = dh + xs["d_out"]
         d_projected = None
         if w_proj is not None:
             d_projected = jnp.where(xs["keep_h"], dh_out, 0.0)
-            dh_out = settings.einsum("bp,pk->bk", d_projected, w_proj_t)
+            dh_out = settings.einsum("dbp,dpk->dbk", d_projected, w_proj_t)
         dc_cell = dc + dh_out * xs["dc_dh"]
         if xs["keep_c"] is not None:
             dc_cell = jnp.where(xs["keep_c"], dc_cell, 0.0)
-        factors = lax.dynamic_index_in_dim(buffer, xs["t"], keepdims=False)
+        factors = _at(buffer, t)
         d_gates = jnp.concatenate([dc_cell, dc_cell, dc_cell, dh_out], axis=-1) * factors
         # masked rows pass the carry's gradient through unchanged
-        dh_prev = jnp.where(xs["m"], settings.einsum("bn,nk->bk", d_gates, w_hidden_t), dh)
+        dh_prev = jnp.where(xs["m"], settings.einsum("dbn,dnk->dbk", d_gates, w_hidden_t), dh)
         dc_prev = jnp.where(xs["m"], dc_cell * xs["f"], dc)
-        return (dc_prev, dh_prev, lax.dynamic_update_index_in_dim(buffer, d_gates, xs["t"], 0)), d_projected
+        return (dc_prev, dh_prev, lax.dynamic_update_index_in_dim(buffer, d_gates, t, 1)), d_projected
 
-    (dc0, dh0, d_gates), d_projected = lax.scan(step, (dc_final, dh_final, gate_factors), per_step, reverse=True,
-                                                unroll=settings.unroll)
-    d_w_hidden = settings.einsum("tbk,tbn->kn", h_prev_seq, d_gates)
-    d_bias = jnp.sum(d_gates, axis=(0, 1))
+    (dc0, dh0, d_gates), d_projected = lax.scan(step, (dc_final, dh_final, gate_factors), jnp.arange(mask.shape[1]),
+                                                reverse=True, unroll=settings.unroll)
+    n_directions, dim = w_hidden.shape[0], w_hidden.shape[-1]
+    d_w_hidden = settings.einsum("dmk,dmn->dkn", h_prev_seq.reshape(n_directions, -1, h_prev_seq.shape[-1]),
+                                 d_gates.reshape(n_directions, -1, dim))
+    d_bias = jnp.sum(d_gates, axis=(1, 2))
     d_w_proj = None
     if w_proj is not None:
         # the outputs before the projection, o * tanh(c), recomputed rather than saved by the
         # forward scan (a saved sequence costs a zero-filled buffer and a write per step); on
         # masked steps c_seq holds the carried c, but d_projected is zero there
-        # (the small d_projected is the operand transposed for the product, not this one; as 2-D
-        # operands, which XLA:CPU also multiplies in bfloat16)
-        d_w_proj = settings.einsum("np,nk->pk", d_projected.reshape(-1, w_proj.shape[1]),
-                                   (o * tanh_c).reshape(-1, w_proj.shape[0])).T
+        # (d_projected, time-major from the scan and small, is the operand transposed for the
+        # product, not this one)
+        unprojected = (o * tanh_c).reshape(n_directions, -1, w_proj.shape[1])
+        d_w_proj = jnp.swapaxes(settings.einsum(
+            "dnp,dnk->dpk", jnp.swapaxes(d_projected, 0, 1).reshape(n_directions, -1, w_proj.shape[2]),
+            unprojected), 1, 2)
     return d_gates, None, (dc0, dh0), (d_w_hidden, d_bias, d_w_proj)
 
 
 lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
+def chunked_recurrence(inputs: Array, w_input: Array, mask: Array, state: tuple[Array, Array], weights: tuple,
+                       settings: RecurrenceSettings, chunk: int) -> tuple[Array, tuple[Array, Array]]:
+    """`lstm_recurrence` from the inputs (directions, time, batch, in) rather than their
+    products: the input products are made `chunk` steps at a time inside an outer loop, so the
+    (directions, time, batch, 4 * dim) products of all steps never exist at once (inference's
+    peak memory at ELMo's size). No hand-written gradient: for inference."""
+    n_directions, time, batch, in_dim = inputs.shape
+    n_chunks = -(-time // chunk)
+    pad = n_chunks * chunk - time
+    inputs = jnp.pad(inputs, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))  # padded steps are masked: no change, no output
+
+    def block(carry, k):
+        x = lax.dynamic_slice_in_dim(inputs, k * chunk, chunk, axis=1).reshape(n_directions, chunk * batch, in_dim)
+        gates = settings.einsum("dnk,dkm->dnm", x, w_input).reshape(n_directions, chunk, batch, -1)
+        m = lax.dynamic_slice_in_dim(mask, k * chunk, chunk, axis=1)
+        return _scan_steps(gates, m, carry, weights, settings, save_residuals=False)
+
+    final, outputs = lax.scan(block, state, jnp.arange(n_chunks))  # outputs (chunks, directions, chunk, ...)
+    outputs = jnp.moveaxis(outputs, 0, 1).reshape(n_directions, n_chunks * chunk, batch, -1)[:, :time]
+    return outputs, final
+
+
 class LSTMLayer(nn.Module):
-    """One LSTM layer with TensorFlow LSTMCell semantics, run over time by `lax.scan`.
+    """One LSTM layer of each of `n_directions` independent LSTMs (the biLM's forward and
+    backward LMs), with TensorFlow LSTMCell semantics, run over time together by one
+    `lax.scan`. Inputs, masks, state and outputs carry a leading direction axis, as do the
+    params (W_x, W_h, B, W_P_0, each direction's as bilm-tf's cell holds it).
 
     Gates are ordered i, j, f, o; forget bias 1.0; the cell is clipped to +-cell_clip, the
     output projected by W_P_0 (when projecting) and clipped to +-proj_clip. Steps where `mask`
@@ -201,43 +250,55 @@ class LSTMLayer(nn.Module):
     precision: Any = DEFAULT_PRECISION
     unroll: int = 1  # time steps per iteration of the scan's loop
     compute_dtype: Any = None  # see elmojax.numerics
+    # inference: the input products of at most this many bytes at a time (`chunked_recurrence`)
+    input_chunk_bytes: Optional[int] = None
 
     @nn.compact
     def __call__(self, inputs: Array, mask: Array, state: tuple[Array, Array],
                  deterministic: bool = True) -> tuple[Array, tuple[Array, Array]]:
-        in_dim = inputs.shape[-1]
+        """inputs (directions, batch, time, in), mask (directions, batch, time), state (c, h)
+        each (directions, batch, .)."""
+        n_directions, batch, time, in_dim = inputs.shape
         out_dim = self.projection_dim or self.dim
         # W_0 = [W_x; W_h], kept as two params so that neither is ever sliced (copied) out of it;
         # both initialized as the rows of one Glorot-uniform W_0, as TensorFlow does.
         limit = np.sqrt(6.0 / (in_dim + out_dim + 4 * self.dim))
-        w_input = self.param("W_x", uniform(-limit, limit), (in_dim, 4 * self.dim))
-        w_hidden = self.param("W_h", uniform(-limit, limit), (out_dim, 4 * self.dim))
-        bias = self.param("B", nn.initializers.zeros, (4 * self.dim,))
+        w_input = self.param("W_x", uniform(-limit, limit), (n_directions, in_dim, 4 * self.dim))
+        w_hidden = self.param("W_h", uniform(-limit, limit), (n_directions, out_dim, 4 * self.dim))
+        bias = self.param("B", nn.initializers.zeros, (n_directions, 4 * self.dim))
         w_proj = None
         if self.projection_dim is not None:
-            w_proj = self.param("W_P_0", nn.initializers.glorot_uniform(), (self.dim, self.projection_dim))
+            w_proj = self.param("W_P_0", nn.initializers.glorot_uniform(batch_axis=(0,)),
+                                (n_directions, self.dim, self.projection_dim))
 
         if self.dropout_rate > 0.0:
             inputs = Dropout(self.dropout_rate)(inputs, deterministic=deterministic)
 
-        # The input-to-hidden products of all steps in one matrix product, before the scan, laid
-        # out time-major for it: a plain 2-D product, transposing the small input rather than the
-        # 4 * dim wide result.
-        batch, time = inputs.shape[:2]
-        time_major = jnp.swapaxes(inputs, 0, 1).reshape(time * batch, in_dim)
         settings = RecurrenceSettings(self.cell_clip, self.proj_clip if w_proj is not None else None,
                                       self.precision, self.unroll, self.compute_dtype)
-        input_gates = settings.einsum("nk,kd->nd", time_major, w_input).reshape(time, batch, 4 * self.dim)
-        outputs, new_state = lstm_recurrence(input_gates, jnp.swapaxes(mask, 0, 1), tuple(state),
-                                             (w_hidden, bias, w_proj), settings)
-        outputs = jnp.swapaxes(outputs, 0, 1)
+        weights = (w_hidden, bias, w_proj)
+        time_major = jnp.swapaxes(inputs, 1, 2)  # transposing the small input, not the 4 * dim wide products
+        mask_time_major = jnp.swapaxes(mask, 1, 2)
+        step_bytes = 4 * n_directions * batch * 4 * self.dim  # one step's input products, float32
+        chunk = time if not self.input_chunk_bytes else max(1, self.input_chunk_bytes // step_bytes)
+        if chunk < time:
+            outputs, new_state = chunked_recurrence(time_major, w_input, mask_time_major, tuple(state), weights,
+                                                    settings, chunk)
+        else:
+            # The input-to-hidden products of all steps in one (batched) matrix product, before
+            # the scan, laid out time-major for it.
+            input_gates = settings.einsum("dnk,dkm->dnm", time_major.reshape(n_directions, time * batch, in_dim),
+                                          w_input).reshape(n_directions, time, batch, 4 * self.dim)
+            outputs, new_state = lstm_recurrence(input_gates, mask_time_major, tuple(state), weights, settings)
+        outputs = jnp.swapaxes(outputs, 1, 2)
         if self.residual:
             outputs = jnp.where(mask[..., None], outputs + inputs, 0.0)
         return outputs, new_state
 
 
 class LSTMStack(nn.Module):
-    """Stacked LSTM layers (one direction); skip connections from the second layer on.
+    """Stacked LSTM layers of each direction (a leading direction axis on inputs, masks, state
+    and outputs, see LSTMLayer); skip connections from the second layer on.
 
     `drop_output` (training) also drops the top layer's output, which bilm-tf's training graph
     does before its softmax."""
@@ -247,6 +308,7 @@ class LSTMStack(nn.Module):
     precision: Any = DEFAULT_PRECISION
     unroll: int = 1
     compute_dtype: Any = None
+    input_chunk_bytes: Optional[int] = None  # see LSTMLayer
 
     @nn.compact
     def __call__(self, inputs: Array, mask: Array, state: Sequence[tuple[Array, Array]],
@@ -266,6 +328,7 @@ class LSTMStack(nn.Module):
                 precision=self.precision,
                 unroll=self.unroll,
                 compute_dtype=self.compute_dtype,
+                input_chunk_bytes=self.input_chunk_bytes,
                 name=f"layer_{i}",
             )(x, mask, state[i], deterministic)
             outputs.append(x)

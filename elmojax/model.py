@@ -7,9 +7,10 @@ mapping):
   embedder/      char_embed (261, d), W_cnn_i (1, width, d, n), b_cnn_i, W_carry_i, b_carry_i,
                  W_transform_i, b_transform_i, W_proj, b_proj   (character inputs)
                  embedding (vocab, projection_dim)              (token inputs)
-  forward_lstm/layer_i/   W_x (in, 4 * dim) and W_h (out, 4 * dim), the two row blocks of the
-                          file's W_0 (in + out, 4 * dim); B (4 * dim,), W_P_0 (dim, projection_dim)
-  backward_lstm/layer_i/  the same
+  lstm/layer_i/  W_x (directions, in, 4 * dim) and W_h (directions, out, 4 * dim), the two row
+                 blocks of each direction's W_0 (in + out, 4 * dim); B (directions, 4 * dim),
+                 W_P_0 (directions, dim, projection_dim): the forward LM's at 0, the backward
+                 LM's at 1 (both run in one recurrence, see elmojax.lstm)
 
 Input ids use the prediction layout of bilm-tf's Batcher / TokenBatcher: ids + 1, with 0 for
 padding, which embeds to a zero vector (a zero row in front of the trained table).
@@ -195,6 +196,11 @@ class BiLMOutput(NamedTuple):
     backward: list[Array]     # per layer, realigned to forward time order; [] if unidirectional
 
 
+def directions(options: BiLMOptions) -> tuple[str, ...]:
+    """The LM directions of the model, in the order of the params' direction axis."""
+    return ("forward", "backward") if options.bidirectional else ("forward",)
+
+
 def zero_state(options: BiLMOptions, batch_size: int, dtype=jnp.float32) -> dict:
     """The initial LSTM state: zeros for every direction and layer."""
     lstm = options.lstm
@@ -203,7 +209,7 @@ def zero_state(options: BiLMOptions, batch_size: int, dtype=jnp.float32) -> dict
         return tuple((jnp.zeros((batch_size, lstm.dim), dtype), jnp.zeros((batch_size, lstm.output_dim), dtype))
                      for _ in range(lstm.n_layers))
 
-    return {"forward": direction(), "backward": direction()} if options.bidirectional else {"forward": direction()}
+    return {name: direction() for name in directions(options)}
 
 
 class BiLM(nn.Module):
@@ -221,6 +227,7 @@ class BiLM(nn.Module):
     cnn_chunk_size: Optional[int] = None
     scan_unroll: int = 1
     compute_dtype: Any = None  # None: float32; jnp.bfloat16 for GPUs (see elmojax.numerics)
+    lstm_input_chunk_bytes: Optional[int] = None  # inference: see elmojax.lstm.chunked_recurrence
 
     def setup(self):
         o = self.options
@@ -233,9 +240,8 @@ class BiLM(nn.Module):
             if o.n_tokens_vocab is None:
                 raise ValueError("token inputs need n_tokens_vocab (the token embedding table's rows)")
             self.embedder = TokenEmbedder(o.n_tokens_vocab, o.projection_dim)
-        self.forward_lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision, self.scan_unroll, self.compute_dtype)
-        if o.bidirectional:
-            self.backward_lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision, self.scan_unroll, self.compute_dtype)
+        self.lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision, self.scan_unroll, self.compute_dtype,
+                              self.lstm_input_chunk_bytes)
 
     def embed(self, ids: Array, tail_ids: Optional[Array] = None) -> Array:
         """Token embeddings; `tail_ids` for char ids cut short (see CharCNNEmbedder)."""
@@ -244,28 +250,22 @@ class BiLM(nn.Module):
         return self.embedder(ids)
 
     def contextualize(self, inputs: dict, masks: dict, state: dict, deterministic: bool = True,
-                      drop_output: bool = False, in_turn: bool = False) -> tuple[dict, dict]:
+                      drop_output: bool = False) -> tuple[dict, dict]:
         """Each direction's LSTM stack over its own inputs, in its own reading order (the
         backward LM's: each row's tokens reversed): per direction, the layers' outputs and the
         new carry. Training, whose backward stream comes reversed from the data, and `__call__`,
         which reverses the embedding, both run the LSTMs here. `drop_output` applies dropout to
         the top layer too (training, before the softmax).
 
-        `in_turn` makes the backward LM start after the forward one has finished (by adding an
-        exact zero computed from the forward LM's output to its input), so XLA cannot hold both
-        directions' (time, batch, 4 * dim) input products in memory at once: inference's peak
-        memory. Training leaves it off: there it cost about 4% of the small char config's
-        steps (benchmarks/train.py, side by side), and the gradients keep more than that alive.
+        The directions run in one recurrence, stacked on a leading axis (elmojax.lstm); inputs,
+        state and outputs are stacked and split here, so callers see one entry per direction.
         """
-        outputs, new_state = {}, {}
-        outputs["forward"], new_state["forward"] = self.forward_lstm(
-            inputs["forward"], masks["forward"], state["forward"], deterministic, drop_output)
-        if self.options.bidirectional:
-            backward_inputs = inputs["backward"]
-            if in_turn:
-                backward_inputs = backward_inputs + 0.0 * outputs["forward"][-1][:1, :1, :1]
-            outputs["backward"], new_state["backward"] = self.backward_lstm(
-                backward_inputs, masks["backward"], state["backward"], deterministic, drop_output)
+        names = directions(self.options)
+        stack = lambda tree: jax.tree.map(lambda *xs: jnp.stack(xs), *tree)  # noqa: E731
+        layers, stacked_state = self.lstm(stack([inputs[d] for d in names]), stack([masks[d] for d in names]),
+                                          stack([state[d] for d in names]), deterministic, drop_output)
+        outputs = {d: [x[k] for x in layers] for k, d in enumerate(names)}
+        new_state = {d: jax.tree.map(lambda x: x[k], stacked_state) for k, d in enumerate(names)}
         return outputs, new_state
 
     def __call__(self, ids: Array, state: dict, deterministic: bool = True,
@@ -279,6 +279,6 @@ class BiLM(nn.Module):
         inputs, masks = {"forward": embedding}, {"forward": mask}
         if self.options.bidirectional:
             inputs["backward"], masks["backward"] = reverse_sequence(embedding, lengths), mask
-        outputs, new_state = self.contextualize(inputs, masks, state, deterministic, in_turn=True)
+        outputs, new_state = self.contextualize(inputs, masks, state, deterministic)
         backward = [reverse_sequence(x, lengths) for x in outputs.get("backward", [])]
         return BiLMOutput(embedding, mask, lengths, outputs["forward"], backward), new_state

@@ -79,13 +79,7 @@ def params_from_tf(variables: Mapping[str, np.ndarray], options: BiLMOptions, sh
         if value.shape != tuple(shape):
             raise ValueError(f"{source}: variable '{key}' has shape {value.shape}, but the options need {tuple(shape)}")
         hdf5.check_finite(value, source, key, what="variable")
-        node = params
-        for k in path[:-2]:
-            node = node.setdefault(k, {})
-        if path[-1] == "W_0":  # the model keeps the kernel [W_x; W_h] as two params
-            node.setdefault(path[-2], {}).update(zip(("W_x", "W_h"), hdf5.split_lstm_kernel(value, options)))
-        else:
-            node.setdefault(path[-2], {})[path[-1]] = value
+        hdf5.place(params, path, value, options)
     return params
 
 

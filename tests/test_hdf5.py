@@ -88,9 +88,14 @@ def test_options_that_do_not_fit_the_weights(tmp_path):
 def test_save_checks_params(tmp_path):
     options = load_options(OPTIONS_FILE)
     params = hdf5.load_weights(WEIGHT_FILE, options)
-    del params["forward_lstm"]["layer_1"]["B"]
+    del params["lstm"]["layer_1"]["B"]
     out = tmp_path / "out.hdf5"
-    with pytest.raises(ValueError, match="out.hdf5: params have no entry forward_lstm/layer_1/B"):
+    with pytest.raises(ValueError, match="out.hdf5: params have no entry lstm/layer_1/B"):
+        hdf5.save_weights(params, options, str(out))
+    params = hdf5.load_weights(WEIGHT_FILE, options)
+    params["lstm"]["layer_0"]["W_h"] = params["lstm"]["layer_0"]["W_h"][:1]  # one direction of two
+    with pytest.raises(ValueError, match=r"lstm/layer_0/W_h has shape \(1, 16, 256\), but the options' 2 "
+                                         r"direction\(s\) need it stacked"):
         hdf5.save_weights(params, options, str(out))
     params = hdf5.load_weights(WEIGHT_FILE, options)
     params["embedder"]["W_proj"] = params["embedder"]["W_proj"][:, :3]

@@ -124,6 +124,11 @@ def np_lstm_layer(p, x, mask, state, cell_clip=None, proj_clip=None, use_project
     return np.stack(outputs, axis=1), (c, h)
 
 
+def direction(p, d):
+    """Direction d's params of a stacked LSTM (elmojax.lstm keeps the directions on a leading axis)."""
+    return jax.tree_util.tree_map(lambda v: v[d], p)
+
+
 def np_lstm_stack(p, lstm: LSTMOptions, x, mask, state):
     use_projection = lstm.projection_dim < lstm.dim
     outputs, new_state = [], []
@@ -155,9 +160,9 @@ def np_bilm(params, options: BiLMOptions, char_ids, state):
     mask = np.arange(char_ids.shape[1])[None, :] < lengths[:, None]
     embedding = np_char_cnn(p["embedder"], options.char_cnn, options.projection_dim, char_ids)
     embedding = np.where(mask[..., None], embedding, 0.0)
-    forward, forward_state = np_lstm_stack(p["forward_lstm"], options.lstm, embedding, mask, state["forward"])
+    forward, forward_state = np_lstm_stack(direction(p["lstm"], 0), options.lstm, embedding, mask, state["forward"])
     reversed_outputs, backward_state = np_lstm_stack(
-        p["backward_lstm"], options.lstm, np_reverse(embedding, lengths), mask, state["backward"])
+        direction(p["lstm"], 1), options.lstm, np_reverse(embedding, lengths), mask, state["backward"])
     backward = [np_reverse(x, lengths) for x in reversed_outputs]
     return ({"embedding": embedding, "mask": mask, "lengths": lengths, "forward": forward, "backward": backward},
             {"forward": forward_state, "backward": backward_state})
@@ -291,64 +296,83 @@ def compare_bilm(options: BiLMOptions, params, ids, state):
 # --------------------------------------------------------------------------------------------
 
 def test_lstm_step_with_projection_and_clipping():
+    """One step of two directions at once (the stacked recurrence), each its own LSTMCell: its
+    own weights, inputs, mask and state."""
     rng = np.random.default_rng(0)
     dim, proj, in_dim = 16, 8, 6
     cell_clip, proj_clip = 1.0, 0.5
     layer = LSTMLayer(dim=dim, projection_dim=proj, cell_clip=cell_clip, proj_clip=proj_clip)
-    x = jnp.asarray(3.0 * rng.standard_normal((BATCH, 1, in_dim)), jnp.float32)
-    mask = jnp.asarray([[True], [True], [False]])
-    c0 = jnp.asarray(2.0 * rng.standard_normal((BATCH, dim)), jnp.float32)
-    h0 = jnp.asarray(rng.standard_normal((BATCH, proj)), jnp.float32)
+    x = jnp.asarray(3.0 * rng.standard_normal((2, BATCH, 1, in_dim)), jnp.float32)
+    mask = jnp.asarray([[[True], [True], [False]], [[False], [True], [True]]])
+    c0 = jnp.asarray(2.0 * rng.standard_normal((2, BATCH, dim)), jnp.float32)
+    h0 = jnp.asarray(rng.standard_normal((2, BATCH, proj)), jnp.float32)
 
     params = init_params(layer, 0, x, mask, (c0, h0))
     p = perturb_biases(params["params"], 0)
     p["W_P_0"] = 3.0 * p["W_P_0"]  # make the projection large enough to reach proj_clip
+    assert p["W_x"].shape == (2, in_dim, 4 * dim) and p["W_P_0"].shape == (2, dim, proj)
     out, (c, h) = layer.apply({"params": p}, x, mask, (c0, h0))
+    assert out.shape == (2, BATCH, 1, proj) and c.shape == (2, BATCH, dim) and h.shape == (2, BATCH, proj)
 
-    pf = to_f64(p)
-    c_ref, h_ref = np_lstm_step(pf, to_f64(x)[:, 0], to_f64(c0), to_f64(h0), cell_clip, proj_clip, True)
-    c_raw, h_raw = np_lstm_step(pf, to_f64(x)[:, 0], to_f64(c0), to_f64(h0), None, proj_clip, True)
+    for d, real in ((0, slice(0, 2)), (1, slice(1, 3))):
+        pf = direction(to_f64(p), d)
+        xd, c0d, h0d = to_f64(x)[d, :, 0], to_f64(c0)[d], to_f64(h0)[d]
+        c_ref, h_ref = np_lstm_step(pf, xd, c0d, h0d, cell_clip, proj_clip, True)
+        c_raw, h_raw = np_lstm_step(pf, xd, c0d, h0d, None, proj_clip, True)
+        # Clipping actually happens in the reference (some values at the bound, some inside it).
+        assert np.any(np.abs(c_raw[real]) > cell_clip + 0.05) and np.any(np.abs(c_ref[real]) < cell_clip - 0.05)
+        assert np.any(np.abs(c_ref[real]) == cell_clip)
+        assert np.any(np.abs(h_ref[real]) == proj_clip) and np.any(np.abs(h_ref[real]) < proj_clip - 0.05)
 
-    real = slice(0, 2)
-    # Clipping actually happens in the reference (some values at the bound, some inside it).
-    assert np.any(np.abs(c_raw[real]) > cell_clip + 0.05) and np.any(np.abs(c_ref[real]) < cell_clip - 0.05)
-    assert np.any(np.abs(c_ref[real]) == cell_clip)
-    assert np.any(np.abs(h_ref[real]) == proj_clip) and np.any(np.abs(h_ref[real]) < proj_clip - 0.05)
-    assert out.shape == (BATCH, 1, proj) and c.shape == (BATCH, dim) and h.shape == (BATCH, proj)
-
-    assert_close(c[real], c_ref[real], "c")
-    assert_close(h[real], h_ref[real], "h")
-    assert_close(out[real, 0], h_ref[real], "output")
-    np.testing.assert_array_less(np.abs(np.asarray(c[real])), cell_clip + 1e-6)
-    np.testing.assert_array_less(np.abs(np.asarray(h[real])), proj_clip + 1e-6)
-    # The masked row: state unchanged, output 0.
-    np.testing.assert_array_equal(np.asarray(c[2]), np.asarray(c0[2]))
-    np.testing.assert_array_equal(np.asarray(h[2]), np.asarray(h0[2]))
-    np.testing.assert_array_equal(np.asarray(out[2]), 0.0)
+        assert_close(c[d, real], c_ref[real], f"direction {d} c")
+        assert_close(h[d, real], h_ref[real], f"direction {d} h")
+        assert_close(out[d, real, 0], h_ref[real], f"direction {d} output")
+        np.testing.assert_array_less(np.abs(np.asarray(c[d, real])), cell_clip + 1e-6)
+        np.testing.assert_array_less(np.abs(np.asarray(h[d, real])), proj_clip + 1e-6)
+        # The masked row: state unchanged, output 0.
+        masked = 2 if d == 0 else 0
+        np.testing.assert_array_equal(np.asarray(c[d, masked]), np.asarray(c0[d, masked]))
+        np.testing.assert_array_equal(np.asarray(h[d, masked]), np.asarray(h0[d, masked]))
+        np.testing.assert_array_equal(np.asarray(out[d, masked]), 0.0)
 
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_lstm_layer_sequence_with_mask_holes(residual):
-    """Several steps, no projection, a mask that is not a prefix, a nonzero initial state."""
+    """Several steps, no projection, masks that are not prefixes (each direction its own), a
+    nonzero initial state; one direction alone (a unidirectional model) gives the same."""
     rng = np.random.default_rng(1)
     dim, time = 8, 5
     layer = LSTMLayer(dim=dim, cell_clip=0.8, residual=residual)
-    x = jnp.asarray(rng.standard_normal((BATCH, time, dim)), jnp.float32)
-    mask = jnp.asarray([[1, 1, 1, 1, 1], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0]], bool)
-    state = (jnp.asarray(rng.standard_normal((BATCH, dim)), jnp.float32),
-             jnp.asarray(rng.standard_normal((BATCH, dim)), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((2, BATCH, time, dim)), jnp.float32)
+    mask = jnp.asarray([[[1, 1, 1, 1, 1], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0]],
+                        [[0, 1, 1, 0, 1], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]], bool)
+    state = (jnp.asarray(rng.standard_normal((2, BATCH, dim)), jnp.float32),
+             jnp.asarray(rng.standard_normal((2, BATCH, dim)), jnp.float32))
     params = init_params(layer, 1, x, mask, state)
     p = perturb_biases(params["params"], 1)
     assert "W_P_0" not in p
     out, new_state = layer.apply({"params": p}, x, mask, state)
 
-    ref, ref_state = np_lstm_layer(to_f64(p), to_f64(x), np.asarray(mask), to_f64(state),
-                                   cell_clip=0.8, residual=residual)
-    assert_substantial(ref, "outputs")
-    assert_close(out, ref, "outputs")
-    assert_close(new_state[0], ref_state[0], "final c")
-    assert_close(new_state[1], ref_state[1], "final h")
-    np.testing.assert_array_equal(np.asarray(new_state[0][2]), np.asarray(state[0][2]))
+    for d in range(2):
+        ref, ref_state = np_lstm_layer(direction(to_f64(p), d), to_f64(x)[d], np.asarray(mask)[d],
+                                       direction(to_f64(state), d), cell_clip=0.8, residual=residual)
+        assert_substantial(ref, "outputs")
+        assert_close(out[d], ref, f"direction {d} outputs")
+        assert_close(new_state[0][d], ref_state[0], f"direction {d} final c")
+        assert_close(new_state[1][d], ref_state[1], f"direction {d} final h")
+    # inference's input products two steps at a time (chunked_recurrence; 5 steps: one padded)
+    chunked = LSTMLayer(dim=dim, cell_clip=0.8, residual=residual, input_chunk_bytes=2 * 4 * 2 * BATCH * 4 * dim)
+    chunked_out, chunked_state = chunked.apply({"params": p}, x, mask, state)
+    for d in range(2):
+        ref, ref_state = np_lstm_layer(direction(to_f64(p), d), to_f64(x)[d], np.asarray(mask)[d],
+                                       direction(to_f64(state), d), cell_clip=0.8, residual=residual)
+        assert_close(chunked_out[d], ref, f"chunked, direction {d} outputs")
+        assert_close(chunked_state[0][d], ref_state[0], f"chunked, direction {d} final c")
+        assert_close(chunked_state[1][d], ref_state[1], f"chunked, direction {d} final h")
+    one = jax.tree_util.tree_map(lambda v: v[1:], (p, x, mask, state))
+    alone, alone_state = layer.apply({"params": one[0]}, *one[1:])
+    np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(out[1]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(alone_state[0][0]), np.asarray(new_state[0][1]), rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,7 +472,7 @@ def test_bilm_backward_reversal(lengths, initial_state):
             np.testing.assert_array_equal(np.asarray(layer[b, n:]), 0.0)
     # The backward LM reads each row's real tokens last to first: its output at the last real
     # token is its first step from the initial state, which sees that one token only.
-    p = to_f64(params["params"])["backward_lstm"]
+    p = direction(to_f64(params["params"])["lstm"], 1)
     initial = to_f64(state)["backward"]
     for b, n in enumerate(lengths):
         if n == 0:
@@ -483,7 +507,7 @@ def test_bilm_option_sets(name):
     embedder = params["params"]["embedder"]
     assert ("W_proj" in embedder) == (options.char_cnn.n_filters != options.projection_dim)
     assert sum(k.startswith("W_carry") for k in embedder) == options.char_cnn.n_highway
-    layer0 = params["params"]["forward_lstm"]["layer_0"]
+    layer0 = params["params"]["lstm"]["layer_0"]
     assert ("W_P_0" in layer0) == (options.lstm.projection_dim < options.lstm.dim)
 
     out, ref = compare_bilm(options, params, ids, state)
@@ -588,19 +612,25 @@ def test_lstm_layer_gradients(projection, cell_clip, proj_clip):
     out_dim = proj if projection else dim
     layer = LSTMLayer(dim=dim, projection_dim=proj if projection else None, cell_clip=cell_clip,
                       proj_clip=proj_clip, precision="highest")
-    mask = np.array([[1, 1, 1, 1, 1], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0]], bool)
-    x = rng.standard_normal((BATCH, time, dim))
-    state = (rng.standard_normal((BATCH, dim)), rng.standard_normal((BATCH, out_dim)))
+    # two directions, each its own mask with holes (the stacked recurrence's backward pass)
+    mask = np.array([[[1, 1, 1, 1, 1], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0]],
+                     [[1, 1, 0, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]], bool)
+    x = rng.standard_normal((2, BATCH, time, dim))
+    state = (rng.standard_normal((2, BATCH, dim)), rng.standard_normal((2, BATCH, out_dim)))
     params = init_params(layer, 11, jnp.asarray(x, jnp.float32), jnp.asarray(mask),
                          jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), state))["params"]
     params = {k: 2.0 * np.asarray(v, np.float64) + 0.3 * rng.standard_normal(v.shape) for k, v in params.items()}
-    weights = (rng.standard_normal((BATCH, time, out_dim)), rng.standard_normal((BATCH, dim)),
-               rng.standard_normal((BATCH, out_dim)))
+    weights = (rng.standard_normal((2, BATCH, time, out_dim)), rng.standard_normal((2, BATCH, dim)),
+               rng.standard_normal((2, BATCH, out_dim)))
 
     def loss_np(point):
         p, inputs, s = point
-        out, (c, h) = np_lstm_layer(p, inputs, mask, s, cell_clip, proj_clip, use_projection=projection)
-        return np.sum(out * weights[0]) + np.sum(c * weights[1]) + np.sum(h * weights[2])
+        total = 0.0
+        for d in range(2):
+            out, (c, h) = np_lstm_layer(direction(p, d), inputs[d], mask[d], direction(s, d), cell_clip, proj_clip,
+                                        use_projection=projection)
+            total += np.sum(out * weights[0][d]) + np.sum(c * weights[1][d]) + np.sum(h * weights[2][d])
+        return total
 
     with jax.enable_x64(True):
         def loss(point):

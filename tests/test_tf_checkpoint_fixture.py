@@ -63,9 +63,10 @@ def test_params_accumulators_and_step_of_the_training_checkpoint(checkpoint_dir)
     reference = _reference()
     assert trained.global_step == 3 == int(reference["global_step"])
     assert trained.vocab_file == os.path.join(checkpoint_dir, "vocab.txt")
-    lstm = trained.params["bilm"]["forward_lstm"]["layer_1"]
-    kernel = reference["lm/RNN_0/rnn/multi_rnn_cell/cell_1/lstm_cell/kernel"]
-    np.testing.assert_array_equal(np.concatenate([lstm["W_x"], lstm["W_h"]]), kernel)
+    lstm = trained.params["bilm"]["lstm"]["layer_1"]
+    for d in range(2):  # the directions stacked on the params' first axis
+        kernel = reference[f"lm/RNN_{d}/rnn/multi_rnn_cell/cell_1/lstm_cell/kernel"]
+        np.testing.assert_array_equal(np.concatenate([lstm["W_x"][d], lstm["W_h"][d]]), kernel)
     np.testing.assert_array_equal(trained.params["softmax"]["W"], reference["lm/softmax/W"])
     np.testing.assert_array_equal(trained.accumulators["softmax"]["W"], reference["lm/softmax/W/Adagrad"])
     np.testing.assert_array_equal(trained.accumulators["bilm"]["embedder"]["char_embed"],

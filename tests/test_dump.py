@@ -1,5 +1,6 @@
 """Whole-dataset and token-vocabulary dumps, as functions and as commands."""
 
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import pytest
 
 from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE
 from elmojax import Batcher, BidirectionalLanguageModel, dump_bilm_embeddings, hdf5
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_lines(path, lines):
@@ -148,3 +151,49 @@ def test_sentence_vectors_pool_the_layers_over_real_tokens(tmp_path, fixture_sen
     with h5py.File(tmp_path / "v.hdf5", "r") as f:
         np.testing.assert_allclose(f["sentence_vectors"][...], bilm.sentence_vectors(batch, "top", "max"), atol=1e-6)
         assert f["sentence_vectors"].attrs["pooling"] == "max"
+
+
+FOUR_DEVICES = r"""
+import json, sys
+sys.path.insert(0, "tests")
+import jax, numpy as np
+from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE
+from elmojax import Batcher, BidirectionalLanguageModel, dump_bilm_embeddings
+assert jax.local_device_count() == 4
+sentences, dataset, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+batcher = Batcher(VOCAB_FILE, 50)
+bilm = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=3, stateful=True)
+assert bilm.n_devices == 4
+# batches of 3 and 2 rows (padded to 4), state carried from call to call
+calls = [bilm(batcher.batch_sentences(sentences[k:k + 3]))["lm_embeddings"] for k in (0, 3, 6)]
+calls.append(bilm(batcher.batch_sentences(sentences[9:11]))["lm_embeddings"])
+np.savez(out + ".npz", *calls)
+dump_bilm_embeddings(VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, out, batch_size=6)
+"""
+
+
+def test_four_devices_equal_one(tmp_path, fixture_sentences):
+    """Each batch split over 4 (forced host) devices: stateful calls and a dump give one device's numbers."""
+    import json
+    import jax
+    sentences, _ = fixture_sentences
+    lines = [s for row in sentences for s in row][:23]
+    dataset = _write_lines(tmp_path / "data.txt", lines)
+    out = str(tmp_path / "four.hdf5")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", FOUR_DEVICES, json.dumps(lines),
+                             dataset, out], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=3, stateful=True,
+                                     devices=jax.local_devices()[:1])
+    batcher = Batcher(VOCAB_FILE, 50)
+    calls = np.load(out + ".npz")
+    for k, rows in enumerate([lines[0:3], lines[3:6], lines[6:9], lines[9:11]]):
+        want = one(batcher.batch_sentences(rows))["lm_embeddings"]
+        np.testing.assert_allclose(calls[f"arr_{k}"], want, atol=1e-6, rtol=0)
+    reference = str(tmp_path / "one.hdf5")
+    dump_bilm_embeddings(VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, reference, batch_size=6)
+    with h5py.File(out, "r") as four, h5py.File(reference, "r") as f:
+        assert sorted(four, key=int) == sorted(f, key=int) == [str(i) for i in range(len(lines))]
+        for key in f:
+            np.testing.assert_allclose(four[key][...], f[key][...], atol=1e-6, rtol=0)

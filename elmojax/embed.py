@@ -262,6 +262,16 @@ class BidirectionalLanguageModel:
         """The carried LSTM state (stateful models): rows of max_batch_size, per direction and layer."""
         return self._state
 
+    @state.setter
+    def state(self, state) -> None:
+        """Sets the carried state (as `state` gave it: a stateful dump resumes with it)."""
+        if not self.stateful:
+            raise ValueError("only a stateful model carries state (stateful=True)")
+        want = jax.tree.map(np.shape, self._state)
+        if jax.tree.structure(state) != jax.tree.structure(self._state) or jax.tree.map(np.shape, state) != want:
+            raise ValueError(f"a state of max_batch_size={self.max_batch_size} rows has shapes {want}")
+        self._state = jax.tree.map(lambda s: np.asarray(s, np.float32), state)
+
     def reset_state(self) -> None:
         self._state = jax.tree.map(np.asarray, zero_state(self.options, self.max_batch_size)) if self.stateful else None
 

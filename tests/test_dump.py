@@ -1,6 +1,7 @@
 """Whole-dataset and token-vocabulary dumps, as functions and as commands."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -38,13 +39,17 @@ def test_dump_is_deterministic_and_batched(tmp_path, fixture_sentences):
         np.testing.assert_array_equal(f["0"][...], f["4"][...])
 
 
-def test_stateful_dump_reproduces_bilm_tf(tmp_path, fixture_sentences):
+def test_stateful_dump_reproduces_bilm_tf(tmp_path, monkeypatch, fixture_sentences):
     """Row 0 of the reference's stateful batches is sentences[0][0..9] with state carried along:
-    a stateful line-by-line dump of those lines must give the reference's embeddings."""
+    a stateful line-by-line dump of those lines must give the reference's embeddings, also when
+    stopped after its second chunk and resumed (from the state that chunk's file keeps)."""
     sentences, expected = fixture_sentences
     dataset = _write_lines(tmp_path / "data.txt", sentences[0])
     out = str(tmp_path / "elmo.hdf5")
-    dump_bilm_embeddings(VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, out, stateful=True)
+    args = (VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, out)
+    _interrupted(monkeypatch, 1, dump_bilm_embeddings, *args, stateful=True, chunk_lines=3)
+    assert _chunks(out + ".parts") == ["chunk-000000.hdf5", "chunk-000001.hdf5"]
+    dump_bilm_embeddings(*args, stateful=True, chunk_lines=3)
     with h5py.File(out, "r") as f:
         for i in range(10):
             assert np.max(np.abs(f[str(i)][2] - expected[0][i])) <= 1e-6
@@ -197,3 +202,93 @@ def test_four_devices_equal_one(tmp_path, fixture_sentences):
         assert sorted(four, key=int) == sorted(f, key=int) == [str(i) for i in range(len(lines))]
         for key in f:
             np.testing.assert_allclose(four[key][...], f[key][...], atol=1e-6, rtol=0)
+
+
+def _bilm_command(dataset, out, *more):
+    return [sys.executable, "-m", "elmojax.dump", "bilm", "--vocab", VOCAB_FILE, "--options", OPTIONS_FILE,
+            "--weights", WEIGHT_FILE, "--dataset", dataset, "--out", str(out), "--batch-size", "8", "--quiet", *more]
+
+
+def _chunks(directory):
+    return sorted(name for name in os.listdir(directory) if re.fullmatch(r"chunk-\d+\.hdf5", name))
+
+
+def _assert_same_datasets(path, reference):
+    with h5py.File(path, "r") as f, h5py.File(reference, "r") as g:
+        assert sorted(f) == sorted(g)
+        for key in g:
+            assert f[key].dtype == g[key].dtype and f[key].shape == g[key].shape, key
+            assert f[key][...].tobytes() == g[key][...].tobytes(), key
+
+
+def test_a_dump_killed_midway_resumes_where_it_stopped(tmp_path):
+    """kill -9 once the first chunks are written; the same command again keeps them, computes
+    the rest and writes what an uninterrupted run writes, byte for byte."""
+    import time
+    from conftest import short_lines
+
+    dataset = short_lines(tmp_path / "lines.txt", 300)
+    out, work = tmp_path / "killed.hdf5", tmp_path / "killed.hdf5.parts"
+    command = _bilm_command(dataset, out, "--chunk-lines", "10")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (work.is_dir() and _chunks(work)):
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        process.kill()
+        process.communicate()
+    kept = _chunks(work)
+    assert 1 <= len(kept) < 30 and not out.exists()
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming: {len(kept)} of 30 chunks of 10 lines done" in resumed.stderr
+    assert not work.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["killed.hdf5", "lines.txt"]
+    reference = str(tmp_path / "reference.hdf5")
+    dump_bilm_embeddings(VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, reference, batch_size=8, chunk_lines=10)
+    _assert_same_datasets(out, reference)
+    with h5py.File(out, "r") as f:
+        assert sorted(f, key=int) == [str(i) for i in range(300)]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupted(monkeypatch, after_chunk, dump, *args, **kwargs):
+    """Runs a dump that stops (as if killed) once chunk `after_chunk` is written."""
+    from elmojax import parts
+    write = parts.Work.write
+
+    def stopping(self, k, fill):
+        write(self, k, fill)
+        if k == after_chunk:
+            raise _Stop
+    with monkeypatch.context() as m:
+        m.setattr(parts.Work, "write", stopping)
+        with pytest.raises(_Stop):
+            dump(*args, **kwargs)
+
+
+def test_a_work_directory_left_by_another_command_is_refused(tmp_path, monkeypatch, fixture_sentences):
+    from elmojax.dumps import dump_elmo
+    sentences, _ = fixture_sentences
+    dataset = _write_lines(tmp_path / "data.txt", sentences[1])
+    out = str(tmp_path / "out.hdf5")
+    _interrupted(monkeypatch, 0, dump_elmo, dataset, out, "top", OPTIONS_FILE, WEIGHT_FILE, chunk_lines=4)
+    left = sorted(os.listdir(out + ".parts"))
+    with pytest.raises(ValueError, match=r"out.hdf5.parts: left by another dump \(output_format: 'top' then, "
+                                         r"'all' now\); rerun that command to finish it, or remove the directory"):
+        dump_elmo(dataset, out, "all", OPTIONS_FILE, WEIGHT_FILE, chunk_lines=4)
+    with open(dataset, "a", encoding="utf-8") as f:
+        f.write("one more line\n")
+    with pytest.raises(ValueError, match=r"left by another dump \(input.mtime_ns: \d+ then, \d+ now; "
+                                         r"input.size: \d+ then, \d+ now; n_lines: 10 then, 11 now\)"):
+        dump_elmo(dataset, out, "top", OPTIONS_FILE, WEIGHT_FILE, chunk_lines=4)
+    result = subprocess.run([sys.executable, "-m", "elmojax.dump", "elmo", dataset, out, "--top", "--options",
+                             OPTIONS_FILE, "--weights", WEIGHT_FILE, "--chunk-lines", "5"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "chunk_lines: 4 then, 5 now" in result.stderr
+    assert sorted(os.listdir(out + ".parts")) == left and not os.path.exists(out)  # nothing changed

@@ -1,4 +1,4 @@
-"""bilm-tf on the work of inference.py and train.py, for side-by-side figures on one machine.
+"""bilm-tf on the work of inference.py, train.py and dump.py, for side-by-side figures on one machine.
 
 It runs in an environment of its own (TensorFlow has no place in elmojax's):
 
@@ -6,6 +6,8 @@ It runs in an environment of its own (TensorFlow has no place in elmojax's):
   python benchmarks/inference.py --size original        # writes the weights both read
   /tmp/tf/bin/python benchmarks/bilm_tf.py inference --size original
   /tmp/tf/bin/python benchmarks/bilm_tf.py train --config small_char
+  python benchmarks/dump.py --size original --stateful   # writes the dataset both dump
+  /tmp/tf/bin/python benchmarks/bilm_tf.py dump --size original
 
 `bilm` is bilm-tf's package on PyPI (0.1.post5), written for TensorFlow 1.x; it runs here under
 tf.compat.v1, as the issue's reference figures (TF 2.15) did.
@@ -14,6 +16,13 @@ inference: bilm-tf's BidirectionalLanguageModel on the same hdf5 files (benchmar
 written by inference.py) and the same sentences; the tokens are the real tokens. As in bilm-tf's
 own use, its LSTM state carries over from call to call. --outputs FILE writes the first call's
 lm_embeddings (from zero state) to hdf5, to compare with elmojax's.
+
+dump: bilm-tf's own dump_bilm_embeddings (bilm.dump_bilm_embeddings: one line a session call,
+the state carried from line to line, one dataset per line) on the same weight files and dataset
+file (benchmarks/.cache/dump/, written by dump.py with the same --lines, --min-length,
+--max-length and --seed) into a temporary directory; each run is the whole call, building the
+graph included, like dump.py's. Compare with `dump.py --stateful` (the same computation) and
+with dump.py's default (batches from zero state).
 
 train: the graph bilm-tf's train() builds for one tower (its LanguageModel, Adagrad with initial
 accumulator 1.0, the loss scaled by unroll_steps, gradient averaging and clipping), fed by its own
@@ -33,6 +42,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import dump as dump_benchmark  # noqa: E402  (only its table, no JAX)
 import train as train_benchmark  # noqa: E402  (only its configs, no JAX)
 
 
@@ -86,6 +96,39 @@ def inference(args, tf, bilm) -> dict:
     return {"benchmark": "inference", "size": args.size, "batch": args.batch, "tokens_per_batch": n_tokens,
             "sentence_lengths": [args.min_length, args.max_length], "runs": args.runs,
             **_speed(rates, first_seconds, flops, args.peak_gflops)}
+
+
+def dump(args, tf, bilm) -> dict:
+    import shutil
+    import tempfile
+
+    directory = os.path.join(common.CACHE, args.size)
+    options_file = os.path.join(directory, "options.json")
+    weight_file = os.path.join(directory, "lm_weights.hdf5")
+    if not os.path.exists(weight_file):
+        sys.exit(f"{weight_file} is missing: run `python benchmarks/dump.py --size {args.size}` first")
+    dataset = common.dump_dataset(args.lines, args.min_length, args.max_length, args.seed)
+    n_lines, n_tokens = common.dataset_counts(dataset)
+    seconds = []
+    out_directory = tempfile.mkdtemp(prefix="bilm-tf-dump-benchmark-")
+    try:
+        for run in range(args.runs):
+            out = os.path.join(out_directory, f"run{run}.hdf5")
+            tf.reset_default_graph()  # each run builds its own graph, as a fresh process would
+            start = time.perf_counter()
+            bilm.dump_bilm_embeddings(os.path.join(common.SAMPLE, "vocab.txt"), dataset, options_file, weight_file,
+                                      out)
+            seconds.append(time.perf_counter() - start)
+            output_mib = os.path.getsize(out) / 2**20
+            os.remove(out)
+    finally:
+        shutil.rmtree(out_directory)
+    return {"benchmark": "dump", "size": args.size, "lines": n_lines, "tokens": n_tokens,
+            "sentence_lengths": [args.min_length, args.max_length], "seed": args.seed, "stateful": True,
+            "runs": args.runs, "seconds": common.summarize(seconds),
+            "sentences_per_second": common.summarize([n_lines / s for s in seconds]),
+            "tokens_per_second": common.summarize([n_tokens / s for s in seconds]),
+            "peak_rss_mib": common.peak_rss_mib(), "output_mib": output_mib}
 
 
 def train(args, tf, bilm) -> dict:
@@ -142,24 +185,38 @@ def _speed(rates, first_seconds, flops, peak_gflops) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("work", choices=["inference", "train"])
+    parser.add_argument("work", choices=["inference", "train", "dump"])
     parser.add_argument("--size", choices=sorted(common.SIZES), default="original", help="inference")
     parser.add_argument("--batch", type=int, default=64, help="inference: sentences per call")
-    parser.add_argument("--min-length", type=int, default=20)
-    parser.add_argument("--max-length", type=int, default=30)
+    parser.add_argument("--min-length", type=int, default=None, help="inference: 20 (default), dump: 1")
+    parser.add_argument("--max-length", type=int, default=None, help="inference: 30 (default), dump: 50")
+    parser.add_argument("--lines", type=int, default=5000, help="dump: sentences in the dataset")
+    parser.add_argument("--seed", type=int, default=0, help="dump: which sentences")
     parser.add_argument("--outputs", default="", help="inference: hdf5 file for the first call's lm_embeddings")
     parser.add_argument("--config", choices=sorted(train_benchmark.CONFIGS), default="small_char", help="train")
     parser.add_argument("--unroll", type=int, default=20, help="train")
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=None, help="10 (default), dump: 1 (whole dumps)")
     parser.add_argument("--peak-gflops", type=float, default=0.0,
                         help="the machine's fp32 matmul rate (from elmojax's benchmarks), for the fraction")
     args = parser.parse_args(argv)
+    defaults = {"min_length": 1, "max_length": 50, "runs": 1} if args.work == "dump" else \
+        {"min_length": 20, "max_length": 30, "runs": 10}  # dump.py's and inference.py's
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.runs < 1:
+        parser.error("--runs must be positive")
     with contextlib.redirect_stdout(sys.stderr):  # bilm prints as it builds; stdout is for the JSON
         tf, bilm = _import_bilm()
-        result = {"implementation": "bilm-tf", **(inference if args.work == "inference" else train)(args, tf, bilm)}
+        work = {"inference": inference, "train": train, "dump": dump}[args.work]
+        result = {"implementation": "bilm-tf", **work(args, tf, bilm)}
     import tensorflow
 
     result["environment"] = {**common.machine(), "tensorflow": tensorflow.__version__}
+    if args.work == "dump":
+        common.report(result, [("bilm-tf dump", "dump_bilm_embeddings")]
+                      + dump_benchmark.dump_rows(result, "one a call, stateful"))
+        return result
     what = f"{args.size} / {args.batch} sentences" if args.work == "inference" else args.config
     rows = [("bilm-tf " + args.work, what),
             ("tokens/s (min/median/max)", "{min:.0f} / {median:.0f} / {max:.0f}".format(**result["tokens_per_second"])),

@@ -73,6 +73,26 @@ def sample_sentences(n: int, min_len: int, max_len: int, seed: int = 0) -> list[
     return out
 
 
+def dump_dataset(n: int, min_len: int, max_len: int, seed: int = 0) -> str:
+    """A text file of sample_sentences(n, min_len, max_len, seed), one a line, written once into
+    benchmarks/.cache/dump/ (so other implementations dump the same file)."""
+    path = os.path.join(CACHE, "dump", f"lines-{n}-{min_len}-{max_len}-seed{seed}.txt")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        text = "".join(" ".join(s) + "\n" for s in sample_sentences(n, min_len, max_len, seed))
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def dataset_counts(path: str) -> tuple[int, int]:
+    """(lines, tokens) of a dataset file."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    return len(lines), sum(len(line.split()) for line in lines)
+
+
 def char_cnn_flops(c: dict, projection_dim: int) -> int:
     """Multiply-adds x 2 per token for the char CNN, highway layers and projection."""
     chars, dim = c["max_characters_per_token"], c["embedding"]["dim"]

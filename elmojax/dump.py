@@ -7,6 +7,12 @@
   python -m elmojax.dump sentences INPUT OUTPUT --options O --weights W [--layers average|top|K]
       [--pooling mean|max]
   python -m elmojax.dump score INPUT OUTPUT.jsonl --options O --weights W --softmax S
+
+bilm and elmo go in chunks of --chunk-lines lines through OUT.parts/ beside their output: run
+again with the same arguments, a stopped dump continues where it stopped. They run as several
+processes on JAX's multi-controller runtime, each embedding its share of the chunks, with
+training's flags (--coordinator_address HOST:PORT --num_processes N --process_id I) or as the
+tasks of a SLURM job step; process 0 merges the chunks into the one output file.
 """
 
 from __future__ import annotations
@@ -15,8 +21,11 @@ import argparse
 import logging
 import sys
 
-from elmojax.dumps import dump_bilm_embeddings, dump_elmo, dump_scores, dump_sentence_vectors, dump_token_embeddings
-from elmojax.runtime import setup
+import jax
+
+from elmojax.dumps import (CHUNK_LINES, dump_bilm_embeddings, dump_elmo, dump_scores, dump_sentence_vectors,
+                           dump_token_embeddings)
+from elmojax.runtime import initialize_distributed, setup
 
 
 def _layers(value: str):
@@ -36,6 +45,13 @@ def main(argv=None) -> int:
         if out:
             p.add_argument("--out", required=True, help="hdf5 file to write (atomically)")
         p.add_argument("--quiet", action="store_true", help="no progress report")
+        p.add_argument("--coordinator_address", "--coordinator-address", help="multi-process: HOST:PORT of process 0")
+        p.add_argument("--num_processes", "--num-processes", type=int, help="multi-process: how many processes")
+        p.add_argument("--process_id", "--process-id", type=int, help="multi-process: this process's index")
+
+    def chunks(p):
+        p.add_argument("--chunk-lines", type=int, default=CHUNK_LINES,
+                       help=f"lines a chunk: what a restart keeps, and a process's unit of work (default {CHUNK_LINES})")
 
     tokens = commands.add_parser("tokens", help="char CNN embedding of every vocabulary token")
     model(tokens)
@@ -45,6 +61,7 @@ def main(argv=None) -> int:
     bilm.add_argument("--batch-size", type=int, default=64, help="sentences per call (default 64)")
     bilm.add_argument("--stateful", action="store_true",
                       help="carry LSTM state from line to line, one line at a time, as bilm-tf does")
+    chunks(bilm)
     def lines_to_file(name, help):
         p = commands.add_parser(name, help=help)
         p.add_argument("input_file", help="text file, one whitespace-tokenized sentence per line, none blank")
@@ -59,6 +76,7 @@ def main(argv=None) -> int:
         layers.add_argument(f"--{name}", dest="output_format", action="store_const", const=name, help=what)
     elmo.add_argument("--use-sentence-keys", action="store_true", help="key each dataset by its sentence")
     elmo.add_argument("--forget-sentences", action="store_true", help="no sentence_to_index dataset")
+    chunks(elmo)
     sentences = lines_to_file("sentences", "one vector per line (dataset sentence_vectors)")
     sentences.add_argument("--layers", type=_layers, default="average", help="average (default), top or a layer K")
     sentences.add_argument("--pooling", choices=["mean", "max"], default="mean")
@@ -68,15 +86,21 @@ def main(argv=None) -> int:
     setup()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if initialize_distributed(args.coordinator_address, args.num_processes, args.process_id) and \
+                args.command not in ("bilm", "elmo") and jax.process_count() > 1:
+            raise ValueError(f"{args.command} runs as one process (bilm and elmo run as several), "
+                             f"not {jax.process_count()}")
         if args.command == "tokens":
             dump_token_embeddings(args.vocab, args.options, args.weights, args.out, progress=not args.quiet)
         elif args.command == "bilm":
             dump_bilm_embeddings(args.vocab, args.dataset, args.options, args.weights, args.out,
-                                 batch_size=args.batch_size, stateful=args.stateful, progress=not args.quiet)
+                                 batch_size=args.batch_size, stateful=args.stateful, progress=not args.quiet,
+                                 chunk_lines=args.chunk_lines)
         elif args.command == "elmo":
             dump_elmo(args.input_file, args.output_file, args.output_format, args.options, args.weights,
                       batch_size=args.batch_size, forget_sentences=args.forget_sentences,
-                      use_sentence_keys=args.use_sentence_keys, progress=not args.quiet)
+                      use_sentence_keys=args.use_sentence_keys, progress=not args.quiet,
+                      chunk_lines=args.chunk_lines)
         elif args.command == "score":
             dump_scores(args.input_file, args.output_file, args.options, args.weights, args.softmax, args.batch_size)
         else:

@@ -5,6 +5,11 @@
 Sequence lengths and batch sizes are padded to a few bucket sizes so that new shapes rarely
 recompile; padding never changes a result (padded steps and rows are masked).
 
+Devices: each call's batch is split over all of this process's devices (a `jax.sharding.Mesh`
+with one axis, 'batch': ids, state and the batch's distinct tokens sharded along it, params
+replicated), its size padded to a multiple of their number. In a multi-process run each
+process embeds on its own devices; nothing is exchanged between processes.
+
 Determinism: by default every call starts from a zero LSTM state, so a sentence's embedding
 does not depend on what was embedded before. bilm-tf instead carries each batch row's final
 state into the next call (its most reported surprise); `stateful=True` reproduces that.
@@ -20,6 +25,8 @@ from typing import Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from elmojax import hdf5, numerics, remote, scoring, tf_checkpoint, tf_variables
 from elmojax.model import BiLM, BiLMOutput, zero_state
@@ -54,9 +61,10 @@ def bucket_length(length: int) -> int:
     return -(-length // 512) * 512
 
 
-def bucket_batch(n: int, max_batch_size: int) -> int:
-    """The next power of two, at most max_batch_size."""
-    return min(1 << max(n - 1, 0).bit_length(), max_batch_size)
+def bucket_batch(n: int, max_batch_size: int, multiple: int = 1) -> int:
+    """The next power of two, at most max_batch_size, then up to a multiple of `multiple` (the
+    number of devices a batch is split over)."""
+    return -(-min(1 << max(n - 1, 0).bit_length(), max_batch_size) // multiple) * multiple
 
 
 def elmo_outputs(output: BiLMOutput) -> dict:
@@ -80,26 +88,33 @@ def elmo_outputs(output: BiLMOutput) -> dict:
     }
 
 
-def make_embed_fn(model: BiLM) -> Callable:
+def _initial_state(model: BiLM, batch_size: int, state, sharding: Optional[NamedSharding]):
+    if state is not None:
+        return state
+    state = zero_state(model.options, batch_size)
+    return state if sharding is None else jax.lax.with_sharding_constraint(state, sharding)
+
+
+def make_embed_fn(model: BiLM, state_sharding: Optional[NamedSharding] = None) -> Callable:
     """jit((params, ids, state) -> (elmo_outputs dict, new_state)); ids in Batcher's layout,
-    state None for a zero state."""
+    state None for a zero state (laid out by state_sharding when given)."""
 
     def embed_fn(params, ids, state):
-        state = zero_state(model.options, ids.shape[0]) if state is None else state
+        state = _initial_state(model, ids.shape[0], state, state_sharding)
         output, new_state = model.apply({"params": params}, ids, state)
         return elmo_outputs(output), new_state
 
     return numerics.jit(embed_fn)
 
 
-def make_distinct_embed_fn(model: BiLM) -> Callable:
+def make_distinct_embed_fn(model: BiLM, state_sharding: Optional[NamedSharding] = None) -> Callable:
     """Like `make_embed_fn`, with the char CNN run once per distinct token of the batch:
     jit((params, ids, distinct_char_ids, tail_ids, token_index, state) -> (outputs, new_state)),
     where token_index (batch, time) points into distinct_char_ids (n_distinct, chars), cut short
     by `trim_char_ids` when tail_ids is not None."""
 
     def embed_fn(params, ids, distinct_char_ids, tail_ids, token_index, state):
-        state = zero_state(model.options, ids.shape[0]) if state is None else state
+        state = _initial_state(model, ids.shape[0], state, state_sharding)
         table = model.apply({"params": params}, distinct_char_ids, tail_ids, method=BiLM.embed)
         output, new_state = model.apply({"params": params}, ids, state,
                                         embedding=jnp.take(table, token_index, axis=0))
@@ -194,6 +209,8 @@ class BidirectionalLanguageModel:
     starts every call from zero state, so results do not depend on call order.
     compute_dtype: "float32" (the default, bilm-tf's numerics) or "bfloat16" (matrix products
     with bfloat16 operands and float32 accumulation: faster on GPUs, about 3 significant digits).
+    devices: the devices each call's batch is split over (default: all of this process's,
+    jax.local_devices()); a batch is padded to a multiple of their number.
 
     Calling it returns numpy arrays: lm_embeddings (n, n_layers + 1, T, 2 * projection_dim),
     lengths (n,), mask (n, T) and token_embeddings (n, T + 2, projection_dim), where T + 2 is
@@ -202,7 +219,8 @@ class BidirectionalLanguageModel:
 
     def __init__(self, options_file: str, weight_file: str, use_character_inputs: bool = True,
                  embedding_weight_file: Optional[str] = None, max_batch_size: int = 128,
-                 stateful: bool = False, compute_dtype: str = "float32", softmax_file: Optional[str] = None):
+                 stateful: bool = False, compute_dtype: str = "float32", softmax_file: Optional[str] = None,
+                 devices: Optional[Sequence[jax.Device]] = None):
         options = load_options(options_file)
         if not options.bidirectional:
             raise ValueError(f"{options_file}: ELMo needs a bidirectional LM (bidirectional is false)")
@@ -227,9 +245,13 @@ class BidirectionalLanguageModel:
                           cnn_chunk_size=cnn_chunk_size(options) if use_character_inputs else None,
                           compute_dtype=numerics.compute_dtype(compute_dtype),
                           lstm_input_chunk_bytes=LSTM_INPUT_CHUNK_BYTES)
-        self.params = params
-        self.embed_fn = make_embed_fn(self.model)
-        self._distinct_embed_fn = make_distinct_embed_fn(self.model) if use_character_inputs else None
+        self.mesh = Mesh(np.array(list(devices) if devices is not None else jax.local_devices()), ("batch",))
+        self._replicated = NamedSharding(self.mesh, P())
+        self._batch_sharding = NamedSharding(self.mesh, P("batch"))
+        self.params = jax.device_put(params, self._replicated)
+        self.embed_fn = make_embed_fn(self.model, self._batch_sharding)
+        self._distinct_embed_fn = (make_distinct_embed_fn(self.model, self._batch_sharding)
+                                   if use_character_inputs else None)
         self._state = None
         self.reset_state()
         self._scoring = None
@@ -245,6 +267,16 @@ class BidirectionalLanguageModel:
     def state(self):
         """The carried LSTM state (stateful models): rows of max_batch_size, per direction and layer."""
         return self._state
+
+    @state.setter
+    def state(self, state) -> None:
+        """Sets the carried state (as `state` gave it: a stateful dump resumes with it)."""
+        if not self.stateful:
+            raise ValueError("only a stateful model carries state (stateful=True)")
+        want = jax.tree.map(np.shape, self._state)
+        if jax.tree.structure(state) != jax.tree.structure(self._state) or jax.tree.map(np.shape, state) != want:
+            raise ValueError(f"a state of max_batch_size={self.max_batch_size} rows has shapes {want}")
+        self._state = jax.tree.map(lambda s: np.asarray(s, np.float32), state)
 
     def reset_state(self) -> None:
         self._state = jax.tree.map(np.asarray, zero_state(self.options, self.max_batch_size)) if self.stateful else None
@@ -295,9 +327,13 @@ class BidirectionalLanguageModel:
             out["token_embeddings"][rows, :chunk_length] = piece["token_embeddings"]
         return out
 
+    @property
+    def n_devices(self) -> int:
+        return self.mesh.devices.size
+
     def _embed_chunk(self, ids: np.ndarray) -> dict:
         n, length = ids.shape[:2]
-        padded_n, padded_length = bucket_batch(n, self.max_batch_size), bucket_length(length)
+        padded_n, padded_length = bucket_batch(n, self.max_batch_size, self.n_devices), bucket_length(length)
         padded = np.zeros((padded_n, padded_length) + ids.shape[2:], np.int32)
         padded[:n, :length] = ids  # all-zero rows have length 0: no effect on anything
         if self.stateful:
@@ -305,12 +341,16 @@ class BidirectionalLanguageModel:
                                  self._state)
         else:
             state = None  # zeros, made inside the compiled function
+        # rows split over the devices (the distinct tokens too: each device runs the char CNN
+        # over its share of them), params replicated
+        shard = lambda x: None if x is None else jax.device_put(x, self._batch_sharding)
         if self._distinct_embed_fn is not None:
-            distinct, token_index = distinct_tokens(padded)
+            distinct, token_index = distinct_tokens(padded, multiple=self.n_devices)
             distinct, tail_ids = trim_char_ids(distinct, self.options.char_cnn.max_width)
-            outputs, new_state = self._distinct_embed_fn(self.params, padded, distinct, tail_ids, token_index, state)
+            outputs, new_state = self._distinct_embed_fn(self.params, shard(padded), shard(distinct), shard(tail_ids),
+                                                         shard(token_index), jax.tree.map(shard, state))
         else:
-            outputs, new_state = self.embed_fn(self.params, padded, state)
+            outputs, new_state = self.embed_fn(self.params, shard(padded), jax.tree.map(shard, state))
         if self.stateful:
             self._state = jax.tree.map(lambda old, new: np.concatenate([np.asarray(new)[:n], old[n:]]),
                                        self._state, new_state)

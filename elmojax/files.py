@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 def read_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -34,23 +34,37 @@ def read_json(path: str) -> dict:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[str]:
-    """Yields a temporary path beside `path`; renames it onto `path` only on success.
+def atomic_output(path: str, durable: bool = False, temporary_dir: Optional[str] = None) -> Iterator[str]:
+    """Yields a temporary path beside `path` (or in temporary_dir, on the same file system);
+    renames it onto `path` only on success.
 
     A reader never sees a half-written file: on an exception the temporary file is removed
-    and `path` is left as it was.
+    and `path` is left as it was. `durable`: the file is flushed to disk before the rename and
+    the rename after it, so that what a crash of the machine leaves is whole too.
     """
-    with _temporary_beside(path) as tmp:
+    with _temporary_beside(path, temporary_dir) as tmp:
         yield tmp
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(os.path.dirname(os.path.abspath(path)), directory=True)
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
-def _temporary_beside(path: str) -> Iterator[str]:
-    """A temporary file's path in `path`'s directory, removed at the end unless renamed."""
+def _temporary_beside(path: str, directory: Optional[str] = None) -> Iterator[str]:
+    """A temporary file's path in `path`'s directory (or `directory`), removed at the end unless renamed."""
     if os.path.isdir(path):
         raise ValueError(f"{path}: a directory; give a file name to write")
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = directory or os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     os.close(fd)

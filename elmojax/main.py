@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import elmojax
-from elmojax import evaluation, loop, metrics, model_files
+from elmojax import evaluation, loop, metrics, model_files, runtime
 from elmojax.checkpoint import CheckpointError
 
 _QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
@@ -40,24 +40,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: how
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 
 
-def initialize_distributed() -> None:
-    """Starts JAX's multi-controller runtime when this is one of several processes: from the
-    flags, or from the environment of a SLURM job step with several tasks (or JAX's own
-    variables), which jax.distributed detects by itself."""
-    explicit = _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None
-    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
-    if not (explicit or slurm or "JAX_COORDINATOR_ADDRESS" in os.environ):
-        return
-    # CPU processes exchange collectives through gloo (GPUs use NCCL by themselves).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-
-
 def main(argv) -> None:
     del argv
     elmojax.setup()
-    initialize_distributed()
+    runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,

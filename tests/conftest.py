@@ -35,3 +35,15 @@ def fixture_sentences():
             # each dataset is (2, n_tokens, dim): forward and backward top layer
             expected.append([np.concatenate([f[str(i)][0], f[str(i)][1]], axis=-1) for i in range(10)])
     return sentences, expected
+
+
+def short_lines(path, n: int) -> str:
+    """A text file of n short lines (1 to 12 tokens) cut from the bundled corpus sample's heldout text."""
+    sample = os.path.join(os.path.dirname(os.path.dirname(FIXTURES)), "elmojax", "resources", "kjv_sample",
+                          "heldout", "shard-00000.txt")
+    with open(sample, encoding="utf-8") as f:
+        lines = [line.split() for line in f if line.strip()]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(" ".join(lines[i % len(lines)][: 1 + i % 12]) + "\n")
+    return str(path)

@@ -35,3 +35,14 @@ def test_data_pipeline_benchmark():
     out = _run("data_pipeline.py", "--batch", "8", "--unroll", "5", "--batches", "3", "--runs", "1")
     assert out["tokens_per_second"]["median"] > 0
     assert "char_ids_reverse" in out["keys"] and "next_token_id_reverse" in out["keys"]
+
+
+def test_dump_benchmark():
+    out = _run("dump.py", "--size", "fixture", "--lines", "40", "--max-length", "12", "--batch", "8",
+               "--chunk-lines", "16")
+    with open(os.path.join(ROOT, "benchmarks", ".cache", "dump", "lines-40-1-12-seed0.txt"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert out["lines"] == len(lines) == 40 and out["tokens"] == sum(len(line.split()) for line in lines)
+    assert all(1 <= len(line.split()) <= 12 for line in lines)
+    assert out["sentences_per_second"]["min"] > 0 and out["tokens_per_second"]["median"] > 0
+    assert out["output_mib"] > 0 and out["peak_rss_mib"] > 0 and out["devices"] >= 1

@@ -1,5 +1,7 @@
 """Whole-dataset and token-vocabulary dumps, as functions and as commands."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -9,6 +11,8 @@ import pytest
 
 from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE
 from elmojax import Batcher, BidirectionalLanguageModel, dump_bilm_embeddings, hdf5
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_lines(path, lines):
@@ -35,13 +39,17 @@ def test_dump_is_deterministic_and_batched(tmp_path, fixture_sentences):
         np.testing.assert_array_equal(f["0"][...], f["4"][...])
 
 
-def test_stateful_dump_reproduces_bilm_tf(tmp_path, fixture_sentences):
+def test_stateful_dump_reproduces_bilm_tf(tmp_path, monkeypatch, fixture_sentences):
     """Row 0 of the reference's stateful batches is sentences[0][0..9] with state carried along:
-    a stateful line-by-line dump of those lines must give the reference's embeddings."""
+    a stateful line-by-line dump of those lines must give the reference's embeddings, also when
+    stopped after its second chunk and resumed (from the state that chunk's file keeps)."""
     sentences, expected = fixture_sentences
     dataset = _write_lines(tmp_path / "data.txt", sentences[0])
     out = str(tmp_path / "elmo.hdf5")
-    dump_bilm_embeddings(VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, out, stateful=True)
+    args = (VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, out)
+    _interrupted(monkeypatch, 1, dump_bilm_embeddings, *args, stateful=True, chunk_lines=3)
+    assert _chunks(out + ".parts") == ["chunk-000000.hdf5", "chunk-000001.hdf5"]
+    dump_bilm_embeddings(*args, stateful=True, chunk_lines=3)
     with h5py.File(out, "r") as f:
         for i in range(10):
             assert np.max(np.abs(f[str(i)][2] - expected[0][i])) <= 1e-6
@@ -148,3 +156,139 @@ def test_sentence_vectors_pool_the_layers_over_real_tokens(tmp_path, fixture_sen
     with h5py.File(tmp_path / "v.hdf5", "r") as f:
         np.testing.assert_allclose(f["sentence_vectors"][...], bilm.sentence_vectors(batch, "top", "max"), atol=1e-6)
         assert f["sentence_vectors"].attrs["pooling"] == "max"
+
+
+FOUR_DEVICES = r"""
+import json, sys
+sys.path.insert(0, "tests")
+import jax, numpy as np
+from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE
+from elmojax import Batcher, BidirectionalLanguageModel, dump_bilm_embeddings
+assert jax.local_device_count() == 4
+sentences, dataset, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+batcher = Batcher(VOCAB_FILE, 50)
+bilm = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=3, stateful=True)
+assert bilm.n_devices == 4
+# batches of 3 and 2 rows (padded to 4), state carried from call to call
+calls = [bilm(batcher.batch_sentences(sentences[k:k + 3]))["lm_embeddings"] for k in (0, 3, 6)]
+calls.append(bilm(batcher.batch_sentences(sentences[9:11]))["lm_embeddings"])
+np.savez(out + ".npz", *calls)
+dump_bilm_embeddings(VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, out, batch_size=6)
+"""
+
+
+def test_four_devices_equal_one(tmp_path, fixture_sentences):
+    """Each batch split over 4 (forced host) devices: stateful calls and a dump give one device's numbers."""
+    import json
+    import jax
+    sentences, _ = fixture_sentences
+    lines = [s for row in sentences for s in row][:23]
+    dataset = _write_lines(tmp_path / "data.txt", lines)
+    out = str(tmp_path / "four.hdf5")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", FOUR_DEVICES, json.dumps(lines),
+                             dataset, out], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=3, stateful=True,
+                                     devices=jax.local_devices()[:1])
+    batcher = Batcher(VOCAB_FILE, 50)
+    calls = np.load(out + ".npz")
+    for k, rows in enumerate([lines[0:3], lines[3:6], lines[6:9], lines[9:11]]):
+        want = one(batcher.batch_sentences(rows))["lm_embeddings"]
+        np.testing.assert_allclose(calls[f"arr_{k}"], want, atol=1e-6, rtol=0)
+    reference = str(tmp_path / "one.hdf5")
+    dump_bilm_embeddings(VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, reference, batch_size=6)
+    with h5py.File(out, "r") as four, h5py.File(reference, "r") as f:
+        assert sorted(four, key=int) == sorted(f, key=int) == [str(i) for i in range(len(lines))]
+        for key in f:
+            np.testing.assert_allclose(four[key][...], f[key][...], atol=1e-6, rtol=0)
+
+
+def _bilm_command(dataset, out, *more):
+    return [sys.executable, "-m", "elmojax.dump", "bilm", "--vocab", VOCAB_FILE, "--options", OPTIONS_FILE,
+            "--weights", WEIGHT_FILE, "--dataset", dataset, "--out", str(out), "--batch-size", "8", "--quiet", *more]
+
+
+def _chunks(directory):
+    return sorted(name for name in os.listdir(directory) if re.fullmatch(r"chunk-\d+\.hdf5", name))
+
+
+def _assert_same_datasets(path, reference):
+    with h5py.File(path, "r") as f, h5py.File(reference, "r") as g:
+        assert sorted(f) == sorted(g)
+        for key in g:
+            assert f[key].dtype == g[key].dtype and f[key].shape == g[key].shape, key
+            assert f[key][...].tobytes() == g[key][...].tobytes(), key
+
+
+def test_a_dump_killed_midway_resumes_where_it_stopped(tmp_path):
+    """kill -9 once the first chunks are written; the same command again keeps them, computes
+    the rest and writes what an uninterrupted run writes, byte for byte."""
+    import time
+    from conftest import short_lines
+
+    dataset = short_lines(tmp_path / "lines.txt", 300)
+    out, work = tmp_path / "killed.hdf5", tmp_path / "killed.hdf5.parts"
+    command = _bilm_command(dataset, out, "--chunk-lines", "10")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (work.is_dir() and _chunks(work)):
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        process.kill()
+        process.communicate()
+    kept = _chunks(work)
+    assert 1 <= len(kept) < 30 and not out.exists()
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming: {len(kept)} of 30 chunks of 10 lines done" in resumed.stderr
+    assert not work.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["killed.hdf5", "lines.txt"]
+    reference = str(tmp_path / "reference.hdf5")
+    dump_bilm_embeddings(VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, reference, batch_size=8, chunk_lines=10)
+    _assert_same_datasets(out, reference)
+    with h5py.File(out, "r") as f:
+        assert sorted(f, key=int) == [str(i) for i in range(300)]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupted(monkeypatch, after_chunk, dump, *args, **kwargs):
+    """Runs a dump that stops (as if killed) once chunk `after_chunk` is written."""
+    from elmojax import parts
+    write = parts.Work.write
+
+    def stopping(self, k, fill):
+        write(self, k, fill)
+        if k == after_chunk:
+            raise _Stop
+    with monkeypatch.context() as m:
+        m.setattr(parts.Work, "write", stopping)
+        with pytest.raises(_Stop):
+            dump(*args, **kwargs)
+
+
+def test_a_work_directory_left_by_another_command_is_refused(tmp_path, monkeypatch, fixture_sentences):
+    from elmojax.dumps import dump_elmo
+    sentences, _ = fixture_sentences
+    dataset = _write_lines(tmp_path / "data.txt", sentences[1])
+    out = str(tmp_path / "out.hdf5")
+    _interrupted(monkeypatch, 0, dump_elmo, dataset, out, "top", OPTIONS_FILE, WEIGHT_FILE, chunk_lines=4)
+    left = sorted(os.listdir(out + ".parts"))
+    with pytest.raises(ValueError, match=r"out.hdf5.parts: left by another dump \(output_format: 'top' then, "
+                                         r"'all' now\); rerun that command to finish it, or remove the directory"):
+        dump_elmo(dataset, out, "all", OPTIONS_FILE, WEIGHT_FILE, chunk_lines=4)
+    with open(dataset, "a", encoding="utf-8") as f:
+        f.write("one more line\n")
+    with pytest.raises(ValueError, match=r"left by another dump \(input.mtime_ns: \d+ then, \d+ now; "
+                                         r"input.size: \d+ then, \d+ now; n_lines: 10 then, 11 now\)"):
+        dump_elmo(dataset, out, "top", OPTIONS_FILE, WEIGHT_FILE, chunk_lines=4)
+    result = subprocess.run([sys.executable, "-m", "elmojax.dump", "elmo", dataset, out, "--top", "--options",
+                             OPTIONS_FILE, "--weights", WEIGHT_FILE, "--chunk-lines", "5"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "chunk_lines: 4 then, 5 now" in result.stderr
+    assert sorted(os.listdir(out + ".parts")) == left and not os.path.exists(out)  # nothing changed

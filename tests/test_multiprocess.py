@@ -1,5 +1,6 @@
 """Two processes on localhost (CPU, gloo collectives) train like one process with the same
-global batch; and the command line runs as two processes, stops together and resumes."""
+global batch; the command line runs as two processes, stops together and resumes; and a dump
+as two processes writes one process's file."""
 
 import os
 import socket
@@ -142,3 +143,30 @@ def test_command_line_as_two_processes_stops_together_at_sigterm_and_resumes(tmp
     assert "heldout perplexity" in resumed[0][1] and "heldout perplexity" not in resumed[1][1]
     assert {"process_0.json", "process_1.json"} <= set(os.listdir(os.path.join(workdir, "checkpoints", str(step + 2),
                                                                                 "data")))
+
+
+def test_dump_as_two_processes_equals_one(tmp_path):
+    """python -m elmojax.dump elmo as two processes (training's flags): each embeds its chunks,
+    process 0 merges them into one file, equal to a one-process run's, array for array."""
+    import h5py
+
+    from conftest import OPTIONS_FILE, WEIGHT_FILE, short_lines
+
+    dataset = short_lines(tmp_path / "lines.txt", 240)
+
+    def command(out, *more):
+        return [sys.executable, "-m", "elmojax.dump", "elmo", dataset, str(out), "--all", "--options", OPTIONS_FILE,
+                "--weights", WEIGHT_FILE, "--batch-size", "16", "--chunk-lines", "30", *more]
+
+    port = _free_port()
+    two = _run_processes([command(tmp_path / "two.hdf5", f"--coordinator_address=127.0.0.1:{port}",
+                                  "--num_processes=2", f"--process_id={i}") for i in range(2)])
+    for i, (_, _, err) in enumerate(two):
+        assert f"process {i} of 2: 4 of its chunks to compute, 120 lines" in err, err[-3000:]
+    _run_processes([command(tmp_path / "one.hdf5")])
+    assert sorted(os.listdir(tmp_path)) == ["lines.txt", "one.hdf5", "two.hdf5"]  # no work directory left
+    with h5py.File(tmp_path / "two.hdf5", "r") as two_file, h5py.File(tmp_path / "one.hdf5", "r") as one_file:
+        assert sorted(two_file) == sorted(one_file) == sorted([str(i) for i in range(240)] + ["sentence_to_index"])
+        assert two_file["sentence_to_index"][0] == one_file["sentence_to_index"][0]
+        for key in one_file:
+            np.testing.assert_array_equal(two_file[key][...], one_file[key][...], err_msg=key)

@@ -206,7 +206,7 @@ def test_four_devices_equal_one(tmp_path, fixture_sentences):
 
 def _bilm_command(dataset, out, *more):
     return [sys.executable, "-m", "elmojax.dump", "bilm", "--vocab", VOCAB_FILE, "--options", OPTIONS_FILE,
-            "--weights", WEIGHT_FILE, "--dataset", dataset, "--out", str(out), "--batch-size", "8", "--quiet", *more]
+            "--weights", WEIGHT_FILE, "--dataset", dataset, "--out", str(out), "--batch-size", "10", "--quiet", *more]
 
 
 def _chunks(directory):
@@ -247,7 +247,7 @@ def test_a_dump_killed_midway_resumes_where_it_stopped(tmp_path):
     assert f"resuming: {len(kept)} of 30 chunks of 10 lines done" in resumed.stderr
     assert not work.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["killed.hdf5", "lines.txt"]
     reference = str(tmp_path / "reference.hdf5")
-    dump_bilm_embeddings(VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, reference, batch_size=8, chunk_lines=10)
+    dump_bilm_embeddings(VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, reference, batch_size=10, chunk_lines=10)
     _assert_same_datasets(out, reference)
     with h5py.File(out, "r") as f:
         assert sorted(f, key=int) == [str(i) for i in range(300)]

@@ -180,18 +180,19 @@ def embed_tokens(params: dict, options: BiLMOptions, char_ids: np.ndarray, batch
 
 
 def load_bilm_params(options_file: str, options: BiLMOptions, weight_file: str,
-                     use_character_inputs: bool = True) -> dict:
-    """The biLM's params on the device, from an hdf5 weight file (a path or an http(s) URL,
-    elmojax.remote) or a bilm-tf training checkpoint (its softmax left unread); without the
-    embedder's for token inputs."""
+                     use_character_inputs: bool = True, sharding: Optional[jax.sharding.Sharding] = None) -> dict:
+    """The biLM's params on the device (with `sharding`, if given), from an hdf5 weight file (a
+    path or an http(s) URL, elmojax.remote) or a bilm-tf training checkpoint (its softmax left
+    unread); without the embedder's for token inputs."""
     weight_file = remote.local_path(weight_file)
     if tf_checkpoint.is_checkpoint(weight_file):  # read from memory maps
         params = tf_variables.read_training_checkpoint(weight_file, options_file, softmax=False).params["bilm"]
         if not use_character_inputs:
             params.pop("embedder", None)
-        return jax.device_put(params)
+        return jax.device_put(params, sharding)
     # each array goes to the device as it is read: the model is never held twice
-    return hdf5.load_weights(weight_file, options, use_character_inputs, convert=jax.device_put)
+    return hdf5.load_weights(weight_file, options, use_character_inputs,
+                             convert=lambda x: jax.device_put(x, sharding))
 
 
 class BidirectionalLanguageModel:
@@ -224,7 +225,11 @@ class BidirectionalLanguageModel:
         options = load_options(options_file)
         if not options.bidirectional:
             raise ValueError(f"{options_file}: ELMo needs a bidirectional LM (bidirectional is false)")
-        params = load_bilm_params(options_file, options, weight_file, use_character_inputs)
+        self.mesh = Mesh(np.array(list(devices) if devices is not None else jax.local_devices()), ("batch",))
+        self._replicated = NamedSharding(self.mesh, P())
+        self._batch_sharding = NamedSharding(self.mesh, P("batch"))
+        # read straight onto the devices, replicated (not put there once more after loading)
+        params = load_bilm_params(options_file, options, weight_file, use_character_inputs, self._replicated)
         if use_character_inputs:
             if options.char_cnn is None:
                 raise ValueError(f"{options_file}: character inputs need a char_cnn section")
@@ -233,7 +238,7 @@ class BidirectionalLanguageModel:
                 raise ValueError("use_character_inputs=False needs embedding_weight_file "
                                  "(write one with dump_token_embeddings)")
             table = hdf5.load_token_embeddings(embedding_weight_file, options.projection_dim)
-            params["embedder"] = {"embedding": jax.device_put(table)}
+            params["embedder"] = {"embedding": jax.device_put(table, self._replicated)}
             options = dataclasses.replace(options, n_tokens_vocab=table.shape[0])
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
@@ -245,10 +250,7 @@ class BidirectionalLanguageModel:
                           cnn_chunk_size=cnn_chunk_size(options) if use_character_inputs else None,
                           compute_dtype=numerics.compute_dtype(compute_dtype),
                           lstm_input_chunk_bytes=LSTM_INPUT_CHUNK_BYTES)
-        self.mesh = Mesh(np.array(list(devices) if devices is not None else jax.local_devices()), ("batch",))
-        self._replicated = NamedSharding(self.mesh, P())
-        self._batch_sharding = NamedSharding(self.mesh, P("batch"))
-        self.params = jax.device_put(params, self._replicated)
+        self.params = params
         self.embed_fn = make_embed_fn(self.model, self._batch_sharding)
         self._distinct_embed_fn = (make_distinct_embed_fn(self.model, self._batch_sharding)
                                    if use_character_inputs else None)

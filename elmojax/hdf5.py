@@ -60,8 +60,7 @@ def embedder_layout(options: BiLMOptions) -> list[Entry]:
 def lstm_layout(options: BiLMOptions) -> list[Entry]:
     lstm = options.lstm
     entries: list[Entry] = []
-    directions = DIRECTIONS if options.bidirectional else DIRECTIONS[:1]
-    for d in range(len(directions)):
+    for d in range(n_directions(options)):
         for i in range(lstm.n_layers):
             in_dim = options.projection_dim if i == 0 else lstm.output_dim
             root = f"RNN_{d}/RNN/MultiRNNCell/Cell{i}/LSTMCell"

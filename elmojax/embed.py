@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from elmojax import hdf5, numerics, remote, scoring, tf_checkpoint, tf_variables
+from elmojax import hdf5, hostmem, numerics, remote, scoring, tf_checkpoint, tf_variables
 from elmojax.model import BiLM, BiLMOutput, zero_state
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
 from elmojax.vocab import batch_char_ids
@@ -49,6 +49,13 @@ def cnn_chunk_size(options: BiLMOptions) -> int:
 # many bytes at a time in inference (elmojax.lstm.chunked_recurrence): 8 steps of 64 rows at
 # ELMo's size, all steps at once for small models.
 LSTM_INPUT_CHUNK_BYTES = 64 * 2**20
+
+# A model with at least this many bytes of weights gives the memory its call freed back to the
+# kernel after each call (elmojax.hostmem). At ELMo's original size (357 MiB; a call of 64
+# sentences takes 2 s) that lowered the peak RSS from 956 to 880 MiB, and what a process holds
+# between calls from about 930 to 700 MiB, at 795 against 808 tokens/s (benchmarks/RESULTS.md);
+# small models' calls need the memory kept.
+GIVE_BACK_MEMORY_BYTES = 256 * 2**20
 
 # Sequence lengths (with <S> and </S>) are padded up to one of these, then to multiples of 512.
 LENGTH_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -251,6 +258,7 @@ class BidirectionalLanguageModel:
                           compute_dtype=numerics.compute_dtype(compute_dtype),
                           lstm_input_chunk_bytes=LSTM_INPUT_CHUNK_BYTES)
         self.params = params
+        self._give_back_memory = sum(x.nbytes for x in jax.tree.leaves(params)) >= GIVE_BACK_MEMORY_BYTES
         self.embed_fn = make_embed_fn(self.model, self._batch_sharding)
         self._distinct_embed_fn = (make_distinct_embed_fn(self.model, self._batch_sharding)
                                    if use_character_inputs else None)
@@ -357,6 +365,8 @@ class BidirectionalLanguageModel:
             self._state = jax.tree.map(lambda old, new: np.concatenate([np.asarray(new)[:n], old[n:]]),
                                        self._state, new_state)
         outputs = jax.device_get(outputs)  # numpy from here: slicing device arrays would dispatch ops
+        if self._give_back_memory:
+            hostmem.give_back_freed_memory()
         return {
             "lm_embeddings": outputs["lm_embeddings"][:n, :, : length - 2],
             "lengths": outputs["lengths"][:n],

@@ -1,5 +1,6 @@
 """elmojax.hostmem: elmojax.setup() makes malloc keep freed memory, so that repeated jitted
-calls stop page-faulting their buffers in; MALLOC_TOP_PAD_ in the environment opts out."""
+calls stop page-faulting their buffers in; MALLOC_TOP_PAD_ in the environment opts out;
+give_back_freed_memory() returns what it kept."""
 
 import os
 import platform
@@ -10,9 +11,9 @@ import pytest
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's M_TOP_PAD is glibc's")
 
-# Minor page faults per call of a jitted function whose temporaries (several MiB) are allocated
-# anew on every call, measured after `elmojax.setup()`.
-FAULTS_PER_CALL = r"""
+# Repeated calls of a jitted function whose temporaries (several MiB) are allocated anew on every
+# call, after `elmojax.setup()`: calls(n) makes n of them.
+CALLS = r"""
 import resource
 import elmojax
 elmojax.setup()
@@ -25,12 +26,32 @@ def step(x):
     return jnp.sum(z) + jnp.sum(y[::-1] * x)
 
 x = jnp.ones((2048, 512), jnp.float32)
-for _ in range(3):
-    jax.block_until_ready(step(x))
+
+def calls(n):
+    for _ in range(n):
+        jax.block_until_ready(step(x))
+"""
+
+# Minor page faults per call.
+FAULTS_PER_CALL = CALLS + r"""
+calls(3)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    jax.block_until_ready(step(x))
+calls(20)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+# VmRSS before and after give_back_freed_memory(), once the calls have left freed memory in
+# malloc's heaps.
+GIVE_BACK = CALLS + r"""
+from elmojax import hostmem
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+calls(10)
+before = rss_mib()
+print(hostmem.give_back_freed_memory(), before, rss_mib())
 """
 
 
@@ -55,32 +76,6 @@ def test_import_stops_page_faults_of_repeated_calls():
     if default < 1000:  # e.g. transparent huge pages: few faults to save, nothing to compare
         pytest.skip(f"only {default:.0f} page faults per call with glibc's default here")
     assert kept < default / 4
-
-
-# VmRSS before and after give_back_freed_memory(), once repeated jitted calls have left freed
-# memory in malloc's heaps.
-GIVE_BACK = r"""
-import elmojax
-elmojax.setup()
-import jax, jax.numpy as jnp
-from elmojax import hostmem
-
-def rss_mib():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-@jax.jit
-def step(x):
-    y = jnp.tanh(x) * 2.0
-    z = jnp.concatenate([y, x], axis=0) @ jnp.ones((x.shape[1], x.shape[1]), x.dtype)
-    return jnp.sum(z) + jnp.sum(y[::-1] * x)
-
-x = jnp.ones((2048, 512), jnp.float32)
-for _ in range(10):
-    jax.block_until_ready(step(x))
-before = rss_mib()
-print(hostmem.give_back_freed_memory(), before, rss_mib())
-"""
 
 
 def test_give_back_freed_memory_returns_what_malloc_kept():

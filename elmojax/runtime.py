@@ -13,9 +13,12 @@ script may call it too, before its first JAX computation:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Optional
+import signal
+import threading
+from typing import Iterator, Optional
 
 import jax
 
@@ -69,3 +72,27 @@ def barrier(name: str, timeout_seconds: int = BARRIER_TIMEOUT_SECONDS) -> None:
     from jax._src import distributed
 
     distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_seconds * 1000)
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT stopped a command (see `stop_on_signals`); the message is one line."""
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Inside, SIGTERM and SIGINT raise `Stopped` in the main thread, so that the command's
+    `finally` blocks and context managers run (temporary files removed, finished work kept)
+    before it exits; outside (or off the main thread) the handlers are as they were."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,218 @@
+"""elmojax.files: atomic writes that a signal or kill -9 leaves whole, with the umask's
+permissions; text read with one policy for a byte-order mark and CRLF line ends."""
+
+import json
+import logging
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+
+from elmojax import files
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A writer in its own process: writes TARGET(s) the way argv[1] says, inside stop_on_signals,
+# printing "writing" once it is mid-write; a Stopped is reported on stdout and exits 3.
+WRITER = textwrap.dedent("""
+    import os, sys, time
+    from elmojax import files, runtime
+
+    how, targets = sys.argv[1], sys.argv[2:]
+
+    def mid_write():
+        print("writing", flush=True)
+        time.sleep(60)
+
+    try:
+        with runtime.stop_on_signals():
+            if how == "atomic_output":  # 16 MiB written, then more every 10 ms
+                with files.atomic_output(targets[0]) as tmp, open(tmp, "wb") as f:
+                    f.write(b"new" * (16 << 20))
+                    f.flush()
+                    print("writing", flush=True)
+                    for _ in range(6000):
+                        f.write(b"new" * 4096)
+                        time.sleep(0.01)
+            elif how == "write_bytes":  # all data written, the first file being flushed to disk
+                os.fsync = lambda fd: mid_write()
+                files.write_bytes({t: b"new" * (8 << 20) for t in targets})
+            elif how == "renames":  # SIGTERM sent to itself between the renames of two files
+                replace = os.replace
+                def replace_then_signal(a, b):
+                    replace(a, b)
+                    os.kill(os.getpid(), 15)
+                os.replace = replace_then_signal
+                files.write_bytes({t: b"new" for t in targets})
+                print("not stopped", flush=True)
+    except runtime.Stopped as e:
+        print(e, flush=True)
+        sys.exit(3)
+""")
+
+
+def start_writer(how, *targets):
+    return subprocess.Popen([sys.executable, "-c", WRITER, how, *map(str, targets)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_mid_write(process):
+    line = process.stdout.readline()
+    assert line == "writing\n", (line, process.stderr.read() if process.poll() is not None else "")
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("how", ["atomic_output", "write_bytes"])
+def test_sigterm_mid_write_leaves_the_old_file_and_no_temporary(tmp_path, how):
+    targets = [tmp_path / "out.bin", tmp_path / "other.bin"][: 1 if how == "atomic_output" else 2]
+    for target in targets:
+        target.write_bytes(b"old")
+    writer = start_writer(how, *targets)
+    wait_mid_write(writer)
+    assert len(os.listdir(tmp_path)) > len(targets)  # its temporary file is there
+    writer.send_signal(signal.SIGTERM)
+    out, err = writer.communicate(timeout=60)
+    assert writer.returncode == 3 and out.strip() == "stopped by SIGTERM", (out, err)
+    assert sorted(os.listdir(tmp_path)) == sorted(t.name for t in targets)
+    assert all(read(t) == b"old" for t in targets)
+
+
+def test_a_signal_during_the_renames_waits_for_all_of_them(tmp_path):
+    """write_bytes writes all its files or none: a SIGTERM between two renames is handled after both."""
+    targets = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    for target in targets:
+        target.write_bytes(b"old")
+    writer = start_writer("renames", *targets)
+    out, err = writer.communicate(timeout=60)
+    assert writer.returncode == 3 and out.strip() == "stopped by SIGTERM", (out, err)
+    assert [read(t) for t in targets] == [b"new", b"new"]
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.bin"]
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path, caplog):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    writer = start_writer("atomic_output", target)
+    wait_mid_write(writer)
+    writer.kill()
+    writer.wait()
+    [left] = [n for n in os.listdir(tmp_path) if n != "out.bin"]
+    assert re.fullmatch(rf"\.out\.bin\.{writer.pid}\.[0-9a-f]{{8}}-[0-9a-f]{{16}}\.tmp", left)
+    assert read(target) == b"old"
+
+    # what is not a dead writer's leftover of out.bin stays: a running process's (another
+    # writer at work), another host's (its processes cannot be checked), another file's
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = f".out.bin.{alive.pid}.{left.split('.')[4]}.tmp"
+        other_host = f".out.bin.{writer.pid}.0123abcd-{'0' * 16}.tmp"
+        other_file = left.replace(".out.bin.", ".out.binx.")
+        for name in (running, other_host, other_file):
+            (tmp_path / name).write_bytes(b"partial")
+        with caplog.at_level(logging.INFO, logger="elmojax.files"):
+            files.write_bytes({str(target): b"new"})
+        assert read(target) == b"new"
+        assert sorted(os.listdir(tmp_path)) == sorted(["out.bin", running, other_host, other_file])
+        assert [r.levelno for r in caplog.records] == [logging.INFO]  # one info line, no warning
+        assert left in caplog.text and str(writer.pid) in caplog.text
+        # the other writers go through atomic_output and write_json the same way
+        os.remove(tmp_path / other_host)
+        alive.kill()
+        alive.wait()
+        with files.atomic_output(str(target)) as tmp:
+            open(tmp, "wb").close()
+        assert sorted(os.listdir(tmp_path)) == sorted(["out.bin", other_file])
+        files.write_json(str(tmp_path / "out.binx"), {})
+        assert sorted(os.listdir(tmp_path)) == ["out.bin", "out.binx"]
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_long_name_gets_a_temporary_name_that_fits(tmp_path):
+    target = tmp_path / ("é" * 120 + ".hdf5")  # 245 bytes: room for no suffix of its own
+    files.write_bytes({str(target): b"x"})
+    assert os.listdir(tmp_path) == [target.name] and read(target) == b"x"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=["022", "002", "077"])
+def test_outputs_have_the_umasks_permissions(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        with files.atomic_output(str(tmp_path / "plain.txt")) as tmp:
+            with open(tmp, "w") as f:
+                f.write("x")
+        with files.atomic_output(str(tmp_path / "durable.txt"), durable=True) as tmp:
+            with open(tmp, "w") as f:
+                f.write("x")
+        with files.atomic_output(str(tmp_path / "weights.hdf5")) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f["x"] = np.zeros(3)
+        files.write_bytes({str(tmp_path / "a.bin"): b"a", str(tmp_path / "sub" / "b.bin"): b"b"})
+        files.write_json(str(tmp_path / "options.json"), {"a": 1})
+    finally:
+        os.umask(previous)
+    modes = {os.path.relpath(os.path.join(d, n), tmp_path): stat.S_IMODE(os.stat(os.path.join(d, n)).st_mode)
+             for d, dirs, names in os.walk(tmp_path) for n in names + dirs}
+    assert modes == {"plain.txt": 0o666 & ~umask, "durable.txt": 0o666 & ~umask, "weights.hdf5": 0o666 & ~umask,
+                     "a.bin": 0o666 & ~umask, "sub": 0o777 & ~umask, "sub/b.bin": 0o666 & ~umask,
+                     "options.json": 0o666 & ~umask}
+    with h5py.File(tmp_path / "weights.hdf5", "r") as f:
+        assert f["x"].shape == (3,)
+
+
+def test_uninterrupted_restores_the_handlers(tmp_path):
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with files.uninterrupted():
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+def test_json_with_a_byte_order_mark(tmp_path, caplog):
+    path = tmp_path / "options.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"a": [1, 2]}, indent=1).replace("\n", "\r\n").encode())
+    with caplog.at_level(logging.WARNING, logger="elmojax.files"):
+        assert files.read_json(str(path)) == {"a": [1, 2]}
+        assert files.read_json(str(path)) == {"a": [1, 2]}
+    assert caplog.messages == [f"note: {path}: starts with a UTF-8 byte-order mark; ignored"]
+    path.write_bytes(b"\xef\xbb\xbf{\xff}")
+    with pytest.raises(ValueError, match="options.json: not a valid UTF-8 JSON file"):
+        files.read_json(str(path))
+
+
+def test_read_lines_and_read_text_agree(tmp_path, caplog):
+    plain = "one two\n\nthree\x85four\tfive \n  six\n"
+    (tmp_path / "plain.txt").write_text(plain, encoding="utf-8", newline="")
+    (tmp_path / "dos.txt").write_bytes(b"\xef\xbb\xbf" + plain.replace("\n", "\r\n").encode())
+    with caplog.at_level(logging.WARNING, logger="elmojax.files"):
+        for name in ("plain.txt", "dos.txt"):
+            path = str(tmp_path / name)
+            assert list(files.read_lines(path)) == list(enumerate(plain.split("\n")[:-1], start=1))
+            assert files.read_text(path) == plain
+    dos = tmp_path / "dos.txt"
+    assert caplog.messages == [f"note: {dos}: starts with a UTF-8 byte-order mark; ignored",
+                               f"note: {dos}: Windows line ends (CRLF); read as plain line ends"]
+
+
+def test_read_text_names_the_line_that_is_not_utf8(tmp_path):
+    path = tmp_path / "shard.txt"
+    path.write_bytes(b"\xef\xbb\xbfok\r\nfine\nca\xe9 x\n")
+    with pytest.raises(ValueError, match=r"shard.txt, line 3: not valid UTF-8 \(invalid continuation byte at "
+                                         r"byte 2\)") as read_text_error:
+        files.read_text(str(path))
+    with pytest.raises(ValueError) as read_lines_error:
+        list(files.read_lines(str(path)))
+    assert str(read_text_error.value) == str(read_lines_error.value)

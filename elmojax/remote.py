@@ -3,22 +3,41 @@
 `local_path(path_or_url)` returns a local path as it is, and fetches an http(s) URL once into
 the cache (`~/.cache/elmojax`, or the directory `ELMOJAX_CACHE` names): streamed into
 `NAME.part` beside its final name, resumed from there after an interruption (an HTTP Range
-request; a server that ignores it sends the whole file again), its size checked against what
-the server announced, then renamed, so the cache never holds a partial file under the final
-name. A progress line on stderr shows MB and MB/s for large files.
+request; a server that ignores it sends the whole file again), then checked before it is
+renamed to its final name, so that the cache never holds a partial or wrong file under it:
+
+- its size against what the server announced (and, for AllenNLP's published files, against
+  their known size);
+- that it is what its name says: never an HTML page (a server's error or login page sent with
+  status 200) for a file not named .html; a .hdf5 with HDF5's signature, a .json that parses as
+  UTF-8 JSON, a .txt that is UTF-8 text;
+- for the published files whose sha256 is known (KNOWN_FILES), that sha256, once, after the
+  download (a cached file is not hashed again).
+
+A response that fails a check is an error naming the URL and the cache path, and its `.part`
+is removed (a wrong body is never resumed from). A file already in the cache is checked again
+(all but the hash: its signature, its size where known) each time it is taken: one that fails
+(left by an older version of elmojax, or changed by hand) is reported on stderr, removed and
+fetched again. Downloads of one file by several processes at once take turns (a lock file,
+NAME.lock, beside it). A progress line on stderr shows MB and MB/s for large files.
 
 `pretrained(name)` gives the (options, weights) URLs of the models AllenNLP published.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import hashlib
 import http.client
+import json
 import os
+import re
 import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Optional
 
 _BASE = "https://s3-us-west-2.amazonaws.com/allennlp/models/elmo"
 PRETRAINED = {
@@ -29,6 +48,25 @@ PRETRAINED = {
 }
 _PUBMED = f"{_BASE}/contributed/pubmed/elmo_2x4096_512_2048cnn_2xhighway"
 _CHUNK = 1 << 20
+
+# What is known of AllenNLP's published files, by URL: (size in bytes, sha256 or None). Only
+# values found in a named public source and agreeing with a second one are recorded; a file not
+# listed is checked by what the server announces and by its kind only. Tests override entries.
+KNOWN_FILES: dict[str, tuple[int, Optional[str]]] = {
+    # sha256 and size: the Git LFS pointer of this very file (same name), in the Hugging Face
+    # repository lysandre/elmo, commit e96602c873f90782c21402b8d8d1ff1327318678 ("Contribute
+    # ELMO"); the size agrees with two recorded downloads of the URL by AllenNLP's cached_path
+    # (tqdm's "374434792/374434792" in public notebooks).
+    f"{PRETRAINED['original']}_weights.hdf5":
+        (374434792, "a6b92b9ccbb13fe489faacd2221c795d4bebe84b75f8aded9d85ea464fa5c994"),
+    # size only: the same two recorded downloads ("336/336") and the Hugging Face mirror's
+    # options.json (336 bytes); no published hash found.
+    f"{PRETRAINED['original']}_options.json": (336, None),
+}
+
+# Other addresses of the same S3 bucket: a published file named through one of them is known too.
+_BUCKET_ALIASES = ("https://allennlp.s3.amazonaws.com/models/elmo", "https://s3.us-west-2.amazonaws.com/allennlp/models/elmo",
+                   "https://s3.amazonaws.com/allennlp/models/elmo")
 
 
 def pretrained(name: str) -> tuple[str, str]:
@@ -58,15 +96,40 @@ def cached_file(url: str) -> str:
     return os.path.join(cache_dir(), hashlib.sha256(directory.encode()).hexdigest()[:16], name or "file")
 
 
+def known_file(url: str) -> Optional[tuple[int, Optional[str]]]:
+    """(size, sha256 or None) of a published file, or None when nothing is known of it."""
+    url = url.split("?")[0]
+    if url in KNOWN_FILES:
+        return KNOWN_FILES[url]
+    secure = "https://" + url[len("http://"):] if url.startswith("http://") else url
+    for alias in (_BASE, *_BUCKET_ALIASES):
+        if secure.startswith(alias + "/"):
+            return KNOWN_FILES.get(_BASE + secure[len(alias):])
+    return None
+
+
+class NotTheFile(ValueError):
+    """A response, or a cached file, that is not the file its URL names (an HTML page, another
+    kind of file, a wrong size or hash)."""
+
+    def __init__(self, message: str, html: bool = False):
+        super().__init__(message)
+        self.html = html
+
+
 def local_path_beside(weight_url: str, names: list[str], progress: bool = True) -> str:
     """A weight file's local path (local_path), after fetching those of `names` that exist
-    beside it on the server into the cache beside it (absent ones are passed over)."""
+    beside it on the server into the cache beside it (absent ones are passed over: a 404, or an
+    HTML page in place of the file, as servers answer for a missing file)."""
     path = local_path(weight_url, progress)
     if is_url(weight_url):
         directory = weight_url.split("?")[0].rsplit("/", 1)[0]
         for name in names:
             try:
                 local_path(f"{directory}/{name}", progress)
+            except NotTheFile as e:
+                if not e.html:
+                    raise
             except ValueError as e:
                 if "answered 404" not in str(e):
                     raise
@@ -74,38 +137,188 @@ def local_path_beside(weight_url: str, names: list[str], progress: bool = True) 
 
 
 def local_path(path_or_url, progress: bool = True):
-    """A local path as it is; an http(s) URL's file in the cache, fetched if it is not there."""
+    """A local path as it is; an http(s) URL's file in the cache, fetched if it is not there
+    (or if what is there fails its check: then fetched again)."""
     if not is_url(path_or_url):
         return path_or_url
-    target = cached_file(path_or_url)
-    if not os.path.isfile(target):
-        _fetch(path_or_url, target, progress)
+    url, target = path_or_url, cached_file(path_or_url)
+    if os.path.isfile(target) and _cached_ok(url, target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with _lock(target):  # another process may be fetching it: wait for it, then take its file
+        if not (os.path.isfile(target) and _cached_ok(url, target)):
+            _fetch(url, target, progress)
     return target
 
 
-def _fetch(url: str, target: str, progress: bool) -> None:
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+def _cached_ok(url: str, target: str) -> bool:
+    """Whether a cached file passes its checks (all but the hash); one that does not is reported
+    and removed, to be fetched again."""
+    problem = check_file(url, target, hash_it=False)
+    if problem is None:
+        return True
+    sys.stderr.write(f"warning: {url}: the cached file {target} {problem}; removing it and fetching it again\n")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(target)
+    return False
+
+
+@contextlib.contextmanager
+def _lock(target: str):
+    """An exclusive lock on NAME.lock beside the file, where the file system has locks."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(target + ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks
+            pass
+        yield
+
+
+_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
+
+
+def _looks_like_html(head: bytes) -> bool:
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith(_HTML_STARTS)
+
+
+def _is_html_name(url: str) -> bool:
+    return url.split("?")[0].lower().endswith((".html", ".htm"))
+
+
+def _kind(url: str) -> str:
+    return os.path.splitext(url.split("?")[0].rsplit("/", 1)[-1])[1].lower()
+
+
+def _hdf5_signature_at(path: str, size: int) -> bool:
+    """HDF5's 8-byte signature at offset 0, 512, 1024, 2048, ... (where a user block ends)."""
+    with open(path, "rb") as f:
+        offset = 0
+        while offset + 8 <= size:
+            f.seek(offset)
+            if f.read(8) == b"\x89HDF\r\n\x1a\n":
+                return True
+            offset = 512 if offset == 0 else offset * 2
+    return False
+
+
+def _utf8_problem(path: str) -> Optional[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done = 0
+    with open(path, "rb") as f:
+        try:
+            while True:
+                chunk = f.read(_CHUNK)
+                decoder.decode(chunk, final=not chunk)
+                if not chunk:
+                    return None
+                done += len(chunk)
+        except UnicodeDecodeError as e:
+            return f"is not UTF-8 text ({e.reason} at byte {done + e.start})"
+
+
+def check_file(url: str, path: str, hash_it: bool = True) -> Optional[str]:
+    """What is wrong with `path` as the file `url` names (None when nothing is): an HTML page,
+    a size or (hash_it) sha256 other than the published file's, a .hdf5 without HDF5's
+    signature, a .json that is not UTF-8 JSON, a .txt that is not UTF-8."""
+    size = os.path.getsize(path)
+    known = known_file(url)
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if not _is_html_name(url) and _looks_like_html(head):
+        return "is an HTML page, not the file"
+    if known is not None and size != known[0]:
+        return f"has {size} bytes; the published file has {known[0]}"
+    kind = _kind(url)
+    if kind in (".hdf5", ".h5") and not _hdf5_signature_at(path, size):
+        return "is not an HDF5 file (no HDF5 signature)"
+    if kind == ".json":
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"is not UTF-8 JSON ({e})"
+    if kind == ".txt":
+        problem = _utf8_problem(path)
+        if problem:
+            return problem
+    if hash_it and known is not None and known[1] is not None:
+        digest = _sha256(path)
+        if digest != known[1]:
+            return f"has sha256 {digest}; the published file's is {known[1]}"
+    return None
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _content_range_start(value: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    """(first byte, total size) of a Content-Range header, None for what it does not say."""
+    match = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", value or "")
+    if not match:
+        return None, None
+    return int(match.group(1)), (int(match.group(2)) if match.group(2) != "*" else None)
+
+
+def _discard(partial: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(partial)
+
+
+def _fetch(url: str, target: str, progress: bool, retried: bool = False) -> None:
     partial = target + ".part"
+
+    def wrong(what: str, html: bool = False) -> NotTheFile:
+        _discard(partial)
+        return NotTheFile(f"{url}: {what}; discarded, nothing cached at {target}", html)
+
     have = os.path.getsize(partial) if os.path.isfile(partial) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # nothing left to send: start again
-            os.remove(partial)
+            _discard(partial)
             return _fetch(url, target, progress)
         raise ValueError(f"{url}: the server answered {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise ValueError(f"{url}: cannot connect ({getattr(e, 'reason', e)})") from None
+    known = known_file(url)
     with response:
+        content_type = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type in ("text/html", "application/xhtml+xml") and not _is_html_name(url):
+            raise wrong(f"the server sent an HTML page (Content-Type {content_type}), not the file", html=True)
         resumed = response.status == 206
-        if not resumed:
-            have = 0
         length = response.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
+        if resumed:
+            start, total = _content_range_start(response.headers.get("Content-Range"))
+            if start != have:  # not the rest of the part we have: start again, once
+                _discard(partial)
+                if retried:
+                    raise wrong(f"the server answered a request for bytes {have}- with "
+                                f"Content-Range {response.headers.get('Content-Range')!r}")
+                return _fetch(url, target, progress, retried=True)
+            if total is None and length is not None and length.isdigit():
+                total = have + int(length)
+        else:
+            have = 0
+            total = int(length) if length is not None and length.isdigit() else None
+        if known is not None and total is not None and total != known[0]:
+            raise wrong(f"the server announced {total} bytes; the published file has {known[0]}")
         shown = _Progress(url, total, progress)
         got = have
         with open(partial, "ab" if resumed else "wb") as f:
+            first = not resumed
             while True:
                 try:
                     chunk = response.read(_CHUNK)
@@ -114,14 +327,25 @@ def _fetch(url: str, target: str, progress: bool) -> None:
                         raise ValueError(f"{url}: the download broke off at {got} bytes ({e}); run again to "
                                          f"resume") from None
                     break  # (the size check below says so)
+                if first and chunk:
+                    first = False
+                    if not _is_html_name(url) and _looks_like_html(chunk[:1024]):
+                        f.close()
+                        raise wrong("the server sent an HTML page, not the file", html=True)
                 if not chunk:
                     break
                 f.write(chunk)
                 got += len(chunk)
                 shown.update(got)
     shown.done(got)
-    if total is not None and got != total:
+    if total is not None and got < total:
         raise ValueError(f"{url}: the download stopped at {got} of {total} bytes; run again to resume")
+    if total is not None and got > total:
+        raise wrong(f"the server sent {got} bytes, more than the {total} it announced")
+    problem = check_file(url, partial)
+    if problem is not None:
+        html = problem.startswith("is an HTML page")
+        raise wrong(f"the downloaded file {problem}", html=html)
     os.replace(partial, target)
 
 

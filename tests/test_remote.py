@@ -1,11 +1,14 @@
 """Files by URL (elmojax.remote), served by a local http.server on 127.0.0.1 (no network): a
 download, a cache hit, an interrupted download resumed, a server error, a truncated body, a
-404; and a model loaded by URL."""
+404; responses that are not the file (an HTML page, another kind of file, a wrong size or
+sha256) never cached; a wrong file left in the cache fetched again; and a model loaded by URL."""
 
+import hashlib
 import http.server
 import os
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -20,11 +23,14 @@ MODEL = os.path.join(ROOT, "tests", "fixtures", "model")
 class Server:
     """Serves a directory, honouring Range requests; `requests` logs (path, Range header);
     `fail` maps a path to a status to answer, `truncate` to a byte count after which the
-    connection is dropped (once)."""
+    connection is dropped (once), `replace` to (body, Content-Type) to send with status 200 in
+    place of the file, `content_range_start` to a wrong first byte to announce for a Range
+    request; `delay` is the seconds to wait before each answer."""
 
     def __init__(self, directory):
         server = self
-        self.requests, self.fail, self.truncate = [], {}, {}
+        self.requests, self.fail, self.truncate, self.replace, self.content_range_start = [], {}, {}, {}, {}
+        self.delay = 0.0
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -32,8 +38,17 @@ class Server:
 
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
+                time.sleep(server.delay)
                 if self.path in server.fail:
                     self.send_error(server.fail[self.path])
+                    return
+                if self.path in server.replace:
+                    body, content_type = server.replace[self.path]
+                    self.send_response(200)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                     return
                 path = os.path.join(directory, self.path.lstrip("/"))
                 if not os.path.isfile(path):
@@ -44,7 +59,8 @@ class Server:
                 if self.headers.get("Range"):
                     start = int(self.headers["Range"].split("=")[1].split("-")[0])
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    shown = server.content_range_start.pop(self.path, start)
+                    self.send_header("Content-Range", f"bytes {shown}-{len(data) - 1}/{len(data)}")
                 else:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(data) - start))
@@ -54,7 +70,7 @@ class Server:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
 
 @pytest.fixture
@@ -65,6 +81,14 @@ def served(tmp_path, monkeypatch):
     server = Server(str(files))
     yield server, files
     server.httpd.shutdown()
+
+
+def cached_files() -> list[str]:
+    """The cache's files, but the lock files downloads take turns by."""
+    return sorted(f for _, _, names in os.walk(os.environ["ELMOJAX_CACHE"]) for f in names if not f.endswith(".lock"))
+
+
+HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Please sign in</body></html>\n"
 
 
 def test_a_download_then_a_cache_hit(served):
@@ -98,7 +122,7 @@ def test_server_errors_and_missing_files_are_one_line(served):
         remote.local_path(f"{server.url}/options.json")
     with pytest.raises(ValueError, match=r"/nothing.hdf5: the server answered 404"):
         remote.local_path(f"{server.url}/nothing.hdf5")
-    assert not [f for _, _, names in os.walk(os.environ["ELMOJAX_CACHE"]) for f in names]  # no file, nor part
+    assert not cached_files()  # no file, nor part
 
 
 def test_a_model_by_url_embeds_as_from_files(served):
@@ -141,3 +165,142 @@ def test_a_trained_model_by_url_brings_its_files_along(tmp_path, monkeypatch, pu
     local = model_files.load_trained(export["weights"])
     jax.tree.map(np.testing.assert_array_equal, by_url[0], local[0])
     assert by_url[2] == local[2] and by_url[1] == local[1]
+
+
+def one_line_naming(error, url) -> None:
+    message = str(error.value)
+    assert "\n" not in message and url in message and remote.cached_file(url) in message, message
+
+
+@pytest.mark.parametrize("name, body, content_type, says", [
+    ("lm_weights.hdf5", HTML, "text/html; charset=utf-8", r"HTML page \(Content-Type text/html\)"),
+    ("lm_weights.hdf5", HTML, "application/octet-stream", "HTML page"),       # sniffed from the body
+    ("lm_weights.hdf5", b"\0" * 4096, "application/octet-stream", "not an HDF5 file"),
+    ("options.json", b'{"lstm": {"dim": 16', "application/json", "not UTF-8 JSON"),
+    ("options.json", b'{"a": "\xff"}', "application/json", "not UTF-8 JSON"),
+    ("vocab_test.txt", b"<S>\n</S>\nd\xe9j\xe0\n", "text/plain", "not UTF-8 text"),
+    ("vocab_test.txt", HTML, "text/plain", "HTML page"),
+])
+def test_a_response_that_is_not_the_file_is_never_cached(served, name, body, content_type, says):
+    """A 200 answer that is not what was asked for: an error naming the URL and the cache path,
+    no file under the final name and no part to resume from; once the server sends the file,
+    it comes."""
+    server, files = served
+    url = f"{server.url}/{name}"
+    server.replace[f"/{name}"] = (body, content_type)
+    with pytest.raises(ValueError, match=says) as error:
+        remote.local_path(url)
+    one_line_naming(error, url)
+    assert not cached_files()
+    del server.replace[f"/{name}"]
+    assert open(remote.local_path(url), "rb").read() == (files / name).read_bytes()
+
+
+def test_a_wrong_part_is_not_resumed_from(served):
+    """A part left by an older version (an HTML page's start) is resumed, then fails the check:
+    removed, and the next run fetches the whole file."""
+    server, files = served
+    url = f"{server.url}/lm_weights.hdf5"
+    os.makedirs(os.path.dirname(remote.cached_file(url)))
+    with open(remote.cached_file(url) + ".part", "wb") as f:
+        f.write(HTML)
+    with pytest.raises(ValueError, match="the downloaded file is an HTML page") as error:
+        remote.local_path(url)
+    one_line_naming(error, url)
+    assert server.requests[-1][1] == f"bytes={len(HTML)}-" and not cached_files()
+    assert open(remote.local_path(url), "rb").read() == (files / "lm_weights.hdf5").read_bytes()
+    assert server.requests[-1][1] is None
+
+
+def test_a_resumed_answer_from_elsewhere_in_the_file_starts_again(served):
+    server, files = served
+    url = f"{server.url}/lm_weights.hdf5"
+    size = (files / "lm_weights.hdf5").stat().st_size
+    server.truncate["/lm_weights.hdf5"] = size // 2
+    with pytest.raises(ValueError, match="run again to resume"):
+        remote.local_path(url)
+    server.content_range_start["/lm_weights.hdf5"] = 0  # says it sends from byte 0: not what was asked
+    assert open(remote.local_path(url), "rb").read() == (files / "lm_weights.hdf5").read_bytes()
+    assert [r for _, r in server.requests] == [None, f"bytes={size // 2}-", None]
+
+
+def test_a_published_file_of_another_size_or_hash_is_refused(served, monkeypatch):
+    server, files = served
+    url = f"{server.url}/lm_weights.hdf5"
+    data = (files / "lm_weights.hdf5").read_bytes()
+    monkeypatch.setitem(remote.KNOWN_FILES, url, (len(data) + 1, None))
+    with pytest.raises(ValueError, match=rf"the server announced {len(data)} bytes; the published file has "
+                                         rf"{len(data) + 1}") as error:
+        remote.local_path(url)
+    one_line_naming(error, url)
+    wrong = "0" * 64
+    monkeypatch.setitem(remote.KNOWN_FILES, url, (len(data), wrong))
+    with pytest.raises(ValueError, match=rf"has sha256 {hashlib.sha256(data).hexdigest()}; the published "
+                                         rf"file's is {wrong}") as error:
+        remote.local_path(url)
+    one_line_naming(error, url)
+    assert not cached_files()
+
+
+def test_a_published_file_is_hashed_once(served, monkeypatch):
+    """The right hash: cached, and taken from the cache afterwards without hashing it again."""
+    server, files = served
+    url = f"{server.url}/lm_weights.hdf5"
+    data = (files / "lm_weights.hdf5").read_bytes()
+    monkeypatch.setitem(remote.KNOWN_FILES, url, (len(data), hashlib.sha256(data).hexdigest()))
+    hashed = []
+    sha256 = remote._sha256
+    monkeypatch.setattr(remote, "_sha256", lambda path: hashed.append(path) or sha256(path))
+    path = remote.local_path(url)
+    assert open(path, "rb").read() == data and hashed == [path + ".part"]
+    assert remote.local_path(url) == path and hashed == [path + ".part"] and len(server.requests) == 1
+
+
+def test_a_published_url_is_known_by_the_buckets_other_names():
+    options, weights = pretrained("original")
+    assert remote.known_file(weights) == remote.KNOWN_FILES[weights]
+    other = weights.replace("https://s3-us-west-2.amazonaws.com/allennlp/", "https://allennlp.s3.amazonaws.com/")
+    assert remote.known_file(other) == remote.KNOWN_FILES[weights]
+    assert remote.known_file(options)[0] == 336
+    for size, sha256 in remote.KNOWN_FILES.values():
+        assert size > 0 and (sha256 is None or len(bytes.fromhex(sha256)) == 32)
+
+
+@pytest.mark.parametrize("left", [HTML, b"\0" * 64])
+def test_a_wrong_file_left_in_the_cache_is_fetched_again(served, capsys, left):
+    """A wrong file under the final name (an older version cached HTML pages): said on stderr,
+    naming the URL and the cache path, and fetched again."""
+    server, files = served
+    url = f"{server.url}/lm_weights.hdf5"
+    target = remote.cached_file(url)
+    os.makedirs(os.path.dirname(target))
+    with open(target, "wb") as f:
+        f.write(left)
+    assert remote.local_path(url) == target
+    assert open(target, "rb").read() == (files / "lm_weights.hdf5").read_bytes()
+    err = capsys.readouterr().err
+    assert f"{url}: the cached file {target} is" in err and "fetching it again" in err
+    remote.local_path(url)
+    assert len(server.requests) == 1 and "fetching it again" not in capsys.readouterr().err
+
+
+def test_a_missing_neighbour_served_as_an_html_page_is_passed_over(served):
+    server, files = served
+    server.replace["/options.json"] = (HTML, "text/html")
+    path = remote.local_path_beside(f"{server.url}/lm_weights.hdf5", ["options.json", "vocab_test.txt"])
+    assert cached_files() == ["lm_weights.hdf5", "vocab_test.txt"] and path.endswith("lm_weights.hdf5")
+
+
+def test_processes_fetching_one_file_take_turns(served):
+    """Two fetches of one URL at once: one download, the other waits for it and takes its file."""
+    server, files = served
+    server.delay = 0.3
+    url = f"{server.url}/lm_weights.hdf5"
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(remote.local_path(url))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(paths) == 2 and len(set(paths)) == 1 and len(server.requests) == 1
+    assert open(paths[0], "rb").read() == (files / "lm_weights.hdf5").read_bytes()

@@ -5,8 +5,10 @@
 
 Input: one sentence per line, whitespace-separated tokens, UTF-8 (plain or .gz; --input takes
 files or glob patterns and may be repeated). Blank lines are dropped. The lines are shuffled with
-the seed; the first fraction becomes the heldout split. Output (written to a temporary
-directory beside DIR, renamed onto DIR only when complete):
+the seed; the first fraction becomes the heldout split. A byte-order mark at a file's start and
+Windows line ends (CRLF) are read as plain text, with a note. Output (written to a temporary
+directory beside DIR, renamed onto DIR only when complete; SIGTERM or Ctrl-C before then leave
+DIR as it was and no temporary directory, as does the next run after a kill -9):
 
     DIR/train/shard-00000.txt ...     training sentences, --shard-lines per file
     DIR/heldout/shard-00000.txt ...   heldout sentences (none when the fraction gives none)
@@ -21,8 +23,8 @@ import argparse
 import collections
 import glob
 import gzip
+import logging
 import os
-import secrets
 import shlex
 import shutil
 import sys
@@ -32,8 +34,10 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from elmojax import files
+from elmojax import files, runtime
 from elmojax.vocab import BOS, EOS, UNK
+
+log = logging.getLogger(__name__)
 
 SPECIALS = (BOS, EOS, UNK)
 _NOT_WORDS = set(SPECIALS) | {"!!!MAXTERMID"}  # Vocabulary skips the marker line; keep it out
@@ -42,19 +46,13 @@ _NUMBER_JOINERS = {".", ","}  # kept inside a number: 3.14, 1,000
 
 
 def read_text_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line) of a UTF-8 file, gzip-compressed when it ends in .gz."""
+    """(1-based line number, line) of a UTF-8 file, gzip-compressed when it ends in .gz (read
+    as files.read_lines reads text: a byte-order mark and CRLF line ends noted and ignored)."""
     if not path.endswith(".gz"):
         yield from files.read_lines(path)
         return
     try:
-        with gzip.open(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}, line {number}: not valid UTF-8 "
-                                     f"({e.reason} at byte {e.start})") from None
-                yield number, line.rstrip("\r\n")
+        yield from files.read_lines(path, opener=gzip.open)
     except (OSError, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: not a readable gzip file ({e})") from None
 
@@ -150,10 +148,38 @@ def _check_output(output: str, overwrite: bool) -> None:
         raise ValueError(f"--output {output!r} exists and is not empty; choose a new directory or pass --overwrite")
 
 
+def _restore_interrupted(output: str) -> None:
+    """An output that a prepare killed outright (kill -9) while replacing it left aside
+    (.OUTPUT.<pid>.<host>-<random>.old): put back if nothing took its place, else removed."""
+    for old, pid in files.leftovers(output, suffix=".old"):
+        if os.path.lexists(output):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, output)
+            log.warning("note: %s: put back the earlier output, which process %d (killed while replacing "
+                        "it) had left as %s", output, pid, old)
+
+
 def prepare(inputs: Sequence[str], output: str, heldout_fraction: float = 0.01, shard_lines: int = 100_000,
             min_count: int = 1, max_vocab: Optional[int] = None, lowercase: bool = False,
             split_punctuation: bool = False, seed: int = 0, overwrite: bool = False) -> dict:
-    """Writes the train/heldout shards and vocab.txt under `output`; returns counts and paths."""
+    """Writes the train/heldout shards and vocab.txt under `output`; returns counts and paths.
+
+    Stopped (runtime.stop_on_signals) before the output is complete, it leaves no temporary
+    directory and `output` as it was, and the Stopped's message says so ("nothing was written");
+    the output's last renames are not cut in two."""
+    written: list[bool] = []
+    try:
+        return _prepare(inputs, output, heldout_fraction, shard_lines, min_count, max_vocab, lowercase,
+                        split_punctuation, seed, overwrite, written)
+    except runtime.Stopped as e:
+        done = any(written)
+        raise runtime.Stopped(f"{e}; {os.path.abspath(output)} was written all the same" if done
+                              else f"{e}; nothing was written") from None
+
+
+def _prepare(inputs, output, heldout_fraction, shard_lines, min_count, max_vocab, lowercase, split_punctuation,
+             seed, overwrite, written: list[bool]) -> dict:
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
     if shard_lines < 1:
@@ -165,6 +191,8 @@ def prepare(inputs: Sequence[str], output: str, heldout_fraction: float = 0.01, 
     if seed < 0:
         raise ValueError(f"--seed must be non-negative, got {seed}")
     output = os.path.abspath(output)
+    _restore_interrupted(output)
+    files.remove_leftovers(output)  # the temporary directories of prepares killed outright (kill -9)
     _check_output(output, overwrite)
     paths = expand_inputs(inputs)
 
@@ -177,26 +205,33 @@ def prepare(inputs: Sequence[str], output: str, heldout_fraction: float = 0.01, 
     train = [sentences[i] for i in order[n_heldout:]]
     vocab = build_vocab(train, min_count=min_count, max_vocab=max_vocab)
 
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    os.mkdir(tmp)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    tmp = files.temporary_path(output)
+    committed = False
     try:
+        os.mkdir(tmp)
         n_train_shards = _write_shards(os.path.join(tmp, "train"), train, shard_lines)
         n_heldout_shards = _write_shards(os.path.join(tmp, "heldout"), heldout, shard_lines) if heldout else 0
         with open(os.path.join(tmp, "vocab.txt"), "w", encoding="utf-8", newline="\n") as f:
             f.writelines(w + "\n" for w in vocab)
-        _check_output(output, overwrite)
-        if os.path.isdir(output) and os.listdir(output):
-            old = os.path.join(parent, f".{os.path.basename(output)}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            os.rename(output, old)
-            os.rename(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)  # onto nothing or an empty directory
+        with files.uninterrupted():  # a SIGTERM or Ctrl-C now waits for the output to be whole
+            _check_output(output, overwrite)
+            if os.path.isdir(output) and os.listdir(output):
+                old = files.temporary_path(output, suffix=".old")
+                os.rename(output, old)
+                os.rename(tmp, output)
+                committed = True
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, output)  # onto nothing or an empty directory
+                committed = True
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not committed:
+            with files.uninterrupted():
+                shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        written.append(committed)
 
     known = set(vocab)
     heldout_tokens = [w for s in heldout for w in s.split()]
@@ -259,10 +294,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     args = parser.parse_args(argv)
     try:
-        summary = prepare(args.input, args.output, heldout_fraction=args.heldout_fraction,
-                          shard_lines=args.shard_lines, min_count=args.min_count, max_vocab=args.max_vocab,
-                          lowercase=args.lowercase, split_punctuation=args.tokenize, seed=args.seed,
-                          overwrite=args.overwrite)
+        with runtime.stop_on_signals():  # SIGTERM, Ctrl-C: no temporary directory left, the output untouched
+            summary = prepare(args.input, args.output, heldout_fraction=args.heldout_fraction,
+                              shard_lines=args.shard_lines, min_count=args.min_count, max_vocab=args.max_vocab,
+                              lowercase=args.lowercase, split_punctuation=args.tokenize, seed=args.seed,
+                              overwrite=args.overwrite)
+    except runtime.Stopped as e:
+        sys.exit(f"{parser.prog}: {e}")
     except (ValueError, OSError) as e:
         sys.exit(f"{parser.prog}: error: {e}")
     print(format_summary(summary))

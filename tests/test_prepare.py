@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import signal
 import subprocess
 import sys
 
@@ -168,3 +169,87 @@ def test_command_line(corpus, tmp_path):
     assert run.returncode != 0
     assert "bad.txt, line 1: not valid UTF-8" in run.stderr and "Traceback" not in run.stderr
     assert not os.path.exists(tmp_path / "never")
+
+
+def test_byte_order_mark_and_crlf_read_as_plain_text(corpus, tmp_path):
+    """A corpus with a UTF-8 byte-order mark and Windows line ends (plain or .gz) prepares as its plain twin."""
+    path, _ = corpus
+    with open(path, "rb") as f:
+        plain = f.read()
+    dos = b"\xef\xbb\xbf" + plain.replace(b"\n", b"\r\n")
+    (tmp_path / "dos.txt").write_bytes(dos)
+    with gzip.open(tmp_path / "dos.txt.gz", "wb") as g:
+        g.write(dos)
+    prep.prepare([path], str(tmp_path / "plain"), heldout_fraction=0.2, shard_lines=30)
+    for name in ("dos.txt", "dos.txt.gz"):
+        prep.prepare([str(tmp_path / name)], str(tmp_path / f"out-{name}"), heldout_fraction=0.2, shard_lines=30)
+        assert tree(tmp_path / f"out-{name}") == tree(tmp_path / "plain")
+
+    run = subprocess.run([sys.executable, "-m", "elmojax.prepare", "--input", str(tmp_path / "dos.txt"), "--input",
+                          str(tmp_path / "dos.txt.gz"), "--output", str(tmp_path / "cli")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines() == [
+        f"note: {tmp_path / name}: {what}" for name in ("dos.txt", "dos.txt.gz")
+        for what in ("starts with a UTF-8 byte-order mark; ignored", "Windows line ends (CRLF); read as plain line ends")]
+
+
+# The command line with its shard writing held up once shards are written (or a kill -9 after the
+# existing output was moved aside), to be stopped there.
+SLOW_PREPARE = """
+import os, signal, sys, time
+import elmojax.prepare as p
+how = sys.argv[1]
+if how == "hold":
+    write = p._write_shards
+    def held(*args):
+        n = write(*args)
+        print("writing", flush=True)
+        time.sleep(60)
+        return n
+    p._write_shards = held
+else:  # killed between moving the old output aside and renaming the new one into place
+    rename = os.rename
+    def rename_and_die(a, b):
+        rename(a, b)
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.rename = rename_and_die
+p.main(sys.argv[2:])
+"""
+
+
+def slow_prepare(how, *args):
+    return subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, how, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_leaves_the_output_as_it_was(corpus, tmp_path, sig):
+    path, _ = corpus
+    out = tmp_path / "out"
+    prep.prepare([path], str(out), seed=1)
+    first = tree(out)
+    run = slow_prepare("hold", "--input", path, "--output", str(out), "--overwrite", "--seed", "2")
+    line = run.stdout.readline()
+    assert line == "writing\n", run.stderr.read() if run.poll() is not None else line
+    assert len(os.listdir(tmp_path)) == 3  # corpus, out and the temporary directory being written
+    run.send_signal(sig)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 1
+    assert stderr == f"python -m elmojax.prepare: stopped by {sig.name}; nothing was written\n"
+    assert sorted(os.listdir(tmp_path)) == ["corpus.txt", "out"] and tree(out) == first
+
+
+def test_a_kill_while_replacing_the_output_is_undone_by_the_next_run(corpus, tmp_path):
+    path, _ = corpus
+    out = tmp_path / "out"
+    prep.prepare([path], str(out), seed=1)
+    first = tree(out)
+    run = slow_prepare("kill", "--input", path, "--output", str(out), "--overwrite", "--seed", "2")
+    run.communicate(timeout=60)
+    assert run.returncode == -signal.SIGKILL
+    left = sorted(os.listdir(tmp_path))
+    assert "out" not in left and len(left) == 3  # the old output set aside, the new one beside it
+    with pytest.raises(ValueError, match="not empty"):  # the earlier output is back, and kept
+        prep.prepare([path], str(out), seed=3)
+    assert sorted(os.listdir(tmp_path)) == ["corpus.txt", "out"] and tree(out) == first

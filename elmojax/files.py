@@ -115,7 +115,7 @@ def read_text(path: str) -> str:
         at = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
         raise ValueError(f"{path}, line {number}: not valid UTF-8 ({e.reason} at byte {at})") from None
     del raw
-    if "\r\n" in text:
+    if "\r" in text and "\r\n" in text:  # (one character is found many times faster than two)
         _note_crlf(path)
         text = text.replace("\r\n", "\n")
     return text

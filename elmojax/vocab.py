@@ -22,11 +22,26 @@ BOS, EOS, UNK = "<S>", "</S>", "<UNK>"
 BOS_CHAR, EOS_CHAR, BOW_CHAR, EOW_CHAR, PAD_CHAR = 256, 257, 258, 259, 260
 
 
+def _check_token(word: str, filename: str, number: int) -> None:
+    """A vocabulary line is one token: a blank line, or one with whitespace inside (spaces, tabs,
+    any Unicode whitespace: what str.split() splits a corpus line at), could never match a
+    corpus token."""
+    parts = word.split()
+    if len(parts) == 1:
+        return
+    if not parts:
+        raise ValueError(f"{filename}, line {number}: a blank line; a vocabulary has one token per line")
+    raise ValueError(f"{filename}, line {number}: {word!r} holds whitespace; a vocabulary has one token per line")
+
+
 class Vocabulary:
     """A token vocabulary: maps tokens to line numbers of the vocabulary file.
 
     <S> and </S> must be in the file (every sentence is wrapped in them); <UNK> is needed only
     to encode tokens the file lacks (`validate_file=True` requires it up front, as for training).
+    A line is one token: a blank line, or one with whitespace inside, is an error naming it. The
+    file is read as elmojax.files reads text (a byte-order mark and CRLF line ends noted and
+    ignored).
     """
 
     def __init__(self, filename: str, validate_file: bool = False):
@@ -38,6 +53,7 @@ class Vocabulary:
             word = line.strip()
             if word == "!!!MAXTERMID":  # a marker some vocab dumps carry; not a token
                 continue
+            _check_token(word, filename, number)
             if validate_file and word in line_of:
                 raise ValueError(f"{filename}, line {number}: '{word}' is already on line {line_of[word]}; "
                                  f"a vocabulary lists each token once")

@@ -458,3 +458,30 @@ def test_a_vocabulary_not_by_count_is_warned_about(tmp_path):
     alphabetical.write_text("\n".join(tokens[:3] + sorted(tokens[3:])) + "\n", encoding="utf-8")
     warning = count_order_warning(Vocabulary(str(alphabetical), validate_file=True), shard)
     assert warning.startswith(f"warning: {alphabetical}: its tokens are not in descending order of count")
+
+
+def test_byte_order_mark_and_crlf_read_as_the_plain_shard(tmp_path, caplog):
+    """A shard with a UTF-8 byte-order mark and Windows line ends gives the plain shard's ids,
+    sentences and token count, with one note of each per file however often it is read."""
+    from elmojax.data.shards import encode_shard, read_sentences
+
+    vocab = UnicodeCharsVocabulary(write(tmp_path / "vocab.txt", VOCAB), 12, validate_file=True)
+    plain = write(tmp_path / "plain" / "shard-0.txt", SENTENCES + ["", "  the  cat \t", "Zürich dog"])
+    dos = tmp_path / "dos" / "shard-0.txt"
+    dos.parent.mkdir()
+    with open(plain, "rb") as f:
+        dos.write_bytes(b"\xef\xbb\xbf" + f.read().replace(b"\n", b"\r\n"))
+    with caplog.at_level("WARNING", logger="elmojax.files"):
+        for _ in range(2):  # read again, as every epoch of a larger corpus does
+            a, b = encode_shard(plain, vocab, spell=True), encode_shard(str(dos), vocab, spell=True)
+            for field in ("words", "starts", "lengths", "line_numbers", "bad", "spelled_at", "spelled_rows",
+                          "spelled"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+            assert a.words[0] == VOCAB.index("the")
+            assert read_sentences(plain) == read_sentences(str(dos))
+            assert count_tokens(plain) == count_tokens(str(dos)) == 12
+        batches = [list(LMDataset(path, vocab, 2, 5, test=True).iter_batches()) for path in (plain, str(dos))]
+    for x, y in zip(*batches, strict=True):
+        assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    assert caplog.messages == [f"note: {dos}: starts with a UTF-8 byte-order mark; ignored",
+                               f"note: {dos}: Windows line ends (CRLF); read as plain line ends"]

@@ -116,3 +116,40 @@ def test_utf8_whatever_the_locale(vocab_file):
     env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", PYTHONIOENCODING="")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_byte_order_mark_and_crlf_read_as_the_plain_file(vocab_file, tmp_path, caplog):
+    with open(vocab_file, "rb") as f:
+        plain = f.read()
+    dos = tmp_path / "dos_vocab.txt"
+    dos.write_bytes(b"\xef\xbb\xbf" + plain.replace(b"\n", b"\r\n"))
+    sentences = [["the", "caf\u00e9", "cat"], ["dog"]]
+    with caplog.at_level("WARNING", logger="elmojax.files"):
+        for validate in (False, True):
+            a, b = Vocabulary(vocab_file, validate), Vocabulary(str(dos), validate)
+            assert (a._id_to_word, a._word_to_id) == (b._id_to_word, b._word_to_id) and b.bos == 0
+        np.testing.assert_array_equal(Batcher(str(dos), 16).batch_sentences(sentences),
+                                      Batcher(vocab_file, 16).batch_sentences(sentences))
+        np.testing.assert_array_equal(TokenBatcher(str(dos)).batch_sentences(sentences),
+                                      TokenBatcher(vocab_file).batch_sentences(sentences))
+    assert caplog.messages == [f"note: {dos}: starts with a UTF-8 byte-order mark; ignored",
+                               f"note: {dos}: Windows line ends (CRLF); read as plain line ends"]  # once each
+
+
+@pytest.mark.parametrize("token", ["a b", "a\tb", "a\u00a0b", "a\u3000b", "a\x1cb", "a\rb"])
+def test_a_line_with_whitespace_inside_is_refused(tmp_path, token):
+    path = tmp_path / "vocab.txt"
+    path.write_text(f"<S>\n</S>\n<UNK>\n {token} \nthe\n", encoding="utf-8", newline="")
+    assert len(token.split()) == 2  # a corpus line splits there: no corpus token could match the line
+    with pytest.raises(ValueError) as error:
+        Vocabulary(str(path))
+    assert str(error.value) == f"{path}, line 4: {token!r} holds whitespace; a vocabulary has one token per line"
+
+
+@pytest.mark.parametrize("blank", ["", "  ", "\t"])
+def test_a_blank_line_is_refused(tmp_path, blank):
+    path = tmp_path / "vocab.txt"
+    path.write_text(f"<S>\n</S>\n<UNK>\nthe\n{blank}\nof\n", encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        Batcher(str(path), 50)
+    assert str(error.value) == f"{path}, line 5: a blank line; a vocabulary has one token per line"

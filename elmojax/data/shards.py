@@ -102,17 +102,7 @@ class Shard:
 
 
 def encode_shard(path: str, vocab: Vocabulary, spell: bool) -> Shard:
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        for _ in files.read_lines(path):  # the error that names the line
-            pass
-        raise
-    del raw
-    lines = text.split("\n")  # the lines read_lines gives (line.split() ignores a trailing \r)
-    del text
+    lines = files.read_text(path).split("\n")  # the lines read_lines gives (in one go: a shard is large)
     word_ids = WordIds(vocab, spell)
     lookup = word_ids.__getitem__
     id_parts, length_parts, number_parts = [], [], []

@@ -216,3 +216,26 @@ def test_read_text_names_the_line_that_is_not_utf8(tmp_path):
     with pytest.raises(ValueError) as read_lines_error:
         list(files.read_lines(str(path)))
     assert str(read_text_error.value) == str(read_lines_error.value)
+
+
+def test_every_reader_reads_a_bom_crlf_file_as_the_plain_one(tmp_path):
+    """The corpus readers, the vocabulary, prepare's reader and the dumps' inputs all take the
+    same tokens from a file with a byte-order mark and CRLF line ends as from its plain twin."""
+    from elmojax import dumps, prepare
+    from elmojax.data.shards import count_tokens, encode_shard, read_sentences
+    from elmojax.vocab import Vocabulary
+
+    text = "<S>\n</S>\n<UNK>\nthe\ncaf\u00e9\ndog  \n"
+    plain, dos = tmp_path / "plain.txt", tmp_path / "dos.txt"
+    plain.write_text(text, encoding="utf-8")
+    dos.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+
+    def readings(path):
+        vocab = Vocabulary(path)
+        shard = encode_shard(path, vocab, spell=False)
+        return (vocab._id_to_word, shard.words.tolist(), shard.lengths.tolist(), read_sentences(path)[0],
+                [s.split() for s in read_sentences(path)[0]], count_tokens(path), prepare.read_corpus([path]),
+                dumps._read_sentences(path), dumps._sentence_lines(path))
+
+    a, b = readings(str(plain)), readings(str(dos))
+    assert a == b and a[1][:6] == [0, 1, 2, 3, 4, 5]  # "<S>" is <S>, not "\ufeff<S>"

@@ -139,9 +139,12 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 @contextlib.contextmanager
 def uninterrupted() -> Iterator[None]:
-    """Inside, SIGTERM and SIGINT wait: they are handled as the block ends (by the handlers
-    that were there before, runtime.stop_on_signals' Stopped say), so that steps which must not
-    be cut in two (the renames of files written together, a temporary file's removal) finish.
+    """Inside, SIGTERM and SIGINT wait when a Python handler would take them (an exception
+    raised in the middle: runtime.stop_on_signals' Stopped, Ctrl-C's KeyboardInterrupt): they
+    are handled by it as the block ends, so that steps which must not be cut in two (the renames
+    of files written together, a temporary file's removal) finish. A signal that Python does
+    not handle is left as it is: the default (the process ends, as with kill -9) or a handler
+    set outside Python (JAX's preemption service takes SIGTERM so), which must not be replaced.
     Only the main thread runs Python's signal handlers; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -149,19 +152,13 @@ def uninterrupted() -> Iterator[None]:
     inside = True
     caught: list[int] = []
     previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
-    previous = {sig: h for sig, h in previous.items() if h is not None}  # None: set outside Python
+    previous = {sig: h for sig, h in previous.items() if callable(h)}
 
     def defer(signum, frame):
         if inside:
             caught.append(signum)
             return
-        # the block has ended but the old handler is not back yet: do what it does
-        handler = previous[signum]
-        if callable(handler):
-            handler(signum, frame)
-        elif handler == signal.SIG_DFL:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
+        previous[signum](signum, frame)  # the block has ended, the old handler is not back yet
 
     for sig in previous:
         signal.signal(sig, defer)

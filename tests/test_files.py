@@ -173,10 +173,33 @@ def test_outputs_have_the_umasks_permissions(tmp_path, umask):
 
 
 def test_uninterrupted_restores_the_handlers(tmp_path):
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    with files.uninterrupted():
-        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
-    assert {sig: signal.getsignal(sig) for sig in before} == before
+    def handler(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        with files.uninterrupted():
+            assert signal.getsignal(signal.SIGTERM) is not handler
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_handler_set_outside_python_is_kept(tmp_path):
+    """A SIGTERM handler that Python does not know (JAX's preemption service sets one in C++) is
+    still there after a write: here SIGTERM ignored through libc, then sent after the write."""
+    code = textwrap.dedent(f"""
+        import ctypes, os, signal, sys
+        from elmojax import files
+        libc = ctypes.CDLL(None)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal(signal.SIGTERM, ctypes.c_void_p(1))  # SIG_IGN, behind Python's back
+        files.write_bytes({{{str(tmp_path / "a.bin")!r}: b"a", {str(tmp_path / "b.bin")!r}: b"b"}})
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("still here")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout == "still here\n", (run.returncode, run.stderr)
 
 
 # --- text ---------------------------------------------------------------------------------------

@@ -177,6 +177,7 @@ def uninterrupted() -> Iterator[None]:
 _NAME_MAX = 255  # bytes in a file name (Linux, macOS)
 _HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
 _TEMPORARY = re.compile(r"\.(\d+)\.([0-9a-f]{8})-[0-9a-f]{16}\.(tmp|old)$")
+_ANY_TEMPORARY = re.compile(r"\..+" + _TEMPORARY.pattern)
 
 
 def _stem(path: str) -> str:
@@ -205,27 +206,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def leftovers(path: str, directory: Optional[str] = None, suffix: str = ".tmp") -> list[tuple[str, int]]:
+def leftovers(path: Optional[str], directory: Optional[str] = None, suffix: str = ".tmp") -> list[tuple[str, int]]:
     """(path, pid) of each temporary file or directory for `path` (temporary_path's names, in
-    `directory` or beside `path`) whose process, on this host, no longer runs."""
+    `directory` or beside `path`; for any file when `path` is None) whose process, on this
+    host, no longer runs."""
     directory = directory or os.path.dirname(os.path.abspath(path))
-    prefix = f".{_stem(path)}."
+    prefix = "." if path is None else f".{_stem(path)}."
     found = []
     try:
         names = [name for name in os.listdir(directory) if name.startswith(prefix)]
     except OSError:
         return []
     for name in names:
-        m = _TEMPORARY.fullmatch(name, len(prefix) - 1)
+        m = _ANY_TEMPORARY.fullmatch(name) if path is None else _TEMPORARY.fullmatch(name, len(prefix) - 1)
         if m and m.group(3) == suffix[1:] and m.group(2) == _HOST and not _alive(int(m.group(1))):
             found.append((os.path.join(directory, name), int(m.group(1))))
     return found
 
 
-def remove_leftovers(path: str, directory: Optional[str] = None) -> None:
-    """Removes the temporary files (or directories) for `path` that writers killed outright
-    (kill -9, a crash) left behind on this host; those of running processes stay. Nothing
-    here is an error: a leftover that cannot be removed is left."""
+def remove_leftovers(path: Optional[str], directory: Optional[str] = None) -> None:
+    """Removes the temporary files (or directories) for `path` (any file's in `directory` when
+    None) that writers killed outright (kill -9, a crash) left behind on this host; those of
+    running processes stay. Nothing here is an error: a leftover that cannot be removed is
+    left."""
     for leftover, pid in leftovers(path, directory):
         try:
             if os.path.isdir(leftover) and not os.path.islink(leftover):

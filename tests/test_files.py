@@ -140,6 +140,23 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path, caplo
         alive.wait()
 
 
+def test_a_directory_swept_of_dead_writers_leftovers(tmp_path):
+    """remove_leftovers(None, directory): every file's leftovers of dead writers there, and only those."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = os.path.basename(files.temporary_path("x")).split(".")[3].split("-")[0]  # .x.<pid>.<host>-<random>.tmp
+    names = {f".chunk-000001.hdf5.{dead.pid}.{host}-{'1' * 16}.tmp": False,  # removed
+             f".manifest.json.{dead.pid}.{host}-{'2' * 16}.tmp": False,
+             f".manifest.json.{os.getpid()}.{host}-{'3' * 16}.tmp": True,  # a running writer's: kept
+             f".out.{dead.pid}.{host}-{'4' * 16}.old": True,  # not a temporary file: kept
+             "chunk-000002.hdf5": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    os.mkdir(tmp_path / f".dir.{dead.pid}.{host}-{'5' * 16}.tmp")  # a directory too
+    files.remove_leftovers(None, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(name for name, kept in names.items() if kept)
+
+
 def test_a_long_name_gets_a_temporary_name_that_fits(tmp_path):
     target = tmp_path / ("é" * 120 + ".hdf5")  # 245 bytes: room for no suffix of its own
     files.write_bytes({str(target): b"x"})

@@ -283,7 +283,10 @@ def _temporary_beside(path: str, directory: Optional[str] = None) -> Iterator[st
     try:
         with uninterrupted():
             # 0o666 less the umask, as open() would: mkstemp's 0600 would reach the output
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666))
+            try:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666))
+            except OSError as e:  # named by the file the user asked for, not the temporary one
+                raise OSError(e.errno, e.strerror, path) from None
         yield tmp
     finally:
         with uninterrupted(), contextlib.suppress(FileNotFoundError):

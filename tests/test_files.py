@@ -157,6 +157,13 @@ def test_a_directory_swept_of_dead_writers_leftovers(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(name for name, kept in names.items() if kept)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be made")
+def test_a_file_that_cannot_be_made_is_named_as_the_user_named_it():
+    with pytest.raises(OSError) as error:
+        files.write_json("/proc/options.json", {})
+    assert error.value.filename == "/proc/options.json"
+
+
 def test_a_long_name_gets_a_temporary_name_that_fits(tmp_path):
     target = tmp_path / ("é" * 120 + ".hdf5")  # 245 bytes: room for no suffix of its own
     files.write_bytes({str(target): b"x"})

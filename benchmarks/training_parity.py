@@ -309,7 +309,9 @@ def heldout_perplexities(record: Record, trainer, runs: dict, corpus: str) -> di
     share = bool(record.options.get("share_embedding_softmax", False))
     out = {"after_step": step}
     for name, v in variables.items():
-        r = evaluation.evaluate(config, corpus, (tf_variables.params_from_tf(v, trainer.options, share), options, tokens))
+        trained = model_files.Trained(tf_variables.params_from_tf(v, trainer.options, share), options, tokens,
+                                      config.data.vocab_file, name)
+        r = evaluation.evaluate(config, corpus, trained, diagnosed=False)
         out[name] = {k: r[k] for k in ("perplexity", "forward_perplexity", "backward_perplexity")}
     return out
 

@@ -12,8 +12,8 @@ options fields (JSON values), --elmojax elmojax config fields. Both trained mode
 (full softmax, state carried, every heldout token once), from the zero LSTM state, as
 embeddings start, and again from the state training left the LSTMs in (carry_perplexity: the
 model's quality apart from where it starts); bilm-tf's own test() figure (batch 256, unroll 1,
-which leaves out the tails of the last sentences of its 256 rows) is recorded beside them. A run's line also says whether its model blew up: heldout perplexity above
-the unigram baseline of the heldout targets (elmojax.evaluation.blown_up). Appends one JSON line per
+which leaves out the tails of the last sentences of its 256 rows) is recorded beside them. A run's line also says whether its model blew up (the verdict of
+elmojax.evaluation.diagnose, which compares the two). Appends one JSON line per
 run to --out (runs already there are skipped, so a stopped sweep resumes) and prints the
 summary: per implementation the median, min and max, and the blown-up seeds.
 """
@@ -64,14 +64,18 @@ def corpus_config(options: dict, corpus: str, seed: int, source: str, overrides:
 def evaluate(config, corpus: str, params: dict, options: dict, carry: dict) -> dict:
     """elmojax's heldout evaluation of params trained on the corpus (whose vocab.txt they index):
     from the zero LSTM state (what embeddings start from), and from `carry`, the state training
-    left the LSTMs in (carry_* figures)."""
+    left the LSTMs in (carry_* figures), with the verdict of elmojax.evaluation.diagnose given
+    both (blown_up: "broken")."""
     from elmojax import evaluation, model_files
 
     vocab = model_files.load_vocab(config)
-    trained = (params, options, [vocab.id_to_word(i) for i in range(vocab.size)])
-    result = evaluation.evaluate(config, corpus, trained)
+    trained = model_files.Trained(params, options, [vocab.id_to_word(i) for i in range(vocab.size)],
+                                  config.data.vocab_file, corpus)
+    result = evaluation.evaluate(config, corpus, trained, diagnosed=False)
     from_carry = evaluation.evaluate(config, corpus, trained, initial_state=carry)
     result.update({f"carry_{k}": from_carry[k] for k in ("perplexity", "forward_perplexity", "backward_perplexity")})
+    health = evaluation.diagnose(result, from_carry, config.train.state_reset_probability)
+    result.update(health=health.verdict, blown_up=health.verdict == "broken")
     return result
 
 
@@ -125,7 +129,7 @@ def _spread(values: list) -> dict:
 
 def summary(runs: list[dict]) -> dict:
     """Per implementation: the heldout perplexity's median, min and max over all seeds and over
-    those not blown up (elmojax.evaluation.blown_up), the same from the training carry, and the
+    those not blown up (elmojax.evaluation.diagnose), the same from the training carry, and the
     blown-up seeds; then elmojax's medians over bilm-tf's."""
     out = {}
     for implementation in IMPLEMENTATIONS:
@@ -159,7 +163,7 @@ def main(argv=None) -> dict:
 
     elmojax.setup()  # the process-wide settings the command lines apply
 
-    from elmojax import evaluation, files
+    from elmojax import files
 
     options = files.read_json(args.options)
     for item in args.set:
@@ -184,8 +188,7 @@ def main(argv=None) -> dict:
                 result = run_elmojax(options, args.corpus, seed, args.options, overrides)
             else:
                 result = run_bilm_tf(options, args.corpus, seed, args.tf_python)
-            run = {**label, "implementation": implementation, "seed": seed, **result,
-                   "blown_up": evaluation.blown_up(result)}
+            run = {**label, "implementation": implementation, "seed": seed, **result}
             runs.append(run)
             with open(args.out, "a") as f:
                 f.write(json.dumps(run) + "\n")

@@ -7,7 +7,9 @@
 
 Saves are synchronous: when `save` returns, the step is on disk, so a kill loses at most what
 was trained since. A newest step that cannot be read (a damaged disk, a copy cut short) is
-passed over with a warning for the one before it.
+passed over with a warning for the one before it. A step that reads but holds another model
+(its arrays' shapes, from orbax's metadata, are not this run's) is not damaged: restore raises
+a CheckpointError naming the first differing array before reading any, and changes nothing.
 
 meta records the params' layout (PARAMS_LAYOUT). Checkpoints written before the LSTM's
 directions were stacked on a leading axis (no `params_layout`: forward_lstm/ and backward_lstm/
@@ -16,6 +18,7 @@ params) are restored in their own layout and stacked as they are read.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -25,6 +28,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src import asyncio_utils
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,29 @@ class CheckpointError(ValueError):
     """A checkpoint could not be written or read; the message is one line for the user."""
 
 
+def _run_until_all_done(coro):
+    """orbax's way of running a coroutine in a fresh event loop, except that the loop is closed
+    only once every task in it has finished. orbax's own closes it as soon as the first array
+    read fails, and the reads still in flight then report "Event loop is closed" from
+    TensorStore's threads, hundreds of traceback lines for one damaged file."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            pending = asyncio.all_tasks(loop)
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+if hasattr(asyncio_utils, "_run_sync_via_new_loop"):  # (orbax 0.12; elsewhere nothing to mend)
+    asyncio_utils._run_sync_via_new_loop = _run_until_all_done
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
@@ -50,8 +77,10 @@ def _data_handler() -> ocp.JsonCheckpointHandler:
 
 
 def _manager(workdir: str, keep: Optional[int] = None, read_only: bool = False) -> ocp.CheckpointManager:
-    # read_only: nothing is created or cleaned up (orbax's own read_only option logs at every use)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
+    # read_only: nothing is created (orbax's own read_only option logs at every use). orbax's
+    # clean-up of unfinished saves runs in a thread that outlives a run stopped at once (a
+    # traceback at exit); Checkpointer does it itself instead.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, cleanup_tmp_directories=False,
                                            enable_async_checkpointing=False)
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(), "data": _data_handler()}
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
@@ -75,6 +104,8 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3):
         self.workdir = workdir
         self._manager = _manager(workdir, keep)
+        if jax.process_index() == 0:
+            self._remove_unfinished()  # a save cut short by a kill
 
     def save(self, step: int, state: Any, meta: dict, data_position: dict) -> None:
         """Writes the step; on failure (a full disk, say) removes what it wrote and raises a
@@ -108,10 +139,14 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
     def set_aside(self, step: int) -> str:
-        """Renames a damaged step's directory (to DAMAGED_PREFIX + step): kept for a look, and
-        out of the way of the step's next save."""
+        """Renames a damaged step's directory (to DAMAGED_PREFIX + step, or + step.N if that is
+        taken): kept for a look, and out of the way of the step's next save. Returns its new path."""
         directory = checkpoint_dir(self.workdir)
         target = os.path.join(directory, f"{DAMAGED_PREFIX}{step}")
+        n = 1
+        while os.path.exists(target):
+            target = os.path.join(directory, f"{DAMAGED_PREFIX}{step}.{n}")
+            n += 1
         if jax.process_index() == 0:
             os.replace(os.path.join(directory, str(step)), target)
         self._manager.reload()
@@ -127,23 +162,74 @@ def _megabytes(n: int) -> str:
 
 
 def _reason(error: Exception) -> str:
-    """What went wrong, briefly: the operating system's words where it says."""
+    """What went wrong, briefly: the operating system's words where it says, else TensorStore's
+    innermost error (orbax wraps it in a message holding the whole TensorStore spec)."""
     code = re.search(r"os_error_code='?(\d+)", str(error))
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     if code:
         return os.strerror(int(code.group(1)))
-    return " ".join(str(error).split())[:300] or type(error).__name__
+    innermost = error
+    while innermost.__cause__ is not None or innermost.__context__ is not None:
+        innermost = innermost.__cause__ or innermost.__context__
+    text = " ".join(str(innermost if "TensorStore" in str(error) else error).split())
+    text = re.sub(r' in OCDBT database at local file "[^"]*"', "", text)
+    return text[:300] or type(error).__name__
 
 
-def restore(workdir: str, abstract_state: Callable[[dict], Any], on_damaged: Optional[Callable[[int], None]] = None
+def _paths(tree: Any) -> dict[str, tuple]:
+    """{'params/softmax/W': shape} for every array of a tree (abstract or orbax's metadata)."""
+    def name(entry) -> str:
+        return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
+
+    return {"/".join(map(name, path)): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if hasattr(leaf, "shape")}
+
+
+def _mismatch(manager: ocp.CheckpointManager, step: int, abstract: Any) -> Optional[str]:
+    """The first array whose shape in the checkpoint's metadata differs from the abstract
+    state's (or that only one of them has), as one phrase; None if all agree."""
+    stored = manager.item_metadata(step)["state"]
+    saved, ours = _paths(getattr(stored, "tree", stored)), _paths(abstract)
+    for path in sorted(set(saved) | set(ours)):
+        if saved.get(path) != ours.get(path):
+            then = saved[path] if path in saved else "nothing"
+            now = ours[path] if path in ours else "nothing"
+            return f"{path} is {then} in the checkpoint and {now} in this run"
+    return None
+
+
+def read_meta(workdir: str) -> Optional[dict]:
+    """The metadata (config, options.json, global batch size) of the workdir's newest checkpoint
+    whose metadata reads; None if there is none. Reads no arrays."""
+    found = steps(workdir)
+    if not found:
+        return None
+    manager = _manager(workdir, read_only=True)
+    try:
+        for step in reversed(found):
+            try:
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            except Exception:  # a damaged step: the one before it may do
+                continue
+            if isinstance(meta, dict) and "config" in meta:
+                return meta
+    finally:
+        manager.close()
+    return None
+
+
+def restore(workdir: str, abstract_state: Callable[[dict], Any], on_damaged: Optional[Callable[[int], str]] = None
             ) -> tuple[int, Any, dict, Optional[dict]]:
     """(step, state, meta, this process's data position) of the newest checkpoint that reads.
 
     `abstract_state(meta)` gives the structure, shapes and shardings to restore the state into
-    (jax.ShapeDtypeStruct leaves). A newest step that fails to read is reported with a warning
-    and `on_damaged(step)` is called, then the step before it is tried; if none reads, a
-    CheckpointError names the first failure, and nothing is changed.
+    (jax.ShapeDtypeStruct leaves); it may raise a CheckpointError to refuse the checkpoint. A
+    step whose arrays have other shapes (another model or vocabulary) is refused the same way,
+    before anything is read. A step that fails to read (proven damage) is passed over for the
+    one before it; once one reads, each step passed over is named in a warning and given to
+    `on_damaged(step)` (which returns where it put it). If none reads, a CheckpointError names
+    the first failure, and nothing is changed.
     """
     found = steps(workdir)
     if not found:
@@ -160,6 +246,10 @@ def restore(workdir: str, abstract_state: Callable[[dict], Any], on_damaged: Opt
                 per_direction = meta.get("params_layout") != PARAMS_LAYOUT
                 if per_direction:
                     abstract = split_directions(abstract)
+                mismatch = _mismatch(manager, step, abstract)
+                if mismatch:
+                    raise CheckpointError(f"{checkpoint_dir(workdir)}: checkpoint step {step} holds another model "
+                                          f"than this run's ({mismatch}); nothing was changed")
                 items = {"state": ocp.args.StandardRestore(abstract)}
                 has_data = os.path.isdir(os.path.join(checkpoint_dir(workdir), str(step), "data"))
                 if has_data:
@@ -168,13 +258,12 @@ def restore(workdir: str, abstract_state: Callable[[dict], Any], on_damaged: Opt
             except CheckpointError:
                 raise
             except Exception as e:  # orbax and tensorstore raise many kinds; each means this step is unusable
-                reason = _reason(e)
-                failures.append((step, reason))
-                log.warning("warning: checkpoint step %d in %s cannot be read (%s); trying the one before it",
-                            step, checkpoint_dir(workdir), reason)
-                if on_damaged is not None:
-                    on_damaged(step)
+                failures.append((step, _reason(e)))
                 continue
+            for damaged, reason in failures:  # set aside only once an older step has read
+                moved = on_damaged(damaged) if on_damaged is not None else None
+                log.warning("warning: checkpoint step %d in %s cannot be read (%s)%s; using step %d", damaged,
+                            checkpoint_dir(workdir), reason, f"; set aside as {moved}" if moved else "", step)
             data_position = restored.data if has_data else meta.get("data")
             state = stack_directions(restored.state) if per_direction else restored.state
             if per_direction:

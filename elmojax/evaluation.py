@@ -1,40 +1,90 @@
 """Heldout evaluation: perplexity with the full softmax, and the check that a model is not broken.
 
 `evaluate` scores every heldout token once, the LSTM state carried from batch to batch as in
-training. `blown_up` and `health_warning` tell a user when a model scores far worse than it
-should (benchmarks/TRAINING.md, "Why a model blows up").
+training. `diagnose` tells a user when a model is broken, and only then (benchmarks/TRAINING.md,
+"Why a model blows up", calibrates it):
+
+  broken       the zero-state trap, proven: a direction's perplexity from the zero LSTM state
+               (where evaluation and embeddings start) TRAP_RATIO times or more its perplexity
+               from the state training ended in (the carry, which a workdir's checkpoint holds);
+               or a direction DIRECTION_LIMIT times the other one, or UNIFORM_LIMIT times a
+               uniform guess over the vocabulary (orders of magnitude off, trap or not)
+  suspect      without a carry to tell: a direction SUSPECT_RATIO times the other one (a note)
+  undertrained a direction that does not beat a unigram model of the training data (a note:
+               train longer)
+  healthy      none of these
+
+The unigram baseline is fitted on the training data (its first shards, up to BASELINE_TOKENS
+words; add-one smoothing over the vocabulary), never on the heldout text it is compared on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
 from typing import Optional
 
 import jax
 import ml_collections
 import numpy as np
 
-from elmojax import config as config_lib, data
-from elmojax.model_files import load_trained, load_vocab, local_model, trained_vocab_file, vocab_tokens
+from elmojax import config as config_lib, data, runconfig
+from elmojax.data.shards import encode_shard
+from elmojax.model_files import Trained, load_trained, load_vocab, local_model, trained_vocab_file, vocab_tokens
 from elmojax.trainer import Trainer, local_mesh
+
+log = logging.getLogger(__name__)
+
+BASELINE_TOKENS = 2_000_000  # training words the unigram baseline is counted on (whole shards, at least one)
+
+
+def training_unigram(train_prefix: str, vocab) -> Optional[tuple[np.ndarray, list[str]]]:
+    """(counts of each vocabulary id as a forward target, the shards counted) over the first
+    shards of the training data, up to BASELINE_TOKENS words; None without training data."""
+    try:
+        shards = data.list_shards(train_prefix) if train_prefix else []
+    except FileNotFoundError:
+        shards = []
+    counts, used, words = np.zeros(vocab.size, np.int64), [], 0
+    for path in shards:
+        shard = encode_shard(path, vocab, spell=False)
+        ids = shard.words[:-1]
+        counts += np.bincount(ids[ids >= 0], minlength=vocab.size)
+        counts[vocab.eos] += shard.n  # each sentence's </S>
+        used.append(path)
+        words += len(ids)
+        if words >= BASELINE_TOKENS:
+            break
+    return (counts, used) if used else None
+
+
+def unigram_perplexity(train_counts: np.ndarray, heldout_counts: np.ndarray) -> float:
+    """The heldout targets' perplexity under the training data's unigram model (add-one)."""
+    log_p = np.log((train_counts + 1.0) / (train_counts.sum() + len(train_counts)))
+    return float(np.exp(-np.dot(heldout_counts, log_p) / heldout_counts.sum()))
 
 
 class Evaluator:
     """Heldout perplexity of one model's params with the full softmax, every heldout token
     counted once, the LSTM state carried from batch to batch; its eval step compiles once for
-    all the evaluations of a run. `config` is the model's, `vocab` its vocabulary."""
+    all the evaluations of a run. `config` is the model's, `vocab` its vocabulary;
+    `train_prefix` the training data the unigram baseline is counted on ("" for none)."""
 
     def __init__(self, config: ml_collections.ConfigDict, vocab, heldout_prefix: str, batch_size: int,
-                 unroll_steps: int):
+                 unroll_steps: int, train_prefix: str = ""):
         if not heldout_prefix:
             raise ValueError("no heldout data: set --config.data.heldout_prefix=GLOB")
         self.config, self.vocab, self.heldout_prefix, self.unroll_steps = config, vocab, heldout_prefix, unroll_steps
+        self.heldout_files = data.list_shards(heldout_prefix)
         self.trainer = Trainer(config, vocab.size, local_mesh())
         self.batch_size = -(-batch_size // self.trainer.n_devices) * self.trainer.n_devices
+        self.baseline = training_unigram(train_prefix, vocab)
 
     def __call__(self, params, initial_state: Optional[dict] = None) -> dict:
-        """The result for `params`: perplexity overall and by direction, tokens, the unigram
-        baseline and whether the model is blown up. The LSTMs start from zero state (as
-        embeddings do), or from `initial_state`, a carry whose batch size is then the
+        """The result for `params`: perplexity overall and by direction, the heldout files and
+        tokens scored, and the training data's unigram baseline. The LSTMs start from zero
+        state (as embeddings do), or from `initial_state`, a carry whose batch size is then the
         evaluation's (e.g. where training left the LSTMs)."""
         trainer, vocab = self.trainer, self.vocab
         batch_size = self.batch_size if initial_state is None else jax.tree.leaves(initial_state)[0].shape[0]
@@ -56,83 +106,165 @@ class Evaluator:
             raise ValueError(f"{self.heldout_prefix}: no heldout tokens")
         mean_losses = {d: s / n for d, (s, n) in totals.items()}
         result = {"perplexity": float(np.exp(np.mean(list(mean_losses.values())))),
-                  "tokens": int(totals["forward"][1]),
-                  # a unigram model fit to the heldout targets themselves: a baseline to beat
-                  "unigram_perplexity": _unigram_perplexity(target_counts)}
-        for direction, loss in mean_losses.items():
-            result[f"{direction}_perplexity"] = float(np.exp(loss))
-        if "backward_perplexity" not in result:
-            result["backward_perplexity"] = None
-        result["blown_up"] = blown_up(result)
+                  "forward_perplexity": float(np.exp(mean_losses["forward"])),
+                  "backward_perplexity": float(np.exp(mean_losses["backward"])) if "backward" in mean_losses else None,
+                  "tokens": int(totals["forward"][1]), "heldout_files": self.heldout_files,
+                  "vocab_size": vocab.size, "unigram_perplexity": None, "unigram_files": []}
+        if self.baseline is not None:
+            result["unigram_perplexity"] = unigram_perplexity(self.baseline[0], target_counts)
+            result["unigram_files"] = self.baseline[1]
         return result
 
 
-def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[tuple] = None,
-             initial_state: Optional[dict] = None) -> dict:
-    """The Evaluator's result for the model in `path` (a workdir or an exported weight file) on
-    config.data.heldout_prefix; `trained` (params, options.json dict, vocabulary) stands for
-    what `path` holds, if given."""
+def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[Trained] = None,
+             initial_state: Optional[dict] = None, diagnosed: bool = True) -> dict:
+    """The Evaluator's result for the model in `path` (a workdir, an exported weight file or a
+    bilm-tf checkpoint, whose vocabulary is config.data.vocab_file where none lies beside it)
+    on config.data.heldout_prefix, with `model` (and `step` for a workdir); `trained` stands
+    for what `path` holds, if given. Unless `initial_state` is given, the result is
+    `diagnose`d too (a workdir's model scored again from its checkpoint's carry if it does not
+    look healthy), with `health`, `blown_up` and the line to print (`health_line`)."""
     path = local_model(path)
-    params, options_d, tokens = trained or load_trained(path, config.init_softmax_from)
-    model_config = config_lib.config_from_options_json(options_d, source=path)
+    if trained is None:
+        trained = load_trained(path, config.init_softmax_from, vocab_file=config.data.vocab_file,
+                               with_carry=diagnosed and initial_state is None)
+    model_config = config_lib.config_from_options_json(trained.options, source=path)
     model_config.train.matmul_precision = config.train.matmul_precision
-    vocab = load_vocab(model_config, trained_vocab_file(path))
-    if vocab_tokens(vocab) != tokens:
-        raise ValueError(f"{path}: its vocabulary file does not match the softmax's vocabulary")
+    if trained.vocab_file is None:
+        raise ValueError(f"{path}: no vocabulary file beside it ({trained_vocab_file(path)}); evaluation reads one")
+    vocab = load_vocab(model_config, trained.vocab_file)
+    if vocab_tokens(vocab) != trained.vocab:
+        raise ValueError(f"{trained.vocab_file}: not the vocabulary of {path}'s softmax")
+    log.info("evaluating %s%s on %s", path, f" (step {trained.step})" if trained.step is not None else "",
+             config.data.heldout_prefix)
     evaluator = Evaluator(model_config, vocab, config.data.heldout_prefix, config.eval.batch_size,
-                          config.eval.unroll_steps)
-    return evaluator(params, initial_state)
+                          config.eval.unroll_steps, config.data.train_prefix)
+    result = {"model": path, "step": trained.step, **evaluator(trained.params, initial_state)}
+    if initial_state is None and diagnosed:
+        health = diagnose(result)
+        if health.needs_carry and trained.carry is not None:
+            health = diagnose(result, evaluator(trained.params, trained.carry), _resets(path))
+        result.update(health.fields())
+    return result
+
+
+def _resets(path: str) -> Optional[float]:
+    """The state reset probability a workdir's run trains with (None where not known)."""
+    stored = runconfig.stored(path) if os.path.isdir(path) else None
+    return None if stored is None else float(stored.train.get("state_reset_probability", 0.0))
 
 
 def summary(result: dict) -> str:
     """An evaluation's result as one line."""
     backward = result["backward_perplexity"]
+    baseline = result.get("unigram_perplexity")
     return (f"heldout perplexity {result['perplexity']:.2f} (forward {result['forward_perplexity']:.2f}"
             + (f", backward {backward:.2f}" if backward is not None else "")
-            + f") over {result['tokens']} tokens; unigram baseline {result['unigram_perplexity']:.2f}")
+            + f") over {result['tokens']} tokens of {_files(result['heldout_files'])}"
+            + (f"; unigram baseline of the training data {baseline:.2f}" if baseline is not None else ""))
 
 
-# A direction whose heldout perplexity is this many times the other's has gone wrong: healthy
-# forward and backward LMs score within a few percent of each other.
-DIRECTION_RATIO_LIMIT = 1.2
+def _files(paths: list[str]) -> str:
+    return paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]} ... {paths[-1]})"
 
 
-def blown_up(result: dict) -> bool:
-    """Whether an evaluation's result shows a broken model: a direction's heldout perplexity
-    above the unigram baseline (what a model of word frequencies alone would score), or
-    DIRECTION_RATIO_LIMIT times the other direction's."""
-    scores = [result[f"{d}_perplexity"] for d in ("forward", "backward") if result.get(f"{d}_perplexity") is not None]
-    return max(scores) > result["unigram_perplexity"] or max(scores) > DIRECTION_RATIO_LIMIT * min(scores)
+# Calibrated on the 160 seed runs of benchmarks/TRAINING.md (see its section 3): from zero state
+# against the training carry, the healthy runs' directions are within 1.03 of their carry's and
+# the trapped ones 1.235 or more above it; the healthy runs' two directions are within 1.13 of
+# each other, the trapped ones 1.24 apart or more.
+TRAP_RATIO = 1.15       # zero-state / carry perplexity of a direction: the trap, proven
+DIRECTION_LIMIT = 10.0  # one direction this many times the other: broken, trap or not
+UNIFORM_LIMIT = 2.0     # this many times a uniform guess over the vocabulary: broken
+SUSPECT_RATIO = 1.2     # without a carry: one direction this many times the other is worth a note
+
+REFERENCE = 'README, "When a model blows up"'
 
 
-def health_warning(result: dict, from_carry: Optional[dict] = None) -> Optional[str]:
-    """For an evaluation that shows a broken model (blown_up), one line that says so, with the
-    perplexities, why and what to do; None otherwise. `from_carry`, the evaluation from the
-    LSTM state training ended in, tells the zero-state trap (a model fine from there) from a
-    model that did not learn."""
-    if not blown_up(result):
-        return None
-    scores = {d: result[f"{d}_perplexity"] for d in ("forward", "backward") if result.get(f"{d}_perplexity") is not None}
+@dataclasses.dataclass
+class Health:
+    """What an evaluation says of a model: `verdict` (healthy, undertrained, suspect, broken),
+    the line to print (None when healthy), whether scoring it from its training carry would
+    tell more (`needs_carry`), and the carry's perplexities if it was."""
+    verdict: str
+    line: Optional[str] = None
+    needs_carry: bool = False
+    from_carry: Optional[dict] = None
+
+    def fields(self) -> dict:
+        """The result's fields for it."""
+        out = {"health": self.verdict, "blown_up": self.verdict == "broken", "health_line": self.line}
+        if self.from_carry is not None:
+            out.update({f"carry_{d}_perplexity": self.from_carry.get(f"{d}_perplexity") for d in ("forward", "backward")})
+        return out
+
+
+def _directions(result: dict) -> dict[str, float]:
+    return {d: result[f"{d}_perplexity"] for d in ("forward", "backward") if result.get(f"{d}_perplexity") is not None}
+
+
+def _far_off(scores: dict[str, float], vocab_size: int) -> Optional[str]:
+    """Why one of these perplexities is orders of magnitude off, or None."""
     worst = max(scores, key=scores.get)
-    line = (f"warning: the {worst} LM is broken: heldout perplexity {scores[worst]:.6g} ("
-            + ", ".join(f"{d} {p:.6g}" for d, p in scores.items())
-            + f"; unigram baseline {result['unigram_perplexity']:.6g})")
-    trap = ("from the zero LSTM state that evaluation and embeddings start from, it falls into a state that "
-            "training, which carries the state from batch to batch, never visits. ")
-    if from_carry is None:
-        return f"{line}. If its sampled-softmax training perplexity looked normal, {trap}{REMEDY}"
-    carried = from_carry[f"{worst}_perplexity"]
-    if blown_up(from_carry):
-        return (f"{line}, and {carried:.6g} from the LSTM state training ended in: it has not learnt; train it "
-                f"longer (or with a smaller learning rate).")
-    return f"{line}, but {carried:.6g} from the LSTM state training ended in: {trap}{REMEDY}"
+    if scores[worst] > UNIFORM_LIMIT * vocab_size:
+        return f"worse than a uniform guess over its {vocab_size} tokens"
+    if len(scores) == 2 and scores[worst] > DIRECTION_LIMIT * min(scores.values()):
+        other = min(scores, key=scores.get)
+        return f"{scores[worst] / scores[other]:.3g} times the {other} LM's"
+    return None
 
 
-# What health_warning advises for the zero-state trap (see README, "When a model blows up").
-REMEDY = ("Do not use it: train again with --config.train.state_reset_probability=0.05 (each row's carried LSTM "
-          "state is zeroed now and then, so that the model learns to start from it), or with another seed.")
+def diagnose(result: dict, from_carry: Optional[dict] = None, state_resets: Optional[float] = None) -> Health:
+    """The Health of an evaluation's result (see the module docstring). `from_carry` is the same
+    model's evaluation from the LSTM state training ended in, if there is one; `state_resets`
+    the probability its training reset the carry with (None: unknown), for the advice."""
+    scores = _directions(result)
+    worst = max(scores, key=scores.get)
+    listed = ", ".join(f"{d} {p:.6g}" for d, p in scores.items())
+    if from_carry is not None:
+        carried = _directions(from_carry)
+        far = _far_off(carried, result["vocab_size"])
+        if far:
+            bad = max(carried, key=carried.get)
+            return Health("broken", f"warning: the {bad} LM is broken: heldout perplexity {carried[bad]:.6g} from the "
+                          f"LSTM state training ended in, {far} (from zero state: {listed}): it has not learnt. Do not "
+                          f"use it: train it again, with a smaller --config.train.learning_rate or another seed.",
+                          from_carry=from_carry)
+        trapped = {d: scores[d] / carried[d] for d in scores if scores[d] >= TRAP_RATIO * carried[d]}
+        if trapped:
+            bad = max(trapped, key=trapped.get)
+            return Health("broken", f"warning: the {bad} LM is broken: heldout perplexity {scores[bad]:.6g} from the "
+                          f"zero LSTM state, where evaluation and embeddings start, but {carried[bad]:.6g} from the "
+                          f"state training ended in: from zero it falls into a state that training, which carries "
+                          f"the state from batch to batch, never visits ({REFERENCE}). {_trap_advice(state_resets)}",
+                          from_carry=from_carry)
+    else:
+        far = _far_off(scores, result["vocab_size"])
+        if far:
+            return Health("broken", f"warning: the {worst} LM is broken: heldout perplexity {scores[worst]:.6g}, "
+                          f"{far} ({listed}). Do not use it. A direction this far off has fallen into the zero-state "
+                          f"trap ({REFERENCE}) or has not learnt; evaluating the workdir it was trained in, whose "
+                          f"checkpoints hold the state training ended in, tells which.", needs_carry=True)
+        if len(scores) == 2 and scores[worst] > SUSPECT_RATIO * min(scores.values()):
+            other = min(scores, key=scores.get)
+            return Health("suspect", f"note: from the zero LSTM state the {worst} LM scores {scores[worst] / scores[other]:.3g} "
+                          f"times the {other} LM ({listed}); in a trained model that is a sign of the zero-state trap "
+                          f"({REFERENCE}), which evaluating the workdir it was trained in (its checkpoints hold the "
+                          f"state training ended in) confirms or rules out.", needs_carry=True)
+    baseline = result.get("unigram_perplexity")
+    if baseline is not None and scores[worst] > baseline:
+        return Health("undertrained", f"note: the {worst} LM does not yet beat a unigram model of the training data "
+                      f"(heldout perplexity {scores[worst]:.6g} against {baseline:.6g}): train it longer.",
+                      from_carry=from_carry)
+    return Health("healthy", from_carry=from_carry)
 
 
-def _unigram_perplexity(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / counts.sum()
-    return float(np.exp(-np.sum(p * np.log(p))))
+def _trap_advice(state_resets: Optional[float]) -> str:
+    if state_resets is None:
+        return ("Do not use it; train again with state resets (elmojax: --config.train.state_reset_probability=0.05) "
+                "or another seed.")
+    if state_resets == 0:
+        return ("Do not use it: train again with --config.train.state_reset_probability=0.05 (each row's carried LSTM "
+                "state is zeroed now and then, so that the model learns to start from it), or with another seed.")
+    return (f"Do not use it: it fell in although its training reset the state with probability {state_resets:g}; the "
+            f"trap comes and goes from checkpoint to checkpoint, so train on, or again with another seed or a higher "
+            f"--config.train.state_reset_probability.")

@@ -33,11 +33,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from elmojax import checkpoint, config as config_lib, data, files
-from elmojax.evaluation import Evaluator, evaluate, health_warning, summary
+from elmojax import checkpoint, config as config_lib, data, files, runconfig
+from elmojax.evaluation import Evaluator, diagnose, evaluate, summary
 from elmojax.metrics import MetricsWriter
 from elmojax.options import BiLMOptions
-from elmojax.model_files import VOCAB_FILE, architecture_difference, export, init_from, load_vocab, vocab_tokens
+from elmojax.model_files import (VOCAB_FILE, Trained, architecture_difference, export, init_from, load_vocab,
+                                 vocab_tokens)
 from elmojax.step import TrainState
 from elmojax.trainer import Trainer
 from elmojax.vocab import Vocabulary
@@ -135,6 +136,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"{workdir}: the workdir is a file, not a directory")
     vocab = load_vocab(config)
+    _check_run(workdir, config, vocab)
     trainer = Trainer(config, vocab.size)
     run_plan = plan(config, trainer.batch_size)
     # Each process reads its own share of the shards and feeds its rows of the global batch.
@@ -159,11 +161,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                          f"(a finished run can still be evaluated or exported from it)") from None
 
 
+def _check_run(workdir: str, config: ml_collections.ConfigDict, vocab: Vocabulary) -> None:
+    """The config against the run already in the workdir, if there is one (runconfig.reconcile),
+    before anything is restored."""
+    if not os.path.isdir(workdir):
+        return
+    has_checkpoints = bool(checkpoint.steps(workdir))
+    vocab_copy = os.path.join(workdir, VOCAB_FILE)
+    stored_vocab = None
+    if has_checkpoints:
+        if not os.path.isfile(vocab_copy):
+            raise ValueError(f"{vocab_copy}: missing; it is the vocabulary the run in {workdir} was trained with "
+                             f"(copy it back, e.g. from an export's vocab.txt)")
+        stored_vocab = vocab_tokens(Vocabulary(vocab_copy))
+    runconfig.reconcile(workdir, config, vocab_tokens(vocab), stored_vocab, has_checkpoints)
+
+
 def _start(config, workdir: str, trainer: Trainer, vocab, dataset, checkpointer) -> TrainState:
     """The newest readable checkpoint's state, with the dataset moved to its position; or a
-    fresh state, with the vocabulary and options.json written into the workdir."""
+    fresh state, with the vocabulary and options.json written into the workdir. The config
+    goes into the workdir either way (what a resumed run changed included)."""
     vocab_copy = os.path.join(workdir, VOCAB_FILE)
     ours = config_lib.options_json(config, vocab.size)
+    if jax.process_index() == 0:
+        runconfig.save(workdir, config)
     if checkpoint.steps(workdir):
         def abstract_state(meta: dict):
             if meta["global_batch_size"] != trainer.batch_size:
@@ -177,9 +198,6 @@ def _start(config, workdir: str, trainer: Trainer, vocab, dataset, checkpointer)
             return trainer.abstract_state()
 
         step, state, _, position = checkpoint.restore(workdir, abstract_state, on_damaged=checkpointer.set_aside)
-        if vocab_tokens(Vocabulary(vocab_copy)) != vocab_tokens(vocab):
-            raise ValueError(f"{config.data.vocab_file}: not the vocabulary the checkpoint in {workdir} was "
-                             f"trained with")
         if position is None:
             raise ValueError(f"{workdir}: checkpoint step {step} holds no data position for process "
                              f"{jax.process_index()}")
@@ -297,16 +315,21 @@ class Loop:
         if self.evaluator is None:
             ec = self.config.eval
             self.evaluator = Evaluator(self.config, self.dataset.vocab, self.config.data.heldout_prefix,
-                                       ec.batch_size, ec.unroll_steps)
+                                       ec.batch_size, ec.unroll_steps, self.config.data.train_prefix)
         started = time.monotonic()
-        result = self.evaluator(_local_params(state))
+        params = _local_params(state)
+        result = self.evaluator(params)
+        health = diagnose(result)
+        if health.needs_carry and jax.process_count() == 1:  # (with several, the carry's rows are spread out)
+            health = diagnose(result, self.evaluator(params, jax.device_get(state.lstm_state)),
+                              self.config.train.state_reset_probability)
         self._exclude_from_timing(time.monotonic() - started)
         log.info("step %d  %s", step, summary(result))
         self.writer.scalars(step, {f"heldout/{name}": result[name] for name in
                                    ("perplexity", "forward_perplexity", "backward_perplexity")
                                    if result[name] is not None})
-        if result["blown_up"]:
-            log.warning("step %d  %s", step, health_warning(result))
+        if health.line:
+            (log.warning if health.verdict == "broken" else log.info)("step %d  %s", step, health.line)
 
     def save(self, step: int, state: TrainState) -> None:
         """Checkpoints the state after checking every step up to it: a run that diverged is never
@@ -340,16 +363,16 @@ def after_training(config: ml_collections.ConfigDict, workdir: str, state: Train
     lines = []
     if jax.process_index() != 0:  # process 0 evaluates and exports on its own devices
         return lines
-    vocab = vocab_tokens(Vocabulary(os.path.join(workdir, VOCAB_FILE)))
-    trained = (_local_params(state), config_lib.options_json(config, len(vocab)), vocab)
+    vocab_file = os.path.join(workdir, VOCAB_FILE)
+    # (with several processes, the carry's rows are spread over them: no carry to check against)
+    carry = jax.device_get(state.lstm_state) if jax.process_count() == 1 else None
+    trained = Trained(_local_params(state), config_lib.options_json(config, Vocabulary(vocab_file).size),
+                      vocab_tokens(Vocabulary(vocab_file)), vocab_file, workdir, int(state.step), carry)
     if config.data.heldout_prefix:
         result = evaluate(config, workdir, trained)
         lines.append(summary(result))
-        if result["blown_up"]:
-            from_carry = None
-            if jax.process_count() == 1:  # (with several, the carry's rows are spread over the processes)
-                from_carry = evaluate(config, workdir, trained, initial_state=jax.device_get(state.lstm_state))
-            lines.append(health_warning(result, from_carry))
+        if result["health_line"]:
+            lines.append(result["health_line"])
     if config.export_after_training:
         output = os.path.join(workdir, config.export_after_training)
         exported = export(workdir, output, trained)

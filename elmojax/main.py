@@ -5,8 +5,10 @@
   python -m elmojax.main --mode=evaluate --model=FILE.hdf5 --config.data.heldout_prefix=GLOB
   python -m elmojax.main --mode=export --workdir=DIR --output=FILE.hdf5
 
-Any config field can be overridden: --config.train.batch_size=64. Without --config the bundled
-quickstart config is used. Several processes (hosts) train together when launched with
+Any config field can be overridden: --config.train.batch_size=64. Without --config, a workdir
+that holds a run uses the run's own config (WORKDIR/config.json, with any overrides); a new run
+uses the bundled quickstart config; evaluating or exporting a model file uses the defaults of
+elmojax.config.base_config (name the heldout data with --config.data.heldout_prefix). Several processes (hosts) train together when launched with
 --coordinator_address, --num_processes and --process_id, or as the tasks of a SLURM job step
 (see launch/README.md).
 """
@@ -20,16 +22,21 @@ import re
 import sys
 
 import jax
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 import elmojax
-from elmojax import evaluation, loop, metrics, model_files, runtime
+from elmojax import evaluation, loop, metrics, model_files, runconfig, runtime
 from elmojax.checkpoint import CheckpointError
+from elmojax.config import base_config
+
+log = logging.getLogger(__name__)
 
 _QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
 
-_CONFIG = config_flags.DEFINE_config_file("config", _QUICKSTART, "a config file (configs/*.py)", lock_config=True)
+_CONFIG: flags.FlagHolder  # defined by parse_flags: its default is parsed at once, with the overrides
+_config_given = False      # whether --config was on the command line
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "where checkpoints, logs and the vocabulary go")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "export"], "what to do")
 _MODEL = flags.DEFINE_string("model", None, "evaluate/export: a workdir or an exported weight file "
@@ -48,9 +55,9 @@ def main(argv) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-    config = _CONFIG.value
     model = _MODEL.value or _WORKDIR.value
     try:
+        config = _config(_WORKDIR.value if _MODE.value == "train" else model)
         if _MODE.value == "train":
             state = loop.train(config, _WORKDIR.value)
             for line in loop.after_training(config, _WORKDIR.value, state):
@@ -59,8 +66,10 @@ def main(argv) -> None:
             return  # evaluation and export run in process 0
         elif _MODE.value == "evaluate":
             result = evaluation.evaluate(config, model)
-            if evaluation.health_warning(result):
-                print(evaluation.health_warning(result), file=sys.stderr)
+            log.info("%s", evaluation.summary(result))
+            line = result.pop("health_line")
+            if line:
+                print(line, file=sys.stderr)
             print(metrics.dumps(result))
         else:
             if not _OUTPUT.value:
@@ -77,13 +86,34 @@ def main(argv) -> None:
         sys.exit(1)
 
 
+def _config(path: str) -> ml_collections.ConfigDict:
+    """The config to use: --config's; else the run's own when `path` is a workdir holding one;
+    else the quickstart's for a new run, base_config's for a model file (with the overrides)."""
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    if _config_given:
+        return _CONFIG.value
+    stored = runconfig.stored(path) if os.path.isdir(path) else None
+    if stored is not None:
+        log.info("config: the run's own (%s)%s", runconfig.config_file(path) if os.path.isfile(
+            runconfig.config_file(path)) else "in its checkpoints", f", with {len(overrides)} override(s)" if overrides
+            else "")
+        return runconfig.with_overrides(stored, overrides)
+    if _MODE.value == "train":
+        return _CONFIG.value
+    return runconfig.with_overrides(base_config(), overrides)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad --config file or field reported in one line (exit 2)
     instead of a traceback."""
+    global _CONFIG, _config_given
     config_file = ([a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")] or [None])[-1]  # absl: the last
+    _config_given = any(re.match(r"-{1,2}config(=|$)", a) for a in argv[1:])
     if config_file and not os.path.isfile(config_file.split(":")[0]):
         _usage_error(f"--config={config_file}: no such config file")
     try:
+        _CONFIG = config_flags.DEFINE_config_file("config", _QUICKSTART, "a config file (configs/*.py)",
+                                                  lock_config=True)
         return flags.FLAGS(argv)
     except Exception as e:  # config_flags raises whatever loading or overriding raised
         text = str(e)
@@ -93,6 +123,10 @@ def parse_flags(argv: list[str]) -> list[str]:
                          and key.group(1) in a.split("=", 1)[0].split(".")), "--config")
             hint = re.search(r'Did you mean "([^"]+)"', text)
             _usage_error(f"{flag}: no such config field" + (f" (did you mean '{hint.group(1)}'?)" if hint else ""))
+        if isinstance(e, config_flags.UnsupportedOperationError):
+            field = re.search(r"field config\.([\w.]+)", text)
+            _usage_error(f"--config.{field.group(1) if field else '...'}: this field cannot be set on the command line "
+                         f"(a list); copy the config file, change it there and give it with --config=FILE")
         if "Traceback" in text:  # raised by the config file's get_config: its last line says what
             _usage_error(f"--config={config_file}: {text.strip().splitlines()[-1]}")
         _usage_error(" ".join(text.split()))

@@ -97,17 +97,39 @@ def trained_vocab_file(path: str) -> str:
     return os.path.join(path, VOCAB_FILE) if os.path.isdir(path) else files_beside(path)["vocab"]
 
 
-def load_tf_checkpoint(path: str) -> tuple[tf_variables.TrainingCheckpoint, list[str]]:
-    """A bilm-tf training checkpoint and its vocabulary's tokens."""
+@dataclasses.dataclass
+class Trained:
+    """A trained model as load_trained reads it."""
+    params: dict                    # {"bilm": ..., "softmax": {"W", "b"}} (host arrays)
+    options: dict                   # its options.json, as a dict
+    vocab: Optional[list[str]]      # the softmax rows' tokens; None: a bilm-tf checkpoint without a vocabulary
+    vocab_file: Optional[str]       # the file they were read from (None: an export's softmax file held them)
+    source: str                     # where it was read from
+    step: Optional[int] = None      # a workdir's checkpoint step
+    carry: Optional[dict] = None    # the LSTM state training ended in (a workdir's checkpoint, when asked for)
+
+
+def load_tf_checkpoint(path: str, vocab_file: str = "", need_vocab: bool = True
+                       ) -> tuple[tf_variables.TrainingCheckpoint, Optional[list[str]]]:
+    """A bilm-tf training checkpoint and its vocabulary's tokens: the vocabulary beside it, or
+    else `vocab_file` (said in a log line); with neither, an error if `need_vocab`, else None."""
     trained = tf_variables.read_training_checkpoint(path)
-    if trained.vocab_file is None:
+    vocab = trained.vocab_file
+    if vocab is None and vocab_file:
+        log.info("%s: no vocabulary beside the checkpoint; using %s (--config.data.vocab_file) as its vocabulary",
+                 trained.prefix, vocab_file)
+        vocab = trained.vocab_file = vocab_file
+    if vocab is None:
+        if not need_vocab:
+            return trained, None
         directory = os.path.dirname(trained.prefix) or "."
         raise ValueError(f"{trained.prefix}: no vocabulary beside the checkpoint; copy the one it was trained with "
-                         f"into {directory} as vocab.txt (the released ELMo's: vocab-2016-09-10.txt)")
-    tokens = vocab_tokens(Vocabulary(trained.vocab_file, validate_file=True))
+                         f"into {directory} as vocab.txt (the released ELMo's: vocab-2016-09-10.txt), or give it "
+                         f"with --config.data.vocab_file=FILE")
+    tokens = vocab_tokens(Vocabulary(vocab, validate_file=True))
     rows = trained.params["softmax"]["b"].shape[0]
     if len(tokens) != rows:
-        raise ValueError(f"{trained.vocab_file}: {len(tokens)} tokens, but the checkpoint's softmax has {rows} rows "
+        raise ValueError(f"{vocab}: {len(tokens)} tokens, but the checkpoint's softmax has {rows} rows "
                          f"(n_tokens_vocab); not the vocabulary it was trained with")
     return trained, tokens
 
@@ -125,24 +147,32 @@ def local_model(path: str) -> str:
                                                  f"{published}_options.json", f"{published}_softmax_weights.hdf5"])
 
 
-def load_trained(path: str, softmax_file: str = "") -> tuple[dict, dict, list[str]]:
-    """(params, options.json dict, vocabulary tokens) of a workdir's latest checkpoint, an export
-    (a path, or an http(s) URL with its files beside it) or a bilm-tf training checkpoint."""
+def load_trained(path: str, softmax_file: str = "", vocab_file: str = "", need_vocab: bool = True,
+                 with_carry: bool = False) -> Trained:
+    """The model of a workdir's latest readable checkpoint (its LSTM carry too, `with_carry`), of
+    an export (a path, or an http(s) URL with its files beside it) or of a bilm-tf training
+    checkpoint (whose vocabulary, where none lies beside it, is `vocab_file`; with neither,
+    an error if `need_vocab`, else a Trained without one)."""
     path = local_model(path)
     softmax_file = remote.local_path(softmax_file) if softmax_file else softmax_file
     if is_tf_checkpoint(path):
-        trained, tokens = load_tf_checkpoint(path)
-        return trained.params, trained.options, tokens
+        trained, tokens = load_tf_checkpoint(path, vocab_file, need_vocab)
+        return Trained(trained.params, trained.options, tokens, trained.vocab_file, trained.prefix, trained.global_step)
     if os.path.isdir(path):
+        if not checkpoint.steps(path):
+            raise ValueError(f"{path}: no checkpoint in this workdir yet ({checkpoint.checkpoint_dir(path)}); a run "
+                             f"saves one every --config.train.checkpoint_every steps and when it ends")
         vocab = Vocabulary(trained_vocab_file(path))
 
         def abstract_state(meta: dict):
             config = ml_collections.ConfigDict(json.loads(meta["config"]))
             trainer = Trainer(config, vocab.size, Mesh(np.array(jax.local_devices()[:1]), ("data",)))
-            return trainer.abstract_state(meta["global_batch_size"])  # the carry as saved; only params are used
+            return trainer.abstract_state(meta["global_batch_size"])  # the carry as saved
 
-        _, state, meta, _ = checkpoint.restore(path, abstract_state)
-        return jax.device_get(state.params), meta["options"], vocab_tokens(vocab)
+        step, state, meta, _ = checkpoint.restore(path, abstract_state)
+        carry = jax.device_get(state.lstm_state) if with_carry else None
+        return Trained(jax.device_get(state.params), meta["options"], vocab_tokens(vocab), vocab.filename, path, step,
+                       carry)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: neither a workdir with checkpoints, an exported weight file nor a TensorFlow "
                          f"checkpoint")
@@ -154,6 +184,7 @@ def load_trained(path: str, softmax_file: str = "") -> tuple[dict, dict, list[st
     if not os.path.isfile(exported["softmax"]):
         raise ValueError(f"{path}: no softmax file {exported['softmax']} (give --config.init_softmax_from=FILE)")
     softmax_w, softmax_b, vocab = hdf5.load_softmax(exported["softmax"])
+    vocab_file = exported["vocab"] if os.path.isfile(exported["vocab"]) else None
     if vocab is None:  # (AllenNLP's published softmax file holds none)
         if not os.path.isfile(exported["vocab"]):
             raise ValueError(f"{exported['softmax']}: holds no vocabulary, and there is no {VOCAB_FILE} (nor a single "
@@ -167,7 +198,7 @@ def load_trained(path: str, softmax_file: str = "") -> tuple[dict, dict, list[st
     params = {"bilm": hdf5.load_weights(path, options), "softmax": {"W": softmax_w, "b": softmax_b}}
     if options_d.get("share_embedding_softmax"):
         del params["softmax"]["W"]
-    return params, options_d, vocab
+    return Trained(params, options_d, vocab, vocab_file, path)
 
 
 def _architecture(options_d: dict) -> dict:
@@ -217,12 +248,12 @@ def init_from(trainer: Trainer, fresh: dict, path: str, softmax_file: str,
     everything carries over as it is, as bilm-tf's restart does."""
     accumulators = None
     if is_tf_checkpoint(path):
-        trained, old_vocab = load_tf_checkpoint(path)
+        trained, old_vocab = load_tf_checkpoint(path, trainer.config.data.vocab_file)
         params, options_d, accumulators = trained.params, trained.options, trained.accumulators
         what = f"bilm-tf checkpoint {trained.prefix} (global_step {trained.global_step})"
     else:
-        params, options_d, old_vocab = load_trained(path, softmax_file)
-        what = path
+        model = load_trained(path, softmax_file)
+        params, options_d, old_vocab, what = model.params, model.options, model.vocab, path
     difference = architecture_difference(options_d, config_lib.options_json(trainer.config))
     if difference:
         raise ValueError(f"{path}: its architecture differs from the config's model ({difference})")
@@ -250,13 +281,16 @@ def init_from(trainer: Trainer, fresh: dict, path: str, softmax_file: str,
     return out, accumulators
 
 
-def export(path: str, output: str, trained: Optional[tuple] = None) -> dict:
+def export(path: str, output: str, trained: Optional[Trained] = None) -> dict:
     """Writes a trained model as bilm-tf files: weights (hdf5), options.json (n_characters 262)
-    beside them, the softmax (softmax/W, softmax/b, and the vocabulary) and vocab.txt.
-    All four are written together or not at all (a full disk leaves nothing behind)."""
+    beside them, the softmax (softmax/W, softmax/b, and the vocabulary) and vocab.txt (a bilm-tf
+    checkpoint without a vocabulary: the softmax without one, and no vocab.txt, as bilm-tf's
+    dump_weights needs none). All are written together or not at all (a full disk leaves
+    nothing behind). Returns the files written."""
     if os.path.isdir(output):
         raise ValueError(f"--output={output}: a directory; give the weight file to write (FILE.hdf5)")
-    params, options_d, tokens = trained or load_trained(path)
+    trained = trained or load_trained(path, need_vocab=False)
+    params, options_d, tokens = trained.params, trained.options, trained.vocab
     options = BiLMOptions.from_dict(options_d, source=path)
     exported = exported_files(output)
     prediction_options = dict(options_d)
@@ -265,10 +299,16 @@ def export(path: str, output: str, trained: Optional[tuple] = None) -> dict:
     softmax_w = params["softmax"].get("W")
     if softmax_w is None:  # shared with the word embedding
         softmax_w = params["bilm"]["embedder"]["embedding"]
-    files.write_bytes({
+    contents = {
         output: hdf5.weights_image(params["bilm"], options, output),
         exported["options"]: (json.dumps(prediction_options, indent=2) + "\n").encode("utf-8"),
         exported["softmax"]: hdf5.softmax_image(softmax_w, params["softmax"]["b"], exported["softmax"], tokens),
-        exported["vocab"]: "".join(t + "\n" for t in tokens).encode("utf-8"),
-    })
+    }
+    if tokens is None:
+        log.info("%s: no vocabulary beside it, so the export has none (no %s; its softmax's rows are the "
+                 "vocabulary it was trained with: put that beside the export as %s)", path, VOCAB_FILE, VOCAB_FILE)
+        del exported["vocab"]
+    else:
+        contents[exported["vocab"]] = "".join(t + "\n" for t in tokens).encode("utf-8")
+    files.write_bytes(contents)
     return exported

@@ -67,7 +67,7 @@ def test_old_checkpoint_trains_on(tmp_path):
     assert int(state.step) == 5 and checkpoint.steps(str(workdir)) == [3, 5]
     with open(workdir / "checkpoints" / "5" / "meta" / "metadata", encoding="utf-8") as f:
         assert json.load(f)["params_layout"] == checkpoint.PARAMS_LAYOUT
-    restored = model_files.load_trained(str(workdir))[0]  # the new step, in the new layout
+    restored = model_files.load_trained(str(workdir)).params  # the new step, in the new layout
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(jax.device_get(state.params))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

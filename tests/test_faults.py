@@ -21,6 +21,7 @@ from elmojax.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import tiny  # noqa: E402
+from conftest import padded_vocab_file  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +46,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(loop.Diverged, match=r"step \d+: training diverged .* the newest checkpoint, step 4 "):
         loop.train(_config(max_steps=12, learning_rate=1e30), work)
     assert checkpoint.steps(work) == [2, 4]  # nothing of the diverged run was saved
-    params, _, _ = model_files.load_trained(work)
+    params = model_files.load_trained(work).params
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
@@ -54,7 +55,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_with_a_warning(tmp_path, cap
     loop.train(_config(max_steps=4), work)
     _damage(work, 4)
     with caplog.at_level(logging.WARNING):
-        params, _, _ = model_files.load_trained(work)  # reading: the step before it, nothing renamed
+        model_files.load_trained(work)  # reading: the step before it, nothing renamed
     assert "checkpoint step 4" in caplog.text and "cannot be read" in caplog.text
     assert checkpoint.steps(work) == [2, 4]
     caplog.clear()
@@ -90,13 +91,19 @@ def test_a_save_killed_midway_leaves_nothing_in_the_way(tmp_path):
     assert not [n for n in os.listdir(directory) if "tmp" in n]
 
 
-def test_a_changed_model_on_resume_is_one_error(tmp_path):
+def test_a_changed_model_or_vocabulary_on_resume_is_one_error_and_touches_no_checkpoint(tmp_path):
     work = str(tmp_path / "work")
     loop.train(_config(max_steps=2), work)
+    before = sorted(os.listdir(checkpoint.checkpoint_dir(work)))
     config = _config(max_steps=4)
     config.model.lstm.dim = 32
-    with pytest.raises(checkpoint.CheckpointError, match="lstm.dim: 16 in the trained model, 32 in the config"):
+    with pytest.raises(ValueError, match=r"model.lstm.dim: 16 in the run, 32 now\. These define the run"):
         loop.train(config, work)
+    config = _config(max_steps=4)
+    config.data.vocab_file = padded_vocab_file(tmp_path, 34)  # two tokens more
+    with pytest.raises(ValueError, match=r"the vocabulary's tokens: 32 in the run .*, 34 now .*the same up to line 32"):
+        loop.train(config, work)
+    assert sorted(os.listdir(checkpoint.checkpoint_dir(work))) == before  # nothing set aside
 
 
 def test_a_second_trainer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, caplog):

@@ -40,10 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from elmojax.dropout import Dropout
+from elmojax.elmo import (check_array, check_bool, check_int, check_mask_values, check_path, check_real,
+                          concrete)
 from elmojax.embed import embed_tokens, load_bilm_params
 from elmojax.model import BiLM, zero_state
-from elmojax.options import BiLMOptions, load_options
-from elmojax.vocab import BOS, EOS, spell
+from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
+from elmojax.vocab import BOS, EOS, _check_sentences, spell
 
 LAYER_NORM_EPSILON = 1e-13  # allennlp.nn.util.tiny_value_of_dtype(torch.float32)
 
@@ -52,6 +54,23 @@ def scalar_mix(layers: Sequence[jax.Array], mask: jax.Array, weights: jax.Array,
                do_layer_norm: bool = False) -> jax.Array:
     """AllenNLP's ScalarMix: gamma * sum_k softmax(weights)_k * f(layers[k]), each layer
     (batch, time, dim); f the identity, or layer normalization over mask's positions."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__len__") or len(layers) == 0:
+        raise TypeError(f"layers must be a non-empty list of (batch, time, dim) arrays, got {type(layers).__name__}")
+    layers = [check_array(f"layers[{k}]", x, 3, "float", " (batch, time, dim)") for k, x in enumerate(layers)]
+    if any(tuple(x.shape) != tuple(layers[0].shape) for x in layers):
+        raise ValueError(f"layers must all have one shape, got {[tuple(x.shape) for x in layers]}")
+    mask = check_array("mask", mask, 2, "mask", " (batch, time)")
+    if tuple(mask.shape) != tuple(layers[0].shape[:2]):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; layers of shape {tuple(layers[0].shape)} need "
+                         f"(batch, time) = {tuple(layers[0].shape[:2])}")
+    check_mask_values("mask", mask)
+    weights = check_array("weights", weights, kind="real")
+    if tuple(weights.shape) != (len(layers),):
+        raise ValueError(f"weights must have shape ({len(layers)},), one per layer; got {tuple(weights.shape)}")
+    gamma = check_array("gamma", gamma, kind="real")
+    if gamma.size != 1:
+        raise ValueError(f"gamma must be a scalar or of shape (1,), got shape {tuple(gamma.shape)}")
+    do_layer_norm = check_bool("do_layer_norm", do_layer_norm)
     normed = jax.nn.softmax(jnp.asarray(weights, jnp.float32))
     if do_layer_norm:
         m = mask[..., None].astype(layers[0].dtype)
@@ -70,6 +89,11 @@ def scalar_mix(layers: Sequence[jax.Array], mask: jax.Array, weights: jax.Array,
 def remove_sentence_boundaries(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(batch, T + 2, ...) with <S> first and </S> after each row's last token -> (batch, T, ...),
     zero past each row's end, and the new mask (batch, T)."""
+    x = check_array("x", x, kind="real")
+    mask = check_array("mask", mask, 2, "mask", " (batch, T + 2)")
+    if x.ndim < 2 or tuple(x.shape[:2]) != tuple(mask.shape) or mask.shape[1] < 2:
+        raise ValueError(f"x {tuple(x.shape)} and mask {tuple(mask.shape)} must both start (batch, T + 2), "
+                         f"with <S> and </S> in T + 2")
     lengths = jnp.sum(mask, axis=1) - 2
     inner = jnp.arange(x.shape[1] - 2)[None, :] < lengths[:, None]
     shape = inner.shape + (1,) * (x.ndim - 2)
@@ -88,14 +112,39 @@ class Elmo(nn.Module):
     scalar_mix_parameters: Optional[tuple[float, ...]] = None
     n_cached_tokens: int = 0  # vocab_to_cache's length: params['word_embedding'] has its rows
 
+    def __post_init__(self):
+        if not isinstance(self.options, BiLMOptions):
+            raise TypeError(f"options must be a BiLMOptions (elmojax.options.load_options), got "
+                            f"{type(self.options).__name__}")
+        if not self.options.bidirectional or self.options.char_cnn is None:
+            raise ValueError("Elmo needs a bidirectional biLM with character inputs")
+        check_int("num_output_representations", self.num_output_representations, 1)
+        check_bool("requires_grad", self.requires_grad)
+        check_bool("do_layer_norm", self.do_layer_norm)
+        check_real("dropout", self.dropout, 0.0, 1.0, high_open=True, what=" (the probability of dropping a value)")
+        check_bool("keep_sentence_boundaries", self.keep_sentence_boundaries)
+        if self.scalar_mix_parameters is not None:
+            _check_mix_parameters(self.scalar_mix_parameters, self.options.lstm.n_layers + 1)
+        check_int("n_cached_tokens", self.n_cached_tokens, 0)
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, char_ids: Optional[jax.Array] = None, word_inputs: Optional[jax.Array] = None,
                  deterministic: bool = True) -> dict:
         bilm = BiLM(self.options, use_character_inputs=True, name="bilm")
         embedding = None
+        check_bool("deterministic", deterministic)
+        if char_ids is not None and word_inputs is not None:
+            raise ValueError("give Elmo char_ids or word_inputs, not both")
         if word_inputs is not None:
             if not self.n_cached_tokens:
                 raise ValueError("word_inputs need a module made with vocab_to_cache")
+            word_inputs = check_array("word_inputs", word_inputs, 2, "int", " (batch, time)")
+            if concrete(word_inputs) and word_inputs.size:
+                low, high = int(np.min(word_inputs)), int(np.max(word_inputs))
+                if low < 0 or high >= self.n_cached_tokens:
+                    raise ValueError(f"word_inputs must lie in [0, {self.n_cached_tokens - 1}] (indices into "
+                                     f"vocab_to_cache, 0 = padding); got [{low}, {high}]")
             table = self.param("word_embedding", nn.initializers.zeros,
                                (self.n_cached_tokens, self.options.projection_dim))
             # <S> and </S>'s embeddings: fixed, as AllenNLP's (its cached table trains if requires_grad)
@@ -111,6 +160,18 @@ class Elmo(nn.Module):
             char_ids = mask[..., None].astype(jnp.int32)  # stands for the char ids: BiLM reads its mask from them
         elif char_ids is None:
             raise ValueError("Elmo needs char_ids (Batcher ids) or word_inputs")
+        else:
+            width = self.options.char_cnn.max_characters_per_token
+            shape = f" (batch, time, {width}): Batcher's ids"
+            char_ids = check_array("char_ids", char_ids, 3, "int", shape)
+            if char_ids.shape[2] != width or char_ids.shape[1] < 2:
+                raise ValueError(f"char_ids must have shape (batch, time, {width}), time >= 2 (Batcher's ids, <S> and "
+                                 f"</S> included), got {tuple(char_ids.shape)}")
+            if concrete(char_ids) and char_ids.size:
+                low, high = int(np.min(char_ids)), int(np.max(char_ids))
+                if low < 0 or high > N_CHARACTERS_TRAIN:
+                    raise ValueError(f"char_ids must lie in [0, {N_CHARACTERS_TRAIN}] (character ids + 1, 0 = "
+                                     f"padding); got [{low}, {high}]")
         char_ids = jnp.asarray(char_ids)
         output, _ = bilm(char_ids, zero_state(self.options, char_ids.shape[0]), True, embedding)
         mask = output.mask
@@ -133,10 +194,35 @@ class Elmo(nn.Module):
         return {"elmo_representations": representations, "mask": out_mask}
 
 
+def _check_mix_parameters(parameters, n_layers: int) -> tuple[float, ...]:
+    if isinstance(parameters, (str, bytes)) or not hasattr(parameters, "__len__"):
+        raise TypeError(f"scalar_mix_parameters must be a list of {n_layers} numbers, got {parameters!r:.60}")
+    weights = tuple(check_real(f"scalar_mix_parameters[{k}]", w) for k, w in enumerate(parameters))
+    if len(weights) != n_layers:
+        raise ValueError(f"scalar_mix_parameters has {len(weights)} weights; the biLM has {n_layers} layers")
+    return weights
+
+
+def _check_vocab_to_cache(vocab_to_cache) -> list[str]:
+    if isinstance(vocab_to_cache, (str, bytes)):
+        raise TypeError("vocab_to_cache must be a list of str tokens, got one string")
+    try:
+        tokens = list(vocab_to_cache)
+    except TypeError:
+        raise TypeError(f"vocab_to_cache must be a list of str tokens, got {type(vocab_to_cache).__name__}") from None
+    for k, token in enumerate(tokens):
+        if not isinstance(token, str):
+            raise TypeError(f"vocab_to_cache[{k}] must be a str token, got {type(token).__name__} {token!r:.60}")
+    if not tokens:
+        raise ValueError("vocab_to_cache must hold at least one token (its first entry stands for padding)")
+    return tokens
+
+
 def word_ids(sentences: Sequence[Sequence[str]], vocab_to_cache: Sequence[str]) -> np.ndarray:
     """(n, max_len) indices into vocab_to_cache, 0 for padding: the `word_inputs` of a module
     made with that cache. A token outside the cache is an error naming it."""
-    index = {token: i for i, token in enumerate(vocab_to_cache)}
+    sentences = _check_sentences(sentences)
+    index = {token: i for i, token in enumerate(_check_vocab_to_cache(vocab_to_cache))}
     out = np.zeros((len(sentences), max((len(s) for s in sentences), default=0)), np.int32)
     for row, sentence in enumerate(sentences):
         for t, token in enumerate(sentence):
@@ -153,17 +239,24 @@ def load_elmo(options_file: str, weight_file: str, num_output_representations: i
     """AllenNLP's `Elmo(options_file, weight_file, ...)` arguments -> (module, variables), with
     the pretrained biLM in variables['params']['bilm'] (an hdf5 weight file or a bilm-tf
     training checkpoint) and the mixes' params beside it."""
+    check_path("options_file", options_file)
+    check_path("weight_file", weight_file)
+    num_output_representations = check_int("num_output_representations", num_output_representations, 1)
+    requires_grad = check_bool("requires_grad", requires_grad)
+    do_layer_norm = check_bool("do_layer_norm", do_layer_norm)
+    dropout = check_real("dropout", dropout, 0.0, 1.0, high_open=True, what=" (the probability of dropping a value)")
+    keep_sentence_boundaries = check_bool("keep_sentence_boundaries", keep_sentence_boundaries)
+    if vocab_to_cache is not None:
+        vocab_to_cache = _check_vocab_to_cache(vocab_to_cache)
+    if scalar_mix_parameters is not None and (isinstance(scalar_mix_parameters, (str, bytes))
+                                              or not hasattr(scalar_mix_parameters, "__len__")):
+        raise TypeError(f"scalar_mix_parameters must be a list of numbers, got {scalar_mix_parameters!r:.60}")
     options = load_options(options_file)
     if not options.bidirectional or options.char_cnn is None:
         raise ValueError(f"{options_file}: Elmo needs a bidirectional biLM with character inputs")
-    if num_output_representations < 1:
-        raise ValueError(f"num_output_representations must be at least 1, got {num_output_representations}")
     n_layers = options.lstm.n_layers + 1
     if scalar_mix_parameters is not None:
-        scalar_mix_parameters = tuple(float(w) for w in scalar_mix_parameters)
-        if len(scalar_mix_parameters) != n_layers:
-            raise ValueError(f"scalar_mix_parameters has {len(scalar_mix_parameters)} weights; the biLM has "
-                             f"{n_layers} layers")
+        scalar_mix_parameters = _check_mix_parameters(scalar_mix_parameters, n_layers)
     params = {"bilm": load_bilm_params(options_file, options, weight_file)}
     module = Elmo(options, num_output_representations, requires_grad, do_layer_norm, dropout, keep_sentence_boundaries,
                   scalar_mix_parameters, len(vocab_to_cache) if vocab_to_cache is not None else 0)

@@ -8,13 +8,92 @@ non-padded positions of the whole batch (epsilon 1e-12), as in bilm-tf.
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LAYER_NORM_EPSILON = 1e-12
+
+
+# Checks of the arguments where they enter (here and in downstream.py, embed.py): one
+# TypeError or ValueError naming the argument, instead of a failure deep inside jnp.
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r:.60}")
+    return bool(value)
+
+
+def check_int(name: str, value, minimum: Optional[int] = None) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r:.60}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(name: str, value, low: Optional[float] = None, high: Optional[float] = None,
+               high_open: bool = False, what: str = "") -> float:
+    """A finite real number in [low, high] (or [low, high) when high_open)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r:.60}")
+    value = float(value)
+    if (not math.isfinite(value) or (low is not None and value < low)
+            or (high is not None and (value >= high if high_open else value > high))):
+        interval = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be {'in ' + interval if low is not None or high is not None else 'finite'}"
+                         f"{what}, got {value!r}")
+    return value
+
+
+def check_path(name: str, value, optional: bool = False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise TypeError(f"{name} must be a file name or an http(s) URL, got {value!r:.60}")
+    return value
+
+
+def check_array(name: str, value, ndim: Optional[int] = None, kind: str = "real", shape_doc: str = ""):
+    """value as an array (jax and numpy arrays, tracers too, as they are; lists made numpy),
+    of `ndim` dimensions and of `kind`: 'real' (floats or integers), 'float', 'int' or 'mask'
+    (booleans, or numbers that check_mask_values then finds 0 or 1)."""
+    wanted = {"float": "floats", "int": "integers", "mask": "booleans (or 0s and 1s)", "real": "numbers"}[kind]
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        try:
+            value = np.asarray(value)
+        except (ValueError, TypeError) as e:
+            raise TypeError(f"{name} must be an array of {wanted}{shape_doc}; got {type(value).__name__} "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    dtype = value.dtype
+    ok = {"float": jnp.issubdtype(dtype, jnp.floating),
+          "int": jnp.issubdtype(dtype, jnp.integer),
+          "mask": jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.number),
+          "real": jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)}[kind]
+    if not ok:
+        raise TypeError(f"{name} must be an array of {wanted}{shape_doc}, got dtype {dtype}")
+    if ndim is not None and value.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions{shape_doc}, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_mask_values(name: str, mask) -> None:
+    """A mask of numbers holds only 0s and 1s (looked at where its values are known)."""
+    if not jnp.issubdtype(mask.dtype, jnp.bool_) and concrete(mask):
+        values = np.asarray(mask)
+        if values.size and not np.all((values == 0) | (values == 1)):
+            raise ValueError(f"{name} must hold only 0s and 1s (or booleans), got values in "
+                             f"[{values.min()}, {values.max()}]")
+
+
+def concrete(x) -> bool:
+    """Whether x's values can be looked at (not a tracer inside jit or grad)."""
+    return not isinstance(x, jax.core.Tracer)
 
 
 def _layer_norm(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -35,14 +114,29 @@ def weight_layers(lm_embeddings: jax.Array, mask: jax.Array, weights: jax.Array,
     Returns (weighted embeddings, regularization term). `use_top_only` takes the top layer
     (times gamma) with no regularization.
     """
-    lm_embeddings = jnp.asarray(lm_embeddings)
+    lm_embeddings = check_array("lm_embeddings", lm_embeddings, 4, "float", " (batch, n_layers, time, dim)")
+    batch, n_layers, time = lm_embeddings.shape[:3]
+    mask = check_array("mask", mask, 2, "mask", " (batch, time)")
+    if tuple(mask.shape) != (batch, time):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; lm_embeddings {tuple(lm_embeddings.shape)} needs "
+                         f"(batch, time) = {(batch, time)}")
+    check_mask_values("mask", mask)
+    use_top_only, do_layer_norm = check_bool("use_top_only", use_top_only), check_bool("do_layer_norm", do_layer_norm)
+    if l2_coef is not None:
+        l2_coef = check_real("l2_coef", l2_coef, 0.0)
+    gamma = check_array("gamma", gamma, kind="real")
+    if gamma.size != 1:
+        raise ValueError(f"gamma must be a scalar or of shape (1,), got shape {tuple(gamma.shape)}")
     gamma = jnp.reshape(jnp.asarray(gamma, lm_embeddings.dtype), ())
     if use_top_only:
         return gamma * lm_embeddings[:, -1], jnp.zeros((), lm_embeddings.dtype)
-    n_layers = lm_embeddings.shape[1]
+    if weights is None:
+        raise ValueError("weights must be given (one per layer) unless use_top_only")
+    weights = check_array("weights", weights, kind="real")
+    if tuple(weights.shape) != (n_layers,):
+        raise ValueError(f"weights must have shape ({n_layers},), one per layer of lm_embeddings "
+                         f"{tuple(lm_embeddings.shape)}; got {tuple(weights.shape)}")
     weights = jnp.asarray(weights, lm_embeddings.dtype)
-    if weights.shape != (n_layers,):
-        raise ValueError(f"weights must have shape ({n_layers},), one per layer; got {weights.shape}")
     normed = jax.nn.softmax(weights + 1.0 / n_layers)
     mask = jnp.asarray(mask)
     mixed = sum(normed[k] * (_layer_norm(lm_embeddings[:, k], mask) if do_layer_norm else lm_embeddings[:, k])
@@ -59,8 +153,20 @@ class ScalarMix(nn.Module):
     use_top_only: bool = False
     do_layer_norm: bool = False
 
+    def __post_init__(self):
+        check_int("n_layers", self.n_layers, 1)
+        if self.l2_coef is not None:
+            check_real("l2_coef", self.l2_coef, 0.0)
+        check_bool("use_top_only", self.use_top_only)
+        check_bool("do_layer_norm", self.do_layer_norm)
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, lm_embeddings: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        lm_embeddings = check_array("lm_embeddings", lm_embeddings, 4, "float", " (batch, n_layers, time, dim)")
+        if not self.use_top_only and lm_embeddings.shape[1] != self.n_layers:
+            raise ValueError(f"lm_embeddings {tuple(lm_embeddings.shape)} has {lm_embeddings.shape[1]} layers; "
+                             f"this ScalarMix mixes n_layers={self.n_layers}")
         gamma = self.param("gamma", nn.initializers.ones, (1,))
         weights = None if self.use_top_only else self.param("weights", nn.initializers.zeros, (self.n_layers,))
         return weight_layers(lm_embeddings, mask, weights, gamma, self.l2_coef, self.use_top_only,

@@ -29,9 +29,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from elmojax import hdf5, hostmem, numerics, remote, scoring, tf_checkpoint, tf_variables
+from elmojax.elmo import check_bool, check_int, check_path
 from elmojax.model import BiLM, BiLMOutput, zero_state
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
-from elmojax.vocab import batch_char_ids
+from elmojax.vocab import _check_sentences, batch_char_ids
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ def embed_tokens(params: dict, options: BiLMOptions, char_ids: np.ndarray, batch
                  report: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """The char CNN's embedding (n, projection_dim) of spelled tokens, char_ids (n, chars) + 1,
     `batch_size` at a time in one padded shape (one compilation); report(done) after each."""
+    batch_size = check_int("batch_size", batch_size, 1)
     model = BiLM(options, cnn_chunk_size=cnn_chunk_size(options))  # batches of 4096 tokens, in chunks
     embed = numerics.jit(lambda p, ids: model.apply({"params": p}, ids, method=BiLM.embed))
     out = np.zeros((len(char_ids), options.projection_dim), np.float32)
@@ -202,6 +204,26 @@ def load_bilm_params(options_file: str, options: BiLMOptions, weight_file: str,
                              convert=lambda x: jax.device_put(x, sharding))
 
 
+def _check_devices(devices) -> list:
+    """The devices a model's batches are split over: all of this process's when None."""
+    if devices is None:
+        return list(jax.local_devices())
+    if isinstance(devices, (str, bytes, jax.Device)):
+        raise TypeError(f"devices must be a list of jax devices (e.g. jax.local_devices()), got {devices!r:.60}")
+    try:
+        devices = list(devices)
+    except TypeError:
+        raise TypeError(f"devices must be a list of jax devices, got {type(devices).__name__}") from None
+    for k, device in enumerate(devices):
+        if not isinstance(device, jax.Device):
+            raise TypeError(f"devices[{k}] must be a jax device (e.g. from jax.local_devices()), got {device!r:.60}")
+    if not devices:
+        raise ValueError("devices must hold at least one device")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices lists a device twice: {devices}")
+    return devices
+
+
 class BidirectionalLanguageModel:
     """A trained biLM that maps Batcher (or TokenBatcher) ids to ELMo layers.
 
@@ -229,10 +251,20 @@ class BidirectionalLanguageModel:
                  embedding_weight_file: Optional[str] = None, max_batch_size: int = 128,
                  stateful: bool = False, compute_dtype: str = "float32", softmax_file: Optional[str] = None,
                  devices: Optional[Sequence[jax.Device]] = None):
+        check_path("options_file", options_file)
+        check_path("weight_file", weight_file)
+        use_character_inputs = check_bool("use_character_inputs", use_character_inputs)
+        check_path("embedding_weight_file", embedding_weight_file, optional=True)
+        max_batch_size = check_int("max_batch_size", max_batch_size, 1)
+        stateful = check_bool("stateful", stateful)
+        if not isinstance(compute_dtype, str) or compute_dtype not in numerics.COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(numerics.COMPUTE_DTYPES)}, got {compute_dtype!r:.60}")
+        check_path("softmax_file", softmax_file, optional=True)
+        devices = _check_devices(devices)
         options = load_options(options_file)
         if not options.bidirectional:
             raise ValueError(f"{options_file}: ELMo needs a bidirectional LM (bidirectional is false)")
-        self.mesh = Mesh(np.array(list(devices) if devices is not None else jax.local_devices()), ("batch",))
+        self.mesh = Mesh(np.array(devices), ("batch",))
         self._replicated = NamedSharding(self.mesh, P())
         self._batch_sharding = NamedSharding(self.mesh, P("batch"))
         # read straight onto the devices, replicated (not put there once more after loading)
@@ -247,8 +279,6 @@ class BidirectionalLanguageModel:
             table = hdf5.load_token_embeddings(embedding_weight_file, options.projection_dim)
             params["embedder"] = {"embedding": jax.device_put(table, self._replicated)}
             options = dataclasses.replace(options, n_tokens_vocab=table.shape[0])
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
         self.options: BiLMOptions = options
         self.use_character_inputs = use_character_inputs
         self.max_batch_size = max_batch_size
@@ -291,24 +321,29 @@ class BidirectionalLanguageModel:
     def reset_state(self) -> None:
         self._state = jax.tree.map(np.asarray, zero_state(self.options, self.max_batch_size)) if self.stateful else None
 
-    def _check_ids(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids)
+    def _check_ids(self, ids: np.ndarray, name: str = "ids") -> np.ndarray:
+        try:
+            ids = np.asarray(ids)
+        except (ValueError, TypeError) as e:
+            raise TypeError(f"{name} must be an array of integers (Batcher's or TokenBatcher's output); got "
+                            f"{type(ids).__name__} ({e})") from None
         if not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"ids must be integers, got {ids.dtype}")
+            raise TypeError(f"{name} must be integers (Batcher's or TokenBatcher's output), got {ids.dtype}")
         if self.use_character_inputs:
             width = self.options.char_cnn.max_characters_per_token
             if ids.ndim != 3 or ids.shape[2] != width:
-                raise ValueError(f"character ids must have shape (batch, time, {width}) (Batcher's output), "
+                raise ValueError(f"{name}: character ids must have shape (batch, time, {width}) (Batcher's output), "
                                  f"got {ids.shape}")
             limit = N_CHARACTERS_TRAIN
         else:
             if ids.ndim != 2:
-                raise ValueError(f"token ids must have shape (batch, time) (TokenBatcher's output), got {ids.shape}")
+                raise ValueError(f"{name}: token ids must have shape (batch, time) (TokenBatcher's output), got "
+                                 f"{ids.shape}")
             limit = self.options.n_tokens_vocab
         if ids.shape[1] < 2:
-            raise ValueError(f"ids need <S> and </S> around each sentence (time >= 2), got {ids.shape}")
+            raise ValueError(f"{name} need <S> and </S> around each sentence (time >= 2), got {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() > limit):
-            raise ValueError(f"ids must lie in [0, {limit}] (ids + 1, 0 = padding); got [{ids.min()}, {ids.max()}]")
+            raise ValueError(f"{name} must lie in [0, {limit}] (ids + 1, 0 = padding); got [{ids.min()}, {ids.max()}]")
         return ids.astype(np.int32)
 
     def __call__(self, ids) -> dict:
@@ -381,13 +416,17 @@ class BidirectionalLanguageModel:
         layer ("top") or layer k (0: the token embeddings); pooling "mean" or "max". (The FAQ's
         sentence embedding, after Perone et al. 2018: mean of the averaged layers.)"""
         n_layers = self.options.lstm.n_layers + 1
-        if not (layers in ("average", "top") or (isinstance(layers, int) and not isinstance(layers, bool)
-                                                  and 0 <= layers < n_layers)):
-            raise ValueError(f"layers must be 'average', 'top' or a layer 0..{n_layers - 1}, got {layers!r}")
-        if pooling not in ("mean", "max"):
-            raise ValueError(f"pooling must be 'mean' or 'max', got {pooling!r}")
+        layer_index = (isinstance(layers, (int, np.integer)) and not isinstance(layers, (bool, np.bool_))
+                       and 0 <= layers < n_layers)
+        if not ((isinstance(layers, str) and layers in ("average", "top")) or layer_index):
+            raise ValueError(f"layers must be 'average', 'top' or a layer 0..{n_layers - 1}, got {layers!r:.60}")
+        if layer_index:
+            layers = int(layers)
+        if not isinstance(pooling, str) or pooling not in ("mean", "max"):
+            raise ValueError(f"pooling must be 'mean' or 'max', got {pooling!r:.60}")
         if not self.use_character_inputs:
             raise ValueError("sentence_vectors spells the sentences: it needs use_character_inputs=True")
+        sentences = _check_sentences(sentences)
         for k, sentence in enumerate(sentences):
             if len(sentence) == 0:
                 raise ValueError(f"sentence {k} has no tokens, so no vector")
@@ -406,12 +445,22 @@ class BidirectionalLanguageModel:
         state, for Batcher ids: forward (n, T) log p(w_j | w_<j) and backward (n, T) log p(w_j |
         w_>j), mask (n, T), and forward_end / backward_end (n,), the scores of </S> and <S>
         (see elmojax.scoring). The targets are the tokens the ids spell."""
-        char_ids = np.asarray(char_ids)
+        self._need_scoring()
+        char_ids = self._check_ids(char_ids, "char_ids")
         return self._scores(char_ids, scoring.tokens_of(char_ids))
 
     def sentence_log_probs(self, sentences: Sequence[Sequence[str]]) -> dict:
-        """log_probs of tokenized sentences (the targets are the tokens as given)."""
+        """log_probs of tokenized sentences (any iterable of token lists; the targets are the
+        tokens as given)."""
+        self._need_scoring()
+        sentences = _check_sentences(sentences)
         return self._scores(batch_char_ids(sentences, self.options.char_cnn.max_characters_per_token), sentences)
+
+    def _need_scoring(self) -> None:
+        if self._scoring is None:
+            raise ValueError("log_probs needs the softmax: BidirectionalLanguageModel(..., softmax_file=FILE)")
+        if not self.use_character_inputs:
+            raise ValueError("log_probs scores character ids: it needs use_character_inputs=True")
 
     def _scores(self, char_ids: np.ndarray, sentences: Sequence[Sequence[str]]) -> dict:
         if self._scoring is None:
@@ -421,5 +470,7 @@ class BidirectionalLanguageModel:
 
     def perplexity(self, sentences: Sequence[Sequence[str]]) -> float:
         """bilm-tf's perplexity of the sentences (elmojax.scoring.perplexity), max_batch_size at a time."""
+        self._need_scoring()
+        sentences = _check_sentences(sentences)
         return scoring.perplexity([self.sentence_log_probs(sentences[k:k + self.max_batch_size])
                                    for k in range(0, len(sentences), self.max_batch_size)])

@@ -53,8 +53,15 @@ def load_scorer_softmax(softmax_file: str) -> tuple[np.ndarray, np.ndarray, dict
 def tokens_of(char_ids: np.ndarray) -> list[list[str]]:
     """The tokens Batcher ids spell (between <S> and </S>); a token cut at the spelling's width
     comes back cut (and is then scored as whatever the cut spelling is, usually <UNK>)."""
+    try:
+        char_ids = np.asarray(char_ids)
+    except (ValueError, TypeError) as e:
+        raise TypeError(f"char_ids must be an array of Batcher's ids, got {type(char_ids).__name__} ({e})") from None
+    if not np.issubdtype(char_ids.dtype, np.integer) or char_ids.ndim != 3 or char_ids.shape[2] < 3:
+        raise ValueError(f"char_ids must be Batcher's integer ids (batch, time, max_characters_per_token), got "
+                         f"{char_ids.dtype} of shape {char_ids.shape}")
     out = []
-    for row in np.asarray(char_ids):
+    for row in char_ids:
         tokens = []
         for chars in row[1:]:
             chars = chars - 1
@@ -116,6 +123,19 @@ def score(log_prob_fn: Callable, params, weights, biases, index: dict[str, int],
 
 def perplexity(scores: Sequence[dict]) -> float:
     """bilm-tf's perplexity over log_probs' dicts: exp of the directions' mean NLL per prediction."""
+    if isinstance(scores, dict):
+        raise TypeError("scores must be a list of log_probs' dicts; got one dict (wrap it in a list)")
+    try:
+        scores = list(scores)
+    except TypeError:
+        raise TypeError(f"scores must be a list of log_probs' dicts, got {type(scores).__name__}") from None
+    keys = ("forward", "backward", "mask", "forward_end", "backward_end")
+    for k, s in enumerate(scores):
+        if not isinstance(s, dict) or any(key not in s for key in keys):
+            raise TypeError(f"scores[{k}] must be a dict of log_probs (with {', '.join(keys)}), got "
+                            f"{type(s).__name__}")
+    if not scores or not any(len(s["forward_end"]) for s in scores):
+        raise ValueError("scores: perplexity needs the scores of at least one sentence")
     totals = {"forward": 0.0, "backward": 0.0}
     count = 0
     for s in scores:

@@ -168,12 +168,34 @@ class UnicodeCharsVocabulary(Vocabulary):
         return np.vstack([first] + [self.word_to_char_ids(w) for w in words] + [last])
 
 
-def _check_sentences(sentences) -> None:
-    if len(sentences) == 0:
-        raise ValueError("batch_sentences needs at least one sentence")
-    for k, sentence in enumerate(sentences):
-        if isinstance(sentence, str):
-            raise TypeError(f"sentence {k} is a string; give each sentence as a list of tokens (e.g. line.split())")
+def _check_sentences(sentences, name: str = "sentences") -> list[list[str]]:
+    """The sentences as a list of token lists, from any iterable of sentences (a list, a
+    generator, ...), each an iterable of str tokens (a list, a tuple). A str where the sentences
+    or a sentence should be, a token that is not a str, or something not iterable is a
+    TypeError naming it; no sentence at all a ValueError."""
+    shape = "an iterable of sentences, each a list of str tokens (e.g. [line.split() for line in lines])"
+    if isinstance(sentences, (str, bytes)):
+        raise TypeError(f"{name} must be {shape}; got one {type(sentences).__name__}")
+    try:
+        items = iter(sentences)
+    except TypeError:
+        raise TypeError(f"{name} must be {shape}; got {type(sentences).__name__}") from None
+    out = []
+    for k, sentence in enumerate(items):
+        if isinstance(sentence, (str, bytes)):
+            raise TypeError(f"{name}[{k}] is a {type(sentence).__name__}; give each sentence as a list of tokens "
+                            f"(e.g. line.split())")
+        try:
+            tokens = list(sentence)
+        except TypeError:
+            raise TypeError(f"{name}[{k}] must be a list of str tokens, got {type(sentence).__name__}") from None
+        for t, token in enumerate(tokens):
+            if not isinstance(token, str):
+                raise TypeError(f"{name}[{k}][{t}] must be a str token, got {type(token).__name__} {token!r:.60}")
+        out.append(tokens)
+    if not out:
+        raise ValueError(f"{name}: batch_sentences needs at least one sentence")
+    return out
 
 
 def batch_char_ids(sentences: Sequence[Sequence[str]], max_token_length: int,
@@ -181,7 +203,14 @@ def batch_char_ids(sentences: Sequence[Sequence[str]], max_token_length: int,
     """Batcher's ids (n, max_len + 2, max_token_length): char ids + 1, 0 = padding. A token's
     spelling does not depend on a vocabulary; `vocab`, if given, only has its tokens spelled
     already."""
-    _check_sentences(sentences)
+    sentences = _check_sentences(sentences)
+    if isinstance(max_token_length, (bool, np.bool_)) or not isinstance(max_token_length, (int, np.integer)):
+        raise TypeError(f"max_token_length must be an integer, got {max_token_length!r}")
+    if max_token_length < 3:
+        raise ValueError(f"max_token_length must be at least 3 (<bow>, a character, <eow>), got {max_token_length}")
+    if vocab is not None and vocab.max_word_length != max_token_length:
+        raise ValueError(f"vocab spells tokens in {vocab.max_word_length} characters, but max_token_length is "
+                         f"{max_token_length}")
     char_ids = np.zeros((len(sentences), max(len(s) for s in sentences) + 2, max_token_length), dtype=np.int64)
     for k, sentence in enumerate(sentences):
         if vocab is not None:
@@ -199,7 +228,8 @@ class Batcher:
         self._max_token_length = max_token_length
 
     def batch_sentences(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
-        """[['The', 'first', '.'], ['Second', '.']] -> int64 char ids + 1, 0 = padding."""
+        """[['The', 'first', '.'], ['Second', '.']] -> int64 char ids + 1, 0 = padding. Any
+        iterable of sentences, each a list (or tuple) of str tokens."""
         return batch_char_ids(sentences, self._max_token_length, self._lm_vocab)
 
 
@@ -210,8 +240,9 @@ class TokenBatcher:
         self._lm_vocab = Vocabulary(lm_vocab_file)
 
     def batch_sentences(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
-        """[['The', 'first', '.'], ['Second', '.']] -> int64 token ids + 1, 0 = padding."""
-        _check_sentences(sentences)
+        """[['The', 'first', '.'], ['Second', '.']] -> int64 token ids + 1, 0 = padding. Any
+        iterable of sentences, each a list (or tuple) of str tokens."""
+        sentences = _check_sentences(sentences)
         max_length = max(len(s) for s in sentences) + 2
         ids = np.zeros((len(sentences), max_length), dtype=np.int64)
         for k, sentence in enumerate(sentences):

@@ -206,6 +206,17 @@ def _hdf5_signature_at(path: str, size: int) -> bool:
     return False
 
 
+def _hdf5_open_problem(path: str) -> Optional[str]:
+    """Whether HDF5 opens the file (it refuses one cut short: its superblock records the end)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            return None
+    except (OSError, ValueError) as e:
+        return f"does not open as HDF5 ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+
+
 def _utf8_problem(path: str) -> Optional[str]:
     decoder = codecs.getincrementaldecoder("utf-8")()
     done = 0
@@ -234,8 +245,12 @@ def check_file(url: str, path: str, hash_it: bool = True) -> Optional[str]:
     if known is not None and size != known[0]:
         return f"has {size} bytes; the published file has {known[0]}"
     kind = _kind(url)
-    if kind in (".hdf5", ".h5") and not _hdf5_signature_at(path, size):
-        return "is not an HDF5 file (no HDF5 signature)"
+    if kind in (".hdf5", ".h5"):
+        if not _hdf5_signature_at(path, size):
+            return "is not an HDF5 file (no HDF5 signature)"
+        problem = _hdf5_open_problem(path)
+        if problem:
+            return problem
     if kind == ".json":
         with open(path, "rb") as f:
             raw = f.read()
@@ -298,6 +313,9 @@ def _fetch(url: str, target: str, progress: bool, retried: bool = False) -> None
         content_type = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if content_type in ("text/html", "application/xhtml+xml") and not _is_html_name(url):
             raise wrong(f"the server sent an HTML page (Content-Type {content_type}), not the file", html=True)
+        encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            raise wrong(f"the server sent the file encoded (Content-Encoding {encoding}), not as it is")
         resumed = response.status == 206
         length = response.headers.get("Content-Length")
         if resumed:

@@ -3,6 +3,7 @@ download, a cache hit, an interrupted download resumed, a server error, a trunca
 404; responses that are not the file (an HTML page, another kind of file, a wrong size or
 sha256) never cached; a wrong file left in the cache fetched again; and a model loaded by URL."""
 
+import gzip
 import hashlib
 import http.server
 import os
@@ -23,7 +24,7 @@ MODEL = os.path.join(ROOT, "tests", "fixtures", "model")
 class Server:
     """Serves a directory, honouring Range requests; `requests` logs (path, Range header);
     `fail` maps a path to a status to answer, `truncate` to a byte count after which the
-    connection is dropped (once), `replace` to (body, Content-Type) to send with status 200 in
+    connection is dropped (once), `replace` to (body, Content-Type, (header, value)...) to send with status 200 in
     place of the file, `content_range_start` to a wrong first byte to announce for a Range
     request; `delay` is the seconds to wait before each answer."""
 
@@ -43,9 +44,11 @@ class Server:
                     self.send_error(server.fail[self.path])
                     return
                 if self.path in server.replace:
-                    body, content_type = server.replace[self.path]
+                    body, content_type, *headers = server.replace[self.path]
                     self.send_response(200)
                     self.send_header("Content-Type", content_type)
+                    for name, value in headers:
+                        self.send_header(name, value)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)
@@ -173,9 +176,13 @@ def one_line_naming(error, url) -> None:
 
 
 @pytest.mark.parametrize("name, body, content_type, says", [
+    ("vocab_test.txt", gzip.compress(b"<S>\n</S>\n"), ("text/plain", ("Content-Encoding", "gzip")),
+     "encoded \\(Content-Encoding gzip\\)"),
     ("lm_weights.hdf5", HTML, "text/html; charset=utf-8", r"HTML page \(Content-Type text/html\)"),
     ("lm_weights.hdf5", HTML, "application/octet-stream", "HTML page"),       # sniffed from the body
     ("lm_weights.hdf5", b"\0" * 4096, "application/octet-stream", "not an HDF5 file"),
+    ("lm_weights.hdf5", open(os.path.join(MODEL, "lm_weights.hdf5"), "rb").read()[:5000], "application/octet-stream",
+     "does not open as HDF5"),                                                # cut short, no Content-Length to tell
     ("options.json", b'{"lstm": {"dim": 16', "application/json", "not UTF-8 JSON"),
     ("options.json", b'{"a": "\xff"}', "application/json", "not UTF-8 JSON"),
     ("vocab_test.txt", b"<S>\n</S>\nd\xe9j\xe0\n", "text/plain", "not UTF-8 text"),
@@ -187,7 +194,7 @@ def test_a_response_that_is_not_the_file_is_never_cached(served, name, body, con
     it comes."""
     server, files = served
     url = f"{server.url}/{name}"
-    server.replace[f"/{name}"] = (body, content_type)
+    server.replace[f"/{name}"] = (body, *content_type) if isinstance(content_type, tuple) else (body, content_type)
     with pytest.raises(ValueError, match=says) as error:
         remote.local_path(url)
     one_line_naming(error, url)

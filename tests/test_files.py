@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from elmojax import files
+from elmojax.metrics import MetricsWriter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,13 +186,18 @@ def test_outputs_have_the_umasks_permissions(tmp_path, umask):
                 f["x"] = np.zeros(3)
         files.write_bytes({str(tmp_path / "a.bin"): b"a", str(tmp_path / "sub" / "b.bin"): b"b"})
         files.write_json(str(tmp_path / "options.json"), {"a": 1})
+        metrics = MetricsWriter(str(tmp_path / "workdir"))  # TensorBoard's events and metrics.jsonl
+        metrics.scalars(1, {"train/loss": 1.0})
+        metrics.close()
     finally:
         os.umask(previous)
     modes = {os.path.relpath(os.path.join(d, n), tmp_path): stat.S_IMODE(os.stat(os.path.join(d, n)).st_mode)
              for d, dirs, names in os.walk(tmp_path) for n in names + dirs}
+    [events] = [name for name in modes if name.startswith("workdir/events.out.tfevents.")]
     assert modes == {"plain.txt": 0o666 & ~umask, "durable.txt": 0o666 & ~umask, "weights.hdf5": 0o666 & ~umask,
                      "a.bin": 0o666 & ~umask, "sub": 0o777 & ~umask, "sub/b.bin": 0o666 & ~umask,
-                     "options.json": 0o666 & ~umask}
+                     "options.json": 0o666 & ~umask, "workdir": 0o777 & ~umask,
+                     "workdir/metrics.jsonl": 0o666 & ~umask, events: 0o666 & ~umask}
     with h5py.File(tmp_path / "weights.hdf5", "r") as f:
         assert f["x"].shape == (3,)
 

@@ -77,7 +77,7 @@ def _decoded_lines(lines: Iterable[bytes], path: str) -> Iterator[tuple[int, str
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}, line {number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            raise _not_utf8(path, number, e.reason, e.start, raw if number == 1 else b"") from None
         if number == 1 and line.startswith(BOM):
             _note_bom(path)
             line = line[1:]
@@ -85,6 +85,15 @@ def _decoded_lines(lines: Iterable[bytes], path: str) -> Iterator[tuple[int, str
             crlf = True
             _note_crlf(path)
         yield number, line.rstrip("\r\n")
+
+
+def _not_utf8(path: str, number: int, reason: str, at: int, start: bytes) -> ValueError:
+    """The error for bytes that are not UTF-8 at line `number`, byte `at`; `start`: the file's
+    first bytes (a UTF-16 byte-order mark there is said)."""
+    hint = ""
+    if start[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        hint = "; it starts with UTF-16's byte-order mark: save it as UTF-8 (iconv -f UTF-16 -t UTF-8)"
+    return ValueError(f"{path}, line {number}: not valid UTF-8 ({reason} at byte {at}){hint}")
 
 
 def _decode(raw: bytes, path: str) -> str:
@@ -113,7 +122,7 @@ def read_text(path: str) -> str:
     except UnicodeDecodeError as e:
         number = raw.count(b"\n", 0, e.start) + 1
         at = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
-        raise ValueError(f"{path}, line {number}: not valid UTF-8 ({e.reason} at byte {at})") from None
+        raise _not_utf8(path, number, e.reason, at, raw) from None
     del raw
     if "\r" in text and "\r\n" in text:  # (one character is found many times faster than two)
         _note_crlf(path)

@@ -292,3 +292,16 @@ def test_every_reader_reads_a_bom_crlf_file_as_the_plain_one(tmp_path):
 
     a, b = readings(str(plain)), readings(str(dos))
     assert a == b and a[1][:6] == [0, 1, 2, 3, 4, 5]  # "<S>" is <S>, not "\ufeff<S>"
+
+
+def test_a_utf16_file_is_said_to_be_one(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("<S>\n</S>\nthe\n", encoding="utf-16")  # with its byte-order mark
+    for read in (lambda p: list(files.read_lines(p)), files.read_text):
+        with pytest.raises(ValueError, match=r"vocab.txt, line 1: not valid UTF-8 \(invalid start byte at byte 0\); "
+                                             r"it starts with UTF-16's byte-order mark: save it as UTF-8"):
+            read(str(path))
+    path.write_bytes(b"fine\n\xff\xfe\n")  # not at the start: no such guess
+    with pytest.raises(ValueError) as error:
+        list(files.read_lines(str(path)))
+    assert str(error.value) == f"{path}, line 2: not valid UTF-8 (invalid start byte at byte 0)"

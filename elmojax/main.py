@@ -94,9 +94,6 @@ def _config(path: str) -> ml_collections.ConfigDict:
         return _CONFIG.value
     stored = runconfig.stored(path) if os.path.isdir(path) else None
     if stored is not None:
-        log.info("config: the run's own (%s)%s", runconfig.config_file(path) if os.path.isfile(
-            runconfig.config_file(path)) else "in its checkpoints", f", with {len(overrides)} override(s)" if overrides
-            else "")
         return runconfig.with_overrides(stored, overrides)
     if _MODE.value == "train":
         return _CONFIG.value

@@ -169,9 +169,9 @@ def reconcile(workdir: str, config: ml_collections.ConfigDict, vocab_tokens: lis
     if listed and has_checkpoints:
         listed = "; ".join(listed)
         raise ValueError(f"{workdir}: this run was started with another config ({config_file(workdir)}): {listed}. "
-                         f"These define the run and cannot change when it resumes: rerun without --config to go on "
-                         f"with the run's own, or start a new run from it in another workdir "
-                         f"(--workdir=NEW --config.init_from={workdir})")
+                         f"These define the run and cannot change when it resumes: leave them as they were (without "
+                         f"--config a run goes on with its own config), or start a new run from this one in another "
+                         f"workdir (--workdir=NEW --config.init_from={workdir})")
     for field, a, b in changes:
         log.info("config: %s: %s in the run, %s now%s", field, _show(a), _show(b),
                  "" if has_checkpoints else " (no checkpoint yet: the run starts afresh with it)")

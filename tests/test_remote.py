@@ -166,8 +166,8 @@ def test_a_trained_model_by_url_brings_its_files_along(tmp_path, monkeypatch, pu
     finally:
         server.httpd.shutdown()
     local = model_files.load_trained(export["weights"])
-    jax.tree.map(np.testing.assert_array_equal, by_url[0], local[0])
-    assert by_url[2] == local[2] and by_url[1] == local[1]
+    jax.tree.map(np.testing.assert_array_equal, by_url.params, local.params)
+    assert by_url.vocab == local.vocab and by_url.options == local.options
 
 
 def one_line_naming(error, url) -> None:

@@ -1,4 +1,5 @@
-"""The workdir's lock: one trainer at a time.
+"""The workdir's lock: one trainer at a time (and one dump at a time in a dump's work
+directory, elmojax.parts).
 
 A trainer holds WORKDIR/.lock, a JSON file naming its host and process id, from its start to its
 end. A second trainer on the same workdir refuses before it trains. A lock left by a process
@@ -36,15 +37,17 @@ def _holder(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             holder = json.load(f)
-        return holder if isinstance(holder, dict) and {"host", "pid"} <= set(holder) else None
+        return holder if isinstance(holder, dict) and isinstance(holder.get("host"), str) and \
+            isinstance(holder.get("pid"), int) else None
     except (OSError, ValueError):
         return None
 
 
 @contextlib.contextmanager
-def locked(workdir: str) -> Iterator[None]:
-    """Holds the workdir's lock inside; a ValueError if another live trainer holds it."""
-    path = os.path.join(workdir, LOCK_FILE)
+def locked(workdir: str, noun: str = "trainer", name: str = LOCK_FILE) -> Iterator[None]:
+    """Holds the lock file `name` in the directory `workdir` inside; a ValueError if another live
+    process holds it (a `noun`, as the messages call it)."""
+    path = os.path.join(workdir, name)
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     while True:
         try:
@@ -55,21 +58,23 @@ def locked(workdir: str) -> Iterator[None]:
             if holder is None:
                 with contextlib.suppress(FileNotFoundError):
                     if time.time() - os.path.getmtime(path) < UNREADABLE_GRACE_S:
-                        raise ValueError(f"{workdir}: another trainer is starting in it ({path})") from None
+                        raise ValueError(f"{workdir}: another {noun} is starting in it ({path})") from None
                 log.warning("warning: %s: taking over an unreadable lock file", path)
             elif holder["host"] == me["host"] and not _alive(int(holder["pid"])):
                 log.warning("warning: %s: taking over the lock of process %s, which no longer runs", path,
                             holder["pid"])
             else:
-                raise ValueError(f"{workdir}: in use by another trainer (process {holder['pid']} on "
+                raise ValueError(f"{workdir}: in use by another {noun} (process {holder['pid']} on "
                                  f"{holder['host']}, {path}); if none runs there, remove that file") from None
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(me, f)
-    except BaseException:
+    except BaseException as e:
         os.remove(path)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: name the file
+            raise OSError(e.errno, e.strerror, path) from None
         raise
     try:
         yield

@@ -9,7 +9,8 @@ training. `diagnose` tells a user when a model is broken, and only then (benchma
                from the state training ended in (the carry, which a workdir's checkpoint holds);
                or a direction DIRECTION_LIMIT times the other one, or UNIFORM_LIMIT times a
                uniform guess over the vocabulary (orders of magnitude off, trap or not)
-  suspect      without a carry to tell: a direction SUSPECT_RATIO times the other one (a note)
+  suspect      without a carry to tell: a direction SUSPECT_RATIO times the other one, which beats
+               the unigram baseline (a note)
   undertrained a direction that does not beat a unigram model of the training data (a note:
                train longer)
   healthy      none of these
@@ -244,7 +245,9 @@ def diagnose(result: dict, from_carry: Optional[dict] = None, state_resets: Opti
                           f"{far} ({listed}). Do not use it. A direction this far off has fallen into the zero-state "
                           f"trap ({REFERENCE}) or has not learnt; evaluating the workdir it was trained in, whose "
                           f"checkpoints hold the state training ended in, tells which.", needs_carry=True)
-        if len(scores) == 2 and scores[worst] > SUSPECT_RATIO * min(scores.values()):
+        baseline = result.get("unigram_perplexity")
+        learnt = baseline is None or min(scores.values()) < baseline  # (young models' directions differ more)
+        if len(scores) == 2 and scores[worst] > SUSPECT_RATIO * min(scores.values()) and learnt:
             other = min(scores, key=scores.get)
             return Health("suspect", f"note: from the zero LSTM state the {worst} LM scores {scores[worst] / scores[other]:.3g} "
                           f"times the {other} LM ({listed}); in a trained model that is a sign of the zero-state trap "

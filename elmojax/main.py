@@ -15,10 +15,12 @@ elmojax.config.base_config (name the heldout data with --config.data.heldout_pre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import signal
 import sys
 
 import jax
@@ -56,26 +58,19 @@ def main(argv) -> None:
     logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     model = _MODEL.value or _WORKDIR.value
+    # SIGTERM and Ctrl-C: the training loop saves and stops by itself; elsewhere they raise
+    # Stopped, so that nothing half-written stays (with several processes JAX's preemption
+    # service has SIGTERM, and the loop alone answers it)
+    stoppable = runtime.stop_on_signals() if jax.process_count() == 1 else contextlib.nullcontext()
     try:
-        config = _config(_WORKDIR.value if _MODE.value == "train" else model)
-        if _MODE.value == "train":
-            state = loop.train(config, _WORKDIR.value)
-            for line in loop.after_training(config, _WORKDIR.value, state):
-                print(line)
-        elif jax.process_index() != 0:
-            return  # evaluation and export run in process 0
-        elif _MODE.value == "evaluate":
-            result = evaluation.evaluate(config, model)
-            log.info("%s", evaluation.summary(result))
-            line = result.pop("health_line")
-            if line:
-                print(line, file=sys.stderr)
-            print(metrics.dumps(result))
-        else:
-            if not _OUTPUT.value:
-                raise ValueError("--mode=export needs --output=FILE.hdf5")
-            written = model_files.export(model, _OUTPUT.value)
-            print(json.dumps(written))
+        with stoppable:
+            _run(model)
+    except runtime.Stopped as e:
+        print(f"{e}; {_AFTER_STOP[_MODE.value]}", file=sys.stderr)
+        sys.exit(e.exit_status)
+    except KeyboardInterrupt:  # a second Ctrl-C while the training loop saves: at once
+        print(f"stopped by a second SIGINT; {_AFTER_STOP[_MODE.value]}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except loop.Interrupted as e:
         print(e, file=sys.stderr)
     except (ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
@@ -84,6 +79,32 @@ def main(argv) -> None:
     except OSError as e:  # a full disk, a file system gone read-only
         print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
+
+
+_AFTER_STOP = {"train": "the run's checkpoints are as they were saved: run the same command again to go on",
+               "evaluate": "nothing was written", "export": "nothing was written (an earlier export is as it was)"}
+
+
+def _run(model: str) -> None:
+    config = _config(_WORKDIR.value if _MODE.value == "train" else model)
+    if _MODE.value == "train":
+        state = loop.train(config, _WORKDIR.value)
+        for line in loop.after_training(config, _WORKDIR.value, state):
+            print(line)
+    elif jax.process_index() != 0:
+        return  # evaluation and export run in process 0
+    elif _MODE.value == "evaluate":
+        result = evaluation.evaluate(config, model)
+        log.info("%s", evaluation.summary(result))
+        line = result.pop("health_line")
+        if line:
+            print(line, file=sys.stderr)
+        print(metrics.dumps(result))
+    else:
+        if not _OUTPUT.value:
+            raise ValueError("--mode=export needs --output=FILE.hdf5")
+        written = model_files.export(model, _OUTPUT.value)
+        print(json.dumps(written))
 
 
 def _config(path: str) -> ml_collections.ConfigDict:

@@ -255,7 +255,7 @@ def check_file(url: str, path: str, hash_it: bool = True) -> Optional[str]:
         with open(path, "rb") as f:
             raw = f.read()
         try:
-            json.loads(raw.decode("utf-8"))
+            json.loads(raw.decode("utf-8-sig"))  # (a byte-order mark is read past, as files.read_json does)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return f"is not UTF-8 JSON ({e})"
     if kind == ".txt":

@@ -75,7 +75,16 @@ def barrier(name: str, timeout_seconds: int = BARRIER_TIMEOUT_SECONDS) -> None:
 
 
 class Stopped(Exception):
-    """SIGTERM or SIGINT stopped a command (see `stop_on_signals`); the message is one line."""
+    """SIGTERM or SIGINT stopped a command (see `stop_on_signals`); the message is one line,
+    starting "stopped by SIGTERM" (or SIGINT), whatever a command adds to it."""
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal's number, as a shell reports a process it ended (130 SIGINT, 143 SIGTERM)."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if str(self).startswith(f"stopped by {sig.name}"):
+                return 128 + sig
+        return 1
 
 
 @contextlib.contextmanager

@@ -137,9 +137,11 @@ class UnicodeCharsVocabulary(Vocabulary):
     """
 
     def __init__(self, filename: str, max_word_length: int, **kwargs):
+        if isinstance(max_word_length, bool) or not isinstance(max_word_length, (int, np.integer)) or \
+                max_word_length < 3:
+            raise ValueError(f"max_word_length (max_characters_per_token) must be an integer of at least 3, got "
+                             f"{max_word_length!r}")
         super().__init__(filename, **kwargs)
-        if max_word_length < 3:
-            raise ValueError(f"max_word_length must be at least 3, got {max_word_length}")
         self._max_word_length = max_word_length
         self.bos_char, self.eos_char = BOS_CHAR, EOS_CHAR
         self.bow_char, self.eow_char, self.pad_char = BOW_CHAR, EOW_CHAR, PAD_CHAR

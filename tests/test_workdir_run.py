@@ -150,3 +150,47 @@ def test_a_bilm_tf_checkpoint_without_a_vocabulary(tmp_path):
                            "--config.eval.unroll_steps=5")
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["perplexity"] == pytest.approx(got["perplexity"])
     assert f"no vocabulary beside the checkpoint; using {vocab} (--config.data.vocab_file) as its vocabulary" in err
+
+
+_SLOW_EXPORT = """
+import os, sys, time, runpy
+fsync = os.fsync
+def slow(fd):  # the first file written, then a pause with the temporary files in place
+    fsync(fd)
+    print("writing", flush=True)
+    time.sleep(60)
+os.fsync = slow
+sys.argv = ["elmojax.main"] + sys.argv[1:]
+runpy.run_module("elmojax.main", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL"])
+def test_an_export_stopped_midway_leaves_the_earlier_one_and_no_temporary_file(run, tmp_path, how):
+    import signal
+
+    output = tmp_path / "export" / "elmo.hdf5"
+    code, _, err = _main("--mode=export", f"--workdir={run[0]}", f"--output={output}")
+    assert code == 0, err
+    before = {name: (tmp_path / "export" / name).read_bytes() for name in os.listdir(tmp_path / "export")}
+    with open(output, "r+b") as f:  # so that a new export differs from it
+        f.seek(0, 2)
+        f.write(b"\0")
+    before[output.name] = output.read_bytes()
+    process = subprocess.Popen([sys.executable, "-c", _SLOW_EXPORT, "--mode=export", f"--workdir={run[0]}",
+                                f"--output={output}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert process.stdout.readline() == "writing\n"
+    assert any(name.endswith(".tmp") for name in os.listdir(tmp_path / "export"))
+    process.send_signal(getattr(signal, how))
+    _, err = process.communicate(timeout=60)
+    after = {name: (tmp_path / "export" / name).read_bytes() for name in os.listdir(tmp_path / "export")
+             if not name.endswith(".tmp")}
+    assert after == before  # every file of the earlier export as it was
+    if how == "SIGKILL":  # the next export clears what the killed one left
+        code, _, err = _main("--mode=export", f"--workdir={run[0]}", f"--output={output}")
+        assert code == 0, err
+    else:
+        assert process.returncode == 128 + getattr(signal, how)
+        assert err == f"stopped by {how}; nothing was written (an earlier export is as it was)\n"
+    assert not [name for name in os.listdir(tmp_path / "export") if name.endswith(".tmp")]

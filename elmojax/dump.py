@@ -13,29 +13,86 @@ again with the same arguments, a stopped dump continues where it stopped. They r
 processes on JAX's multi-controller runtime, each embedding its share of the chunks, with
 training's flags (--coordinator_address HOST:PORT --num_processes N --process_id I) or as the
 tasks of a SLURM job step; process 0 merges the chunks into the one output file.
+
+What goes wrong is one line on stderr: a bad argument (exit 2), a missing or wrong file, a full
+disk, a work directory in use by another dump (exit 1); SIGINT or SIGTERM stop a dump with a
+line saying what is done and kept (exit 130 or 143), leaving no temporary file behind.
 """
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import logging
+import os
+import re
+import signal
 import sys
 
 import jax
 
 from elmojax.dumps import (CHUNK_LINES, dump_bilm_embeddings, dump_elmo, dump_scores, dump_sentence_vectors,
                            dump_token_embeddings)
-from elmojax.runtime import initialize_distributed, setup
+from elmojax.runtime import Stopped, initialize_distributed, setup, stop_on_signals
 
 
 def _layers(value: str):
     return int(value) if value.isdigit() else value
 
 
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {number}")
+    return number
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (and exit status 2), the usage left to --help."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _identity(path: str):
+    """Which file is at `path` (None: none)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _delivering_stops(hook):
+    """sys.unraisablehook for a command: a Stopped raised where Python swallows exceptions (in a
+    garbage-collector callback of JAX's, say, printed as "Exception ignored in ...") goes to the
+    main thread's handler again, to be raised once that code has returned; the rest to `hook`."""
+
+    def deliver(info):
+        if isinstance(info.exc_value, Stopped):
+            name = str(info.exc_value).split()[-1]
+            if name in signal.Signals.__members__:
+                _thread.interrupt_main(signal.Signals[name])
+                return
+        hook(info)
+    return deliver
+
+
+def _exit_status(stopped: Stopped) -> int:
+    """128 + the signal's number, as a shell reports a process it ended (130 SIGINT, 143 SIGTERM)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if str(stopped).startswith(f"stopped by {sig.name}"):
+            return 128 + sig
+    return 1
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m elmojax.dump", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m elmojax.dump", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model(p, vocab=True, out=True):
         if vocab:
@@ -50,7 +107,7 @@ def main(argv=None) -> int:
         p.add_argument("--process_id", "--process-id", type=int, help="multi-process: this process's index")
 
     def chunks(p):
-        p.add_argument("--chunk-lines", type=int, default=CHUNK_LINES,
+        p.add_argument("--chunk-lines", type=_positive, default=CHUNK_LINES,
                        help=f"lines a chunk: what a restart keeps, and a process's unit of work (default {CHUNK_LINES})")
 
     tokens = commands.add_parser("tokens", help="char CNN embedding of every vocabulary token")
@@ -58,7 +115,7 @@ def main(argv=None) -> int:
     bilm = commands.add_parser("bilm", help="all biLM layers for every line of a dataset")
     model(bilm)
     bilm.add_argument("--dataset", required=True, help="text file, one whitespace-tokenized sentence per line")
-    bilm.add_argument("--batch-size", type=int, default=64, help="sentences per call (default 64)")
+    bilm.add_argument("--batch-size", type=_positive, default=64, help="sentences per call (default 64)")
     bilm.add_argument("--stateful", action="store_true",
                       help="carry LSTM state from line to line, one line at a time, as bilm-tf does")
     chunks(bilm)
@@ -67,7 +124,7 @@ def main(argv=None) -> int:
         p.add_argument("input_file", help="text file, one whitespace-tokenized sentence per line, none blank")
         p.add_argument("output_file", help="file to write (atomically)")
         model(p, vocab=False, out=False)
-        p.add_argument("--batch-size", type=int, default=64, help="sentences per call (default 64)")
+        p.add_argument("--batch-size", type=_positive, default=64, help="sentences per call (default 64)")
         return p
 
     elmo = lines_to_file("elmo", "AllenNLP's `allennlp elmo`: a dataset per line, and sentence_to_index")
@@ -85,33 +142,59 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = getattr(args, "out", None) or args.output_file
+    before = _identity(out)
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = _delivering_stops(unraisable)
     try:
-        if initialize_distributed(args.coordinator_address, args.num_processes, args.process_id) and \
-                args.command not in ("bilm", "elmo") and jax.process_count() > 1:
-            raise ValueError(f"{args.command} runs as one process (bilm and elmo run as several), "
-                             f"not {jax.process_count()}")
-        if args.command == "tokens":
-            dump_token_embeddings(args.vocab, args.options, args.weights, args.out, progress=not args.quiet)
-        elif args.command == "bilm":
-            dump_bilm_embeddings(args.vocab, args.dataset, args.options, args.weights, args.out,
-                                 batch_size=args.batch_size, stateful=args.stateful, progress=not args.quiet,
-                                 chunk_lines=args.chunk_lines)
-        elif args.command == "elmo":
-            dump_elmo(args.input_file, args.output_file, args.output_format, args.options, args.weights,
-                      batch_size=args.batch_size, forget_sentences=args.forget_sentences,
-                      use_sentence_keys=args.use_sentence_keys, progress=not args.quiet,
-                      chunk_lines=args.chunk_lines)
-        elif args.command == "score":
-            dump_scores(args.input_file, args.output_file, args.options, args.weights, args.softmax, args.batch_size)
-        else:
-            dump_sentence_vectors(args.input_file, args.output_file, args.options, args.weights, args.layers,
-                                  args.pooling, args.batch_size)
-    except (ValueError, KeyError, OSError) as e:
+        with stop_on_signals():
+            _run(args)
+    except Stopped as e:
+        message = str(e)
+        if re.fullmatch(r"stopped by \w+", message):  # not a dump's own account of what is left
+            message += f" after {out} was written" if _identity(out) != before else f"; {out} was not written"
+        print(message, file=sys.stderr)
+        return _exit_status(e)
+    except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {getattr(args, 'out', None) or args.output_file}")
+    except OSError as e:  # a full disk, a file system gone read-only, a missing file
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
+    finally:
+        sys.unraisablehook = unraisable
+    print(f"wrote {out}")
     return 0
 
 
+def _run(args) -> None:
+    if initialize_distributed(args.coordinator_address, args.num_processes, args.process_id) and \
+            args.command not in ("bilm", "elmo") and jax.process_count() > 1:
+        raise ValueError(f"{args.command} runs as one process (bilm and elmo run as several), "
+                         f"not {jax.process_count()}")
+    if args.command == "tokens":
+        dump_token_embeddings(args.vocab, args.options, args.weights, args.out, progress=not args.quiet)
+    elif args.command == "bilm":
+        dump_bilm_embeddings(args.vocab, args.dataset, args.options, args.weights, args.out,
+                             batch_size=args.batch_size, stateful=args.stateful, progress=not args.quiet,
+                             chunk_lines=args.chunk_lines)
+    elif args.command == "elmo":
+        dump_elmo(args.input_file, args.output_file, args.output_format, args.options, args.weights,
+                  batch_size=args.batch_size, forget_sentences=args.forget_sentences,
+                  use_sentence_keys=args.use_sentence_keys, progress=not args.quiet,
+                  chunk_lines=args.chunk_lines)
+    elif args.command == "score":
+        dump_scores(args.input_file, args.output_file, args.options, args.weights, args.softmax, args.batch_size)
+    else:
+        dump_sentence_vectors(args.input_file, args.output_file, args.options, args.weights, args.layers,
+                              args.pooling, args.batch_size)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status > 128:  # stopped by a signal, maybe inside a JAX compilation: Python's own exit could then crash in
+        logging.shutdown()  # XLA's teardown (a segfault), so the process ends here, its files already cleaned up
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -3,12 +3,21 @@ biLM layers per line (dump_bilm_embeddings), AllenNLP's `allennlp elmo` file (du
 sentence vectors (dump_sentence_vectors) and LM scores (dump_scores). Each file appears only
 when complete. The per-line dumps (bilm, elmo) go in chunks through a work directory beside
 their file (elmojax.parts): resumable, and shared among the processes of a multi-process run.
+
+Inputs are checked before any work (a missing or wrong file, an output that cannot be written,
+a batch size that is not a positive integer): a ValueError naming the file or argument. HDF5
+files are written through plain file I/O (elmojax.parts.hdf5_output), so that a full disk is an
+OSError naming the file the user asked for, never a crash inside HDF5; under
+runtime.stop_on_signals, SIGINT and SIGTERM wait while HDF5 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import json
+import os
 import logging
 import sys
 import time
@@ -18,7 +27,7 @@ import h5py
 import jax
 import numpy as np
 
-from elmojax import files, hdf5, parts, remote, runtime, scoring
+from elmojax import files, hdf5, parts, remote, runtime, scoring, tf_checkpoint
 from elmojax.embed import BidirectionalLanguageModel, embed_tokens
 from elmojax.options import load_options
 from elmojax.vocab import UnicodeCharsVocabulary, batch_char_ids
@@ -48,6 +57,62 @@ class _Progress:
         sys.stderr.flush()
 
 
+def _check_output(path: str) -> None:
+    """Refuses, before any work, an output the dump cannot write."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a directory; give a file name to write")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{parent}: not a directory, so {path} cannot be written")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{parent}: not writable (read-only, or no permission), so {path} cannot be written")
+
+
+def _check_input(path: str, what: str) -> None:
+    """Refuses, before any work, a missing input file (a URL is fetched later)."""
+    if remote.is_url(path):
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a directory, not a {what}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such {what}")
+
+
+def _check_weights(path: str, what: str = "weight file", checkpoint: bool = True) -> None:
+    """Refuses, before any work, weights that are neither an hdf5 file nor (`checkpoint`) a
+    bilm-tf checkpoint: a prefix, one of its files or its directory."""
+    if remote.is_url(path) or (os.path.isfile(path) and h5py.is_hdf5(path)):
+        return
+    if checkpoint:
+        if tf_checkpoint.is_checkpoint(path):
+            return
+        if os.path.isdir(path):
+            tf_checkpoint.resolve_prefix(path)  # a ValueError saying what the directory lacks
+    if os.path.isfile(path):
+        raise ValueError(f"{path}: not an hdf5 file{' (nor a bilm-tf checkpoint)' if checkpoint else ''}; "
+                         f"not a {what}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a directory, not a {what}")
+    raise ValueError(f"{path}: no such {what}")
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r:.60}")
+
+
+@contextlib.contextmanager
+def _text_output(path: str):
+    """A text file written at `path` atomically; a failing write is an OSError naming `path`."""
+    try:
+        with files.atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            yield out
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+
+
 def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, outfile: str,
                           batch_size: int = 4096, progress: bool = True) -> None:
     """Writes the char CNN's embedding of every vocabulary token to outfile (dataset `embedding`).
@@ -55,6 +120,11 @@ def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, 
     The file serves as embedding_weight_file of a BidirectionalLanguageModel with
     use_character_inputs=False and a TokenBatcher over the same vocab_file.
     """
+    _check_input(vocab_file, "vocabulary file")
+    _check_input(options_file, "options file")
+    _check_weights(weight_file, checkpoint=False)
+    _check_output(outfile)
+    _check_batch_size(batch_size)
     options = load_options(options_file)
     if options.char_cnn is None:
         raise ValueError(f"{options_file}: token embeddings are computed by the char CNN; options have none")
@@ -93,48 +163,111 @@ _dumps = itertools.count()  # barrier names: every process runs the same dumps i
 
 
 def _dump_in_chunks(outfile: str, manifest: dict, n_lines: int, chunk_lines: int,
-                    write: Callable[[h5py.File, range, Optional[str], Callable[[int], None]], None],
-                    keys: Callable[[range], list[str]], finish: Optional[Callable[[h5py.File], None]] = None,
+                    write: Callable[[parts.Hdf5Writer, range, Optional[Callable], Callable[[int], None]], None],
+                    keys: Callable[[range], list[str]], finish: Optional[Callable[[parts.Hdf5Writer], None]] = None,
                     sequential: bool = False, progress: bool = True) -> None:
     """A dump through a work directory (elmojax.parts), resumed where a previous run of the same
-    command stopped, shared among JAX's processes (chunk k is process k % n's). write(file,
-    lines, previous chunk's file or None (sequential dumps only), report) fills a chunk's file;
-    process 0 merges the chunks into outfile once every process is done, then finish(file)."""
+    command stopped, shared among JAX's processes (chunk k is process k % n's). write(writer,
+    lines, previous, report) fills a chunk's file, `previous` reading the previous chunk's
+    datasets by name (sequential dumps only; None for chunk 0); process 0 merges the chunks into
+    outfile once every process is done, then finish(writer).
+
+    Process 0 holds the work directory's lock throughout; the others start after a barrier it
+    passes once it holds it. SIGINT or SIGTERM (runtime.stop_on_signals) ends it with a
+    runtime.Stopped saying how many chunks are done; a failing disk with an OSError naming the
+    chunk or the output (elmojax.parts)."""
     index, count = jax.process_index(), jax.process_count()
     if sequential and count > 1:
         raise ValueError(f"a stateful dump carries state from line to line in order: it runs as one process, "
                          f"not {count}")
     work = parts.Work(outfile, manifest, n_lines, chunk_lines)
-    todo = work.todo(index, count)
-    kept = len(work.chunks) - len(work.todo(0, 1))
-    if kept and index == 0:
-        log.info("%s: resuming: %d of %d chunks of %d lines done", work.directory, kept, len(work.chunks), chunk_lines)
-    if count > 1:
-        log.info("process %d of %d: %d of its chunks to compute, %d lines", index, count, len(todo),
-                 sum(len(work.chunks[k]) for k in todo))
-    report = _Progress(sum(len(work.chunks[k]) for k in todo), "sentences", progress and index == 0)
-    done = 0
-    for k in todo:
-        lines = work.chunks[k]
-        previous = work.chunk_file(k - 1) if sequential and k > 0 else None
-        work.write(k, lambda f: write(f, lines, previous, lambda n: report.update(done + n)))
-        done += len(lines)
     number = next(_dumps)
-    runtime.barrier(f"elmojax.dumps.{number}.chunks")
-    if index == 0:
-        work.merge(keys, finish)
-    runtime.barrier(f"elmojax.dumps.{number}.merged")
+    try:
+        with work.locked() if index == 0 else contextlib.nullcontext():
+            if index == 0:
+                work.start(owner=True)
+            runtime.barrier(f"elmojax.dumps.{number}.started")
+            if index != 0:
+                work.start(owner=False)
+            if sequential:
+                _check_carried_chunks(work)
+            todo = work.todo(index, count)
+            kept = len(work.chunks) - len(work.todo(0, 1))
+            if kept and index == 0:
+                log.info("%s: resuming: %d of %d chunks of %d lines done", work.directory, kept, len(work.chunks),
+                         chunk_lines)
+            if count > 1:
+                log.info("process %d of %d: %d of its chunks to compute, %d lines", index, count, len(todo),
+                         sum(len(work.chunks[k]) for k in todo))
+            report = _Progress(sum(len(work.chunks[k]) for k in todo), "sentences", progress and index == 0)
+            done = 0
+
+            def compute(k: int, report: Callable[[int], None] = lambda n: None) -> None:
+                previous = None
+                if sequential and k > 0:
+                    previous = functools.partial(_read_previous, work, k - 1)
+                work.write(k, lambda f: write(f, work.chunks[k], previous, report))
+
+            for k in todo:
+                compute(k, lambda n: report.update(done + n))
+                done += len(work.chunks[k])
+            runtime.barrier(f"elmojax.dumps.{number}.chunks")
+            if index == 0:
+                work.merge(keys, finish, recompute=compute)
+        if index == 0:
+            work.remove_directory()
+        runtime.barrier(f"elmojax.dumps.{number}.merged")
+    except runtime.Stopped as e:
+        if work.merged:  # stopped in the last moments: the chunks are no longer needed
+            with contextlib.suppress(OSError):
+                work.remove()
+                work.remove_directory()
+            raise runtime.Stopped(f"{e} after {outfile} was written (complete)") from None
+        try:
+            n = len(work.done())
+        except OSError:
+            raise runtime.Stopped(f"{e}; {outfile} was not written") from None
+        total = len(work.chunks)
+        raise runtime.Stopped(f"{e}: {n} of {total} chunks are done in {work.directory}; run the same command "
+                              f"again to {'merge them' if n == total else 'resume'}") from None
 
 
-def _carry(f: h5py.File, model: BidirectionalLanguageModel) -> None:
+def _read_previous(work: parts.Work, k: int, names: list[str]) -> list[np.ndarray]:
+    """Chunk k's datasets `names`, its file checked first (a stateful dump's carried state)."""
+    try:
+        with work.reading(k) as read:
+            return [read(name) for name in names]
+    except parts.Damaged as e:
+        work.discard(e.k, e.reason)
+        raise ValueError(f"{work.chunk_file(e.k)}: damaged ({e.reason}); removed: run the same command again to "
+                         f"compute its lines again") from None
+
+
+def _check_carried_chunks(work: parts.Work) -> None:
+    """A stateful dump carries on from the state of the chunk before each one it computes:
+    those chunks are checked in full first, a damaged one removed (computed again)."""
+    checked: set[int] = set()
+    while True:
+        todo = set(work.todo())
+        before = sorted(k - 1 for k in todo if k > 0 and k - 1 not in todo and k - 1 not in checked)
+        if not before:
+            return
+        for k in before:
+            try:
+                work.verify(k)
+                checked.add(k)
+            except parts.Damaged as e:
+                work.discard(k, e.reason)
+
+
+def _carry(f: parts.Hdf5Writer, model: BidirectionalLanguageModel) -> None:
     """A stateful model's state after a chunk, kept in the chunk's file (group `carry`)."""
     for i, leaf in enumerate(jax.tree.leaves(model.state)):
-        f.create_dataset(f"carry/{i}", data=leaf)
+        f.put(f"carry/{i}", np.asarray(leaf), counted=False)
 
 
-def _carried(path: str, model: BidirectionalLanguageModel):
-    with h5py.File(path, "r") as f:
-        leaves = [f[f"carry/{i}"][...] for i in range(len(jax.tree.leaves(model.state)))]
+def _carried(previous: Callable[[list[str]], list[np.ndarray]], model: BidirectionalLanguageModel):
+    leaves = previous([f"carry/{i}" for i in range(len(jax.tree.leaves(model.state)))])
     return jax.tree.unflatten(jax.tree.structure(model.state), leaves)
 
 
@@ -158,6 +291,12 @@ def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, 
     size does), and under JAX's multi-controller runtime the processes share the chunks (not
     stateful).
     """
+    for path, what in ((vocab_file, "vocabulary file"), (dataset_file, "dataset file"), (options_file, "options file")):
+        _check_input(path, what)
+    _check_weights(weight_file)
+    _check_output(outfile)
+    _check_batch_size(batch_size)
+    parts.chunk_lines_of(0, chunk_lines)
     options = load_options(options_file)
     if options.char_cnn is None:
         raise ValueError(f"{options_file}: dump_bilm_embeddings reads characters; options have no char_cnn")
@@ -175,12 +314,40 @@ def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, 
             else:
                 model.state = _carried(previous, model)
         for i, layers in _layers_by_line(model, [sentences[i] for i in lines], batch_size, stateful, vocab, report):
-            f.create_dataset(str(lines[i]), data=layers)
+            f.put(str(lines[i]), layers)
         if stateful:
             _carry(f, model)
 
     _dump_in_chunks(outfile, manifest, len(sentences), chunk_lines, write, lambda lines: [str(i) for i in lines],
                     sequential=stateful, progress=progress)
+
+
+def _check_model_and_io(input_file: str, output_file: str, options_file: str, weight_file: str, batch_size,
+                        softmax_file: Optional[str] = None) -> None:
+    _check_input(input_file, "input file")
+    _check_input(options_file, "options file")
+    _check_weights(weight_file)
+    if softmax_file is not None:
+        _check_weights(softmax_file, "softmax file")
+    _check_output(output_file)
+    _check_batch_size(batch_size)
+
+
+def _check_sentence_keys(input_file: str, lines: list[tuple[int, str]]) -> None:
+    """With use_sentence_keys each sentence is a dataset's name: none may repeat, and each must
+    be one plain hdf5 name, which keys() lists (hdf5 reads '/' as a group separator, so 'a/b'
+    would be dataset 'b' in group 'a'; it ends a name at a NUL character; '.' is the group)."""
+    first: dict[str, int] = {}
+    for number, line in lines:
+        if line in first:
+            raise ValueError(f"{input_file}, line {number}: the sentence of line {first[line]} again; with "
+                             f"--use-sentence-keys every sentence is a key (leave it out to keep duplicates)")
+        first[line] = number
+        bad = "'/'" if "/" in line else "a NUL character" if "\0" in line else "'.' alone" if line == "." else None
+        if bad:
+            raise ValueError(f"{input_file}, line {number}: the sentence holds {bad}, which cannot be in an hdf5 key "
+                             f"(hdf5 would nest it in groups); with --use-sentence-keys every sentence is a key "
+                             f"(leave it out to key datasets by line index)")
 
 
 def _sentence_lines(input_file: str) -> list[tuple[int, str]]:
@@ -210,19 +377,19 @@ def dump_elmo(input_file: str, output_file: str, output_format: str, options_fil
 
     Unlike AllenNLP's command, whose biLM carries the LSTM state from batch to batch, every
     batch starts from zero state, so the file does not depend on batch_size or line order.
-    Blank lines and an empty file are errors (AllenNLP's too), as is a repeated sentence under
-    use_sentence_keys. Chunks, resuming and processes as in dump_bilm_embeddings.
+    Blank lines and an empty file are errors (AllenNLP's too), as is, under use_sentence_keys, a
+    repeated sentence or one hdf5 cannot keep as one key, listed by keys(): one holding '/' (a
+    group separator to hdf5) or a NUL character (where hdf5 ends the name), or '.' alone (the
+    group itself); every other sentence is its own key, unescaped. These are found before any
+    work. Chunks, resuming and processes as in dump_bilm_embeddings.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    _check_model_and_io(input_file, output_file, options_file, weight_file, batch_size)
+    parts.chunk_lines_of(0, chunk_lines)
     lines = _sentence_lines(input_file)
     if use_sentence_keys:
-        first: dict[str, int] = {}
-        for number, line in lines:
-            if line in first:
-                raise ValueError(f"{input_file}, line {number}: the sentence of line {first[line]} again; with "
-                                 f"--use-sentence-keys every sentence is a key (leave it out to keep duplicates)")
-            first[line] = number
+        _check_sentence_keys(input_file, lines)
     model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=batch_size)
     sentences = [line.split() for _, line in lines]
     manifest = {"dump": "elmo", "output_format": output_format, "forget_sentences": forget_sentences,
@@ -232,18 +399,13 @@ def dump_elmo(input_file: str, output_file: str, output_format: str, options_fil
 
     def write(f, chunk, previous, report):
         for i, layers in _layers_by_line(model, [sentences[i] for i in chunk], batch_size, report=report):
-            i = chunk[i]
             output = {"all": layers, "top": layers[-1], "average": layers.mean(axis=0)}[output_format]
-            try:
-                f.create_dataset(key(i), data=np.asarray(output, np.float32))
-            except (ValueError, KeyError) as e:
-                raise ValueError(f"{input_file}, line {lines[i][0]}: cannot be an hdf5 key ({e}); leave out "
-                                 f"--use-sentence-keys") from None
+            f.put(key(chunk[i]), np.asarray(output, np.float32))
 
     def finish(f):
         if not (forget_sentences or use_sentence_keys):
             index = {line: str(i) for i, (_, line) in enumerate(lines)}
-            f.create_dataset("sentence_to_index", data=[json.dumps(index)], dtype=h5py.string_dtype())
+            f.put("sentence_to_index", [json.dumps(index)], dtype=h5py.string_dtype())
 
     _dump_in_chunks(output_file, manifest, len(lines), chunk_lines, write, lambda chunk: [key(i) for i in chunk],
                     finish, progress=progress)
@@ -253,13 +415,12 @@ def dump_sentence_vectors(input_file: str, output_file: str, options_file: str, 
                           layers="average", pooling: str = "mean", batch_size: int = 64) -> None:
     """One vector per line of input_file (BidirectionalLanguageModel.sentence_vectors) as the
     dataset `sentence_vectors` (n_lines, dim), with `layers` and `pooling` as its attributes."""
+    _check_model_and_io(input_file, output_file, options_file, weight_file, batch_size)
     lines = _sentence_lines(input_file)
     model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=batch_size)
     vectors = model.sentence_vectors([line.split() for _, line in lines], layers, pooling)
-    with files.atomic_output(output_file) as tmp:
-        with h5py.File(tmp, "w") as fout:
-            fout.create_dataset("sentence_vectors", data=vectors)
-            fout["sentence_vectors"].attrs.update({"layers": str(layers), "pooling": pooling})
+    with parts.hdf5_output(output_file) as out:
+        out.put("sentence_vectors", vectors, attrs={"layers": str(layers), "pooling": pooling})
 
 
 def dump_scores(input_file: str, output_file: str, options_file: str, weight_file: str, softmax_file: str,
@@ -267,9 +428,10 @@ def dump_scores(input_file: str, output_file: str, options_file: str, weight_fil
     """One JSON line per line of input_file: its tokens, each token's forward and backward
     log-probability, those of </S> (forward_end) and <S> (backward_end), and its perplexity
     (BidirectionalLanguageModel.sentence_log_probs, elmojax.scoring)."""
+    _check_model_and_io(input_file, output_file, options_file, weight_file, batch_size, softmax_file)
     lines = _sentence_lines(input_file)
     model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=batch_size, softmax_file=softmax_file)
-    with files.atomic_output(output_file) as tmp, open(tmp, "w", encoding="utf-8") as out:
+    with _text_output(output_file) as out:
         for start in range(0, len(lines), batch_size):
             part = [line.split() for _, line in lines[start:start + batch_size]]
             scores = model.sentence_log_probs(part)

@@ -66,16 +66,17 @@ def evaluate(config, corpus: str, params: dict, options: dict, carry: dict) -> d
     from the zero LSTM state (what embeddings start from), and from `carry`, the state training
     left the LSTMs in (carry_* figures), with the verdict of elmojax.evaluation.diagnose given
     both (blown_up: "broken")."""
-    from elmojax import evaluation, model_files
+    from elmojax import config as config_lib, evaluation, model_files
 
-    vocab = model_files.load_vocab(config)
-    trained = model_files.Trained(params, options, [vocab.id_to_word(i) for i in range(vocab.size)],
-                                  config.data.vocab_file, corpus)
-    result = evaluation.evaluate(config, corpus, trained, diagnosed=False)
-    from_carry = evaluation.evaluate(config, corpus, trained, initial_state=carry)
+    model_config = config_lib.config_from_options_json(options, source=corpus)
+    vocab = model_files.load_vocab(model_config, config.data.vocab_file)
+    evaluator = evaluation.Evaluator(model_config, vocab, config.data.heldout_prefix, config.eval.batch_size,
+                                     config.eval.unroll_steps, config.data.train_prefix)
+    result = evaluator(params)
+    from_carry = evaluator.carry_check(params, carry)
     result.update({f"carry_{k}": from_carry[k] for k in ("perplexity", "forward_perplexity", "backward_perplexity")})
     health = evaluation.diagnose(result, from_carry, config.train.state_reset_probability)
-    result.update(health=health.verdict, blown_up=health.verdict == "broken")
+    result.update(trap_ratio=from_carry["trap_ratio"], health=health.verdict, blown_up=health.verdict == "broken")
     return result
 
 

@@ -87,34 +87,62 @@ class Evaluator:
         tokens scored, and the training data's unigram baseline. The LSTMs start from zero
         state (as embeddings do), or from `initial_state`, a carry whose batch size is then the
         evaluation's (e.g. where training left the LSTMs)."""
-        trainer, vocab = self.trainer, self.vocab
-        batch_size = self.batch_size if initial_state is None else jax.tree.leaves(initial_state)[0].shape[0]
-        dataset = data.make_dataset(self.config, vocab, self.heldout_prefix, batch_size, self.unroll_steps, test=True)
-        params = jax.device_put(params, trainer.replicated)
-        lstm_state = trainer.zero_lstm_state(batch_size) if initial_state is None else jax.device_put(
-            initial_state, trainer.sharded)
-        totals: dict[str, list[float]] = {}
-        target_counts = np.zeros(vocab.size, np.int64)
-        for batch in dataset.iter_batches():
-            target_counts += np.bincount(batch["next_token_id"].ravel(), weights=batch["weights"].ravel(),
-                                         minlength=vocab.size).astype(np.int64)
-            lstm_state, sums = trainer.eval_step(params, lstm_state, trainer.put_batch(batch))
-            for direction, (loss_sum, count) in jax.device_get(sums).items():
-                t = totals.setdefault(direction, [0.0, 0.0])
-                t[0] += float(loss_sum)
-                t[1] += float(count)
-        if not totals or next(iter(totals.values()))[1] == 0:
-            raise ValueError(f"{self.heldout_prefix}: no heldout tokens")
+        return self._result(*self._score(params, initial_state))
+
+    def _result(self, batches: list[dict], target_counts: np.ndarray) -> dict:
+        totals = _totals(batches)
         mean_losses = {d: s / n for d, (s, n) in totals.items()}
         result = {"perplexity": float(np.exp(np.mean(list(mean_losses.values())))),
                   "forward_perplexity": float(np.exp(mean_losses["forward"])),
                   "backward_perplexity": float(np.exp(mean_losses["backward"])) if "backward" in mean_losses else None,
                   "tokens": int(totals["forward"][1]), "heldout_files": self.heldout_files,
-                  "vocab_size": vocab.size, "unigram_perplexity": None, "unigram_files": []}
+                  "vocab_size": self.vocab.size, "unigram_perplexity": None, "unigram_files": []}
         if self.baseline is not None:
             result["unigram_perplexity"] = unigram_perplexity(self.baseline[0], target_counts)
             result["unigram_files"] = self.baseline[1]
         return result
+
+    def carry_check(self, params, carry: dict) -> dict:
+        """The result from `carry` (the LSTM state training ended in), with `trap_ratio`: for
+        each direction, its perplexity from zero state over its perplexity from the carry, in
+        the same batches, leaving out the first quarter of the stream (at least one batch),
+        where a model trained on a carried state pays for a cold start; what stays is the
+        zero-state trap, which lasts."""
+        warm_batches, target_counts = self._score(params, carry)
+        warm = self._result(warm_batches, target_counts)
+        cold_batches, _ = self._score(params, None, jax.tree.leaves(carry)[0].shape[0])
+        skip = max(1, len(warm_batches) // 4) if len(warm_batches) > 1 else 0
+        cold, hot = _totals(cold_batches[skip:]), _totals(warm_batches[skip:])
+        warm["trap_ratio"] = {d: float(np.exp(cold[d][0] / cold[d][1] - hot[d][0] / hot[d][1])) for d in hot}
+        return warm
+
+    def _score(self, params, initial_state: Optional[dict], batch_size: Optional[int] = None
+               ) -> tuple[list[dict], np.ndarray]:
+        """Each batch's {direction: (loss sum, tokens)}, and how often each vocabulary id is a
+        forward target, from `initial_state` (or zeros for `batch_size` rows)."""
+        trainer, vocab = self.trainer, self.vocab
+        if initial_state is not None:
+            batch_size = jax.tree.leaves(initial_state)[0].shape[0]
+        batch_size = batch_size or self.batch_size
+        dataset = data.make_dataset(self.config, vocab, self.heldout_prefix, batch_size, self.unroll_steps, test=True)
+        params = jax.device_put(params, trainer.replicated)
+        lstm_state = trainer.zero_lstm_state(batch_size) if initial_state is None else jax.device_put(
+            initial_state, trainer.sharded)
+        batches = []
+        target_counts = np.zeros(vocab.size, np.int64)
+        for batch in dataset.iter_batches():
+            target_counts += np.bincount(batch["next_token_id"].ravel(), weights=batch["weights"].ravel(),
+                                         minlength=vocab.size).astype(np.int64)
+            lstm_state, sums = trainer.eval_step(params, lstm_state, trainer.put_batch(batch))
+            batches.append({d: (float(loss), float(count)) for d, (loss, count) in jax.device_get(sums).items()})
+        if not batches or sum(b["forward"][1] for b in batches) == 0:
+            raise ValueError(f"{self.heldout_prefix}: no heldout tokens")
+        return batches, target_counts
+
+
+def _totals(batches: list[dict]) -> dict[str, tuple[float, float]]:
+    """{direction: (loss sum, tokens)} over batches."""
+    return {d: (sum(b[d][0] for b in batches), sum(b[d][1] for b in batches)) for d in batches[0]}
 
 
 def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[Trained] = None,
@@ -144,7 +172,7 @@ def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[Tra
     if initial_state is None and diagnosed:
         health = diagnose(result)
         if health.needs_carry and trained.carry is not None:
-            health = diagnose(result, evaluator(trained.params, trained.carry), _resets(path))
+            health = diagnose(result, evaluator.carry_check(trained.params, trained.carry), _resets(path))
         result.update(health.fields())
     return result
 
@@ -230,7 +258,8 @@ def diagnose(result: dict, from_carry: Optional[dict] = None, state_resets: Opti
                           f"LSTM state training ended in, {far} (from zero state: {listed}): it has not learnt. Do not "
                           f"use it: train it again, with a smaller --config.train.learning_rate or another seed.",
                           from_carry=from_carry)
-        trapped = {d: scores[d] / carried[d] for d in scores if scores[d] >= TRAP_RATIO * carried[d]}
+        ratios = from_carry.get("trap_ratio") or {d: scores[d] / carried[d] for d in scores}
+        trapped = {d: r for d, r in ratios.items() if r >= TRAP_RATIO}
         if trapped:
             bad = max(trapped, key=trapped.get)
             return Health("broken", f"warning: the {bad} LM is broken: heldout perplexity {scores[bad]:.6g} from the "

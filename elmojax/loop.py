@@ -321,7 +321,7 @@ class Loop:
         result = self.evaluator(params)
         health = diagnose(result)
         if health.needs_carry and jax.process_count() == 1:  # (with several, the carry's rows are spread out)
-            health = diagnose(result, self.evaluator(params, jax.device_get(state.lstm_state)),
+            health = diagnose(result, self.evaluator.carry_check(params, jax.device_get(state.lstm_state)),
                               self.config.train.state_reset_probability)
         self._exclude_from_timing(time.monotonic() - started)
         log.info("step %d  %s", step, summary(result))

@@ -21,13 +21,14 @@ line saying what is done and kept (exit 130 or 143), leaving no temporary file b
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import logging
 import os
 import re
 import signal
 import sys
+import threading
+import time
 
 import jax
 
@@ -66,27 +67,50 @@ def _identity(path: str):
     return stat.st_ino, stat.st_mtime_ns
 
 
-def _delivering_stops(hook):
-    """sys.unraisablehook for a command: a Stopped raised where Python swallows exceptions (in a
-    garbage-collector callback of JAX's, say, printed as "Exception ignored in ...") goes to the
-    main thread's handler again, to be raised once that code has returned; the rest to `hook`."""
+class _Stops:
+    """Takes over stop_on_signals' handler inside it: the first SIGINT or SIGTERM raises its
+    Stopped; another within GRACE_S is ignored (a second Ctrl-C would cut the clean-up short:
+    temporary files, the lock); one raised where Python swallows exceptions (a garbage-collector
+    callback of JAX's, printed as "Exception ignored in ...") is raised again, once that code has
+    returned (`unraisable`)."""
 
-    def deliver(info):
-        if isinstance(info.exc_value, Stopped):
-            name = str(info.exc_value).split()[-1]
-            if name in signal.Signals.__members__:
-                _thread.interrupt_main(signal.Signals[name])
-                return
-        hook(info)
-    return deliver
+    GRACE_S = 2.0
+
+    def __init__(self, hook):
+        self.hook, self.stop, self.first, self.again = hook, None, None, []
+
+    def install(self) -> None:
+        self.stop = signal.getsignal(signal.SIGTERM)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+    def __call__(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.first is None or now - self.first > self.GRACE_S:
+            self.first = now
+            self.stop(signum, frame)
+
+    def unraisable(self, info) -> None:
+        """sys.unraisablehook inside: a swallowed Stopped goes to the handler again; the rest to `hook`."""
+        found = re.match(r"stopped by (SIG[A-Z]+)", str(info.exc_value))
+        if isinstance(info.exc_value, Stopped) and found and found.group(1) in signal.Signals.__members__:
+            self.first = None  # sent again from another thread: here, the handler would raise inside the hook
+            again = threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident,
+                                                                signal.Signals[found.group(1)]))
+            self.again.append(again)
+            again.start()
+            return
+        self.hook(info)
 
 
-def _exit_status(stopped: Stopped) -> int:
-    """128 + the signal's number, as a shell reports a process it ended (130 SIGINT, 143 SIGTERM)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        if str(stopped).startswith(f"stopped by {sig.name}"):
-            return 128 + sig
-    return 1
+class _LogHandler(logging.StreamHandler):
+    """logging's stderr handler, except that a Stopped raised while it writes (logging would print
+    it as an error and go on) stops the command."""
+
+    def handleError(self, record) -> None:
+        if isinstance(sys.exc_info()[1], Stopped):
+            raise sys.exc_info()[1]
+        super().handleError(record)
 
 
 def main(argv=None) -> int:
@@ -141,20 +165,39 @@ def main(argv=None) -> int:
     score.add_argument("--softmax", required=True, help="the softmax file (softmax/W, softmax/b, vocabulary)")
     args = parser.parse_args(argv)
     setup()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    handler = _LogHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     out = getattr(args, "out", None) or args.output_file
     before = _identity(out)
-    unraisable = sys.unraisablehook
-    sys.unraisablehook = _delivering_stops(unraisable)
+    main_thread = threading.current_thread() is threading.main_thread()
+    stops, handlers = _Stops(sys.unraisablehook), {}
     try:
+        # before the handlers (Ctrl-C meanwhile is a KeyboardInterrupt): the multi-controller runtime
+        # (it may wait long for the other processes), so that they replace the SIGTERM handler of
+        # JAX's preemption service, and JAX's backends, whose set-up catches any Exception
+        if initialize_distributed(args.coordinator_address, args.num_processes, args.process_id) and \
+                args.command not in ("bilm", "elmo") and jax.process_count() > 1:
+            raise ValueError(f"{args.command} runs as one process (bilm and elmo run as several), "
+                             f"not {jax.process_count()}")
+        jax.local_devices()
+        if main_thread:
+            # ignored once stop_on_signals is left: a signal then cannot cut the report short
+            handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         with stop_on_signals():
+            if main_thread:
+                stops.install()
+                sys.unraisablehook = stops.unraisable
             _run(args)
     except Stopped as e:
         message = str(e)
         if re.fullmatch(r"stopped by \w+", message):  # not a dump's own account of what is left
             message += f" after {out} was written" if _identity(out) != before else f"; {out} was not written"
         print(message, file=sys.stderr)
-        return _exit_status(e)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print(f"stopped by SIGINT; {out} was not written", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -162,16 +205,17 @@ def main(argv=None) -> int:
         print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
     finally:
-        sys.unraisablehook = unraisable
+        sys.unraisablehook = stops.hook
+        for again in stops.again:
+            again.cancel()
+        for sig, previous in handlers.items():
+            if previous is not None:
+                signal.signal(sig, previous)
     print(f"wrote {out}")
     return 0
 
 
 def _run(args) -> None:
-    if initialize_distributed(args.coordinator_address, args.num_processes, args.process_id) and \
-            args.command not in ("bilm", "elmo") and jax.process_count() > 1:
-        raise ValueError(f"{args.command} runs as one process (bilm and elmo run as several), "
-                         f"not {jax.process_count()}")
     if args.command == "tokens":
         dump_token_embeddings(args.vocab, args.options, args.weights, args.out, progress=not args.quiet)
     elif args.command == "bilm":

@@ -220,6 +220,54 @@ def test_signals_wait_while_hdf5_writes_and_then_stop(tmp_path):
         assert ran and os.listdir(tmp_path) == []
 
 
+def test_a_stop_python_swallows_is_raised_again_and_a_second_one_waits(monkeypatch):
+    """A Stopped raised inside a garbage-collector callback (Python prints and drops it) or while
+    logging writes comes out again in the command; a second signal at once is ignored."""
+    import gc
+
+    from elmojax.dump import _LogHandler, _Stops
+    stops = _Stops(sys.unraisablehook)
+    armed = [True]
+
+    def callback(phase, info):
+        if phase == "start" and armed:
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass  # the handler raises here, inside the callback
+    with runtime.stop_on_signals():
+        stops.install()
+        monkeypatch.setattr(sys, "unraisablehook", stops.unraisable)
+        gc.callbacks.append(callback)
+        try:
+            with pytest.raises(runtime.Stopped, match="stopped by SIGTERM"):
+                gc.collect()
+                time.sleep(5)  # cut short by the signal sent again
+        finally:
+            gc.callbacks.remove(callback)
+        assert not armed
+        os.kill(os.getpid(), signal.SIGINT)  # within the grace time after the first: ignored
+        time.sleep(0.05)
+        stops.first = None
+
+        class Kill:
+            def __str__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):
+                    pass
+                return "never"
+        logger = logging.getLogger("test_dump_faults.swallow")
+        monkeypatch.setattr(logger, "propagate", False)
+        with open(os.devnull, "w") as devnull:
+            handler = _LogHandler(devnull)
+            logger.addHandler(handler)
+            try:
+                with pytest.raises(runtime.Stopped, match="stopped by SIGINT"):
+                    logger.warning(Kill())
+            finally:
+                logger.removeHandler(handler)
+
+
 def _wait_for(condition, process, timeout=120.0):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -249,6 +297,8 @@ def test_sigterm_and_sigint_stop_a_dump_in_one_line_and_it_resumes(tmp_path, cor
     process = _start(args)
     _wait_for(lambda: len(_chunks(work)) >= min(n + 2, 5), process)
     process.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    process.send_signal(signal.SIGINT)  # Ctrl-C twice: the clean-up still runs to its end
     _, err = process.communicate(timeout=120)
     line = _error_line(subprocess.CompletedProcess(process.args, process.returncode, "", err))
     done = len(_chunks(work))

@@ -12,7 +12,7 @@ Chunk k is process k % n's (of n), whatever the processes did before: each write
 none needs to know what another has done, and a rerun with another number of processes keeps
 every finished chunk. A chunk file exists only once complete (written beside, flushed, renamed):
 a dump killed at any point leaves finished chunks and at most a temporary file (removed by the
-next run); started again with the same command, it keeps those and computes the rest. A work
+next run on that host, or by the merge); started again with the same command, it keeps those and computes the rest. A work
 directory left by another command (another input, model, kind or setting) is refused in one
 line naming what differs.
 
@@ -34,8 +34,8 @@ disk, a quota, an I/O error) is kept and raised as an OSError once HDF5's call h
 (With HDF5 2.0 and h5py 3.16, once a write of HDF5's own fails, releasing each dataset object
 fails again on the same write, "Can't decrement id ref count", and File.close, releasing the
 file's objects left open, then segfaults: a flood of tracebacks, then exit 139.) For the same reason
-SIGINT and SIGTERM wait while HDF5 runs (a Python exception raised inside the driver would be
-a failing write) and are delivered as soon as it returns. The error names the chunk or the
+SIGINT and SIGTERM wait while HDF5 runs (files.uninterrupted: a Python exception raised inside
+the driver would be a failing write) and are delivered as soon as it returns. The error names the chunk or the
 output, says which chunks are kept and how to go on; nothing half-written is left.
 
 Each chunk starts from zero state in batches of its own lines, so a chunk's arrays are the same
@@ -63,8 +63,6 @@ import logging
 import os
 import re
 import shutil
-import signal
-import threading
 import zlib
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -119,45 +117,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # --- signals wait while HDF5 runs --------------------------------------------------------------
 
-class _Held:
-    """Inside, SIGINT and SIGTERM are only noted; on leaving, the handlers are restored and the
-    first signal noted goes to its handler (which may raise: runtime.stop_on_signals' Stopped).
-    Off the main thread, nothing changes (signal handlers run in the main thread anyway)."""
-
-    def __enter__(self) -> "_Held":
-        self.pending: list[int] = []
-        self.previous: dict = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(sig) is not None:  # None: not installed from Python, left alone
-                    self.previous[sig] = signal.signal(sig, self._note)
-        return self
-
-    def _note(self, signum, frame) -> None:
-        self.pending.append(signum)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        if self.pending:
-            handler = self.previous.get(self.pending[0])
-            if callable(handler):
-                handler(self.pending[0], None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(self.pending[0])
-
-
 class _Gate:
-    """A context whose signals are held from `hold()` on until it is left: what follows a
-    finished write (its flush, rename and clean-up) then runs to its end."""
+    """A context in which SIGINT and SIGTERM wait (files.uninterrupted) from `hold()` on until it
+    is left: what follows a finished write (its flush, rename and clean-up) runs to its end."""
 
     def __enter__(self) -> "_Gate":
-        self.held: Optional[_Held] = None
+        self.held: Optional[contextlib.AbstractContextManager] = None
         return self
 
     def hold(self) -> None:
         if self.held is None:
-            self.held = _Held().__enter__()
+            self.held = files.uninterrupted()
+            self.held.__enter__()
 
     def __exit__(self, *exc) -> None:
         if self.held is not None:
@@ -246,7 +217,7 @@ class Hdf5Writer:
         self.shown, self.bytes = shown, 0
         self.disk = _Disk(path)
         try:
-            with _Held():
+            with files.uninterrupted():
                 self.file = h5py.File(self.disk, "w")
         except BaseException:
             os.close(self.disk.fd)
@@ -264,7 +235,7 @@ class Hdf5Writer:
         """Writes the dataset `name` (and its attributes)."""
         data = data if dtype is not None else np.asarray(data)
         try:
-            with _Held():
+            with files.uninterrupted():
                 dataset = self.file.create_dataset(name, data=data, dtype=dtype)
                 dataset.attrs.update(attrs or {})
                 del dataset
@@ -280,7 +251,7 @@ class Hdf5Writer:
         if self.disk.fd < 0:
             return
         try:
-            with _Held():
+            with files.uninterrupted():
                 self.file.close()
         finally:
             os.close(self.disk.fd)
@@ -407,10 +378,7 @@ class Work:
                                   self.directory) from None
         if not owner:
             return
-        for name in os.listdir(self.directory):
-            if name.startswith(".") and name.endswith(".tmp"):  # a killed writer's
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.directory, name))
+        files.remove_leftovers(None, self.directory)  # temporary files of writers killed outright
         for k in sorted(self.done()):
             reason = self._size_problem(k)
             if reason:
@@ -588,7 +556,7 @@ class Work:
         """Removes the chunks, their checksums, the manifest and any temporary file (a killed run
         then leaves a directory that resumes); the lock and the directory are its holder's to
         remove (`remove_directory`)."""
-        with _Held():
+        with files.uninterrupted():
             names = sorted(os.listdir(self.directory), key=lambda n: (n == MANIFEST, n))
             for name in names:
                 if name != LOCK:

@@ -28,13 +28,13 @@ import re
 import signal
 import sys
 import threading
-import time
 
 import jax
 
 from elmojax.dumps import (CHUNK_LINES, dump_bilm_embeddings, dump_elmo, dump_scores, dump_sentence_vectors,
                            dump_token_embeddings)
-from elmojax.runtime import Stopped, initialize_distributed, setup, stop_on_signals
+from elmojax import runtime
+from elmojax.runtime import LogHandler, Stopped, initialize_distributed, setup, stop_on_signals
 
 
 def _layers(value: str):
@@ -65,52 +65,6 @@ def _identity(path: str):
     except OSError:
         return None
     return stat.st_ino, stat.st_mtime_ns
-
-
-class _Stops:
-    """Takes over stop_on_signals' handler inside it: the first SIGINT or SIGTERM raises its
-    Stopped; another within GRACE_S is ignored (a second Ctrl-C would cut the clean-up short:
-    temporary files, the lock); one raised where Python swallows exceptions (a garbage-collector
-    callback of JAX's, printed as "Exception ignored in ...") is raised again, once that code has
-    returned (`unraisable`)."""
-
-    GRACE_S = 2.0
-
-    def __init__(self, hook):
-        self.hook, self.stop, self.first, self.again = hook, None, None, []
-
-    def install(self) -> None:
-        self.stop = signal.getsignal(signal.SIGTERM)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self)
-
-    def __call__(self, signum, frame) -> None:
-        now = time.monotonic()
-        if self.first is None or now - self.first > self.GRACE_S:
-            self.first = now
-            self.stop(signum, frame)
-
-    def unraisable(self, info) -> None:
-        """sys.unraisablehook inside: a swallowed Stopped goes to the handler again; the rest to `hook`."""
-        found = re.match(r"stopped by (SIG[A-Z]+)", str(info.exc_value))
-        if isinstance(info.exc_value, Stopped) and found and found.group(1) in signal.Signals.__members__:
-            self.first = None  # sent again from another thread: here, the handler would raise inside the hook
-            again = threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident,
-                                                                signal.Signals[found.group(1)]))
-            self.again.append(again)
-            again.start()
-            return
-        self.hook(info)
-
-
-class _LogHandler(logging.StreamHandler):
-    """logging's stderr handler, except that a Stopped raised while it writes (logging would print
-    it as an error and go on) stops the command."""
-
-    def handleError(self, record) -> None:
-        if isinstance(sys.exc_info()[1], Stopped):
-            raise sys.exc_info()[1]
-        super().handleError(record)
 
 
 def main(argv=None) -> int:
@@ -165,13 +119,13 @@ def main(argv=None) -> int:
     score.add_argument("--softmax", required=True, help="the softmax file (softmax/W, softmax/b, vocabulary)")
     args = parser.parse_args(argv)
     setup()
-    handler = _LogHandler()
+    handler = LogHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     out = getattr(args, "out", None) or args.output_file
     before = _identity(out)
     main_thread = threading.current_thread() is threading.main_thread()
-    stops, handlers = _Stops(sys.unraisablehook), {}
+    handlers = {}
     try:
         # before the handlers (Ctrl-C meanwhile is a KeyboardInterrupt): the multi-controller runtime
         # (it may wait long for the other processes), so that they replace the SIGTERM handler of
@@ -185,9 +139,6 @@ def main(argv=None) -> int:
             # ignored once stop_on_signals is left: a signal then cannot cut the report short
             handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         with stop_on_signals():
-            if main_thread:
-                stops.install()
-                sys.unraisablehook = stops.unraisable
             _run(args)
     except Stopped as e:
         message = str(e)
@@ -205,9 +156,6 @@ def main(argv=None) -> int:
         print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
     finally:
-        sys.unraisablehook = stops.hook
-        for again in stops.again:
-            again.cancel()
         for sig, previous in handlers.items():
             if previous is not None:
                 signal.signal(sig, previous)
@@ -235,10 +183,4 @@ def _run(args) -> None:
 
 
 if __name__ == "__main__":
-    status = main()
-    if status > 128:  # stopped by a signal, maybe inside a JAX compilation: Python's own exit could then crash in
-        logging.shutdown()  # XLA's teardown (a segfault), so the process ends here, its files already cleaned up
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+    runtime.exit_command(main())

@@ -55,8 +55,10 @@ def main(argv) -> None:
     runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    handler = runtime.LogHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING, handlers=[handler],
+                        force=True)
     model = _MODEL.value or _WORKDIR.value
     # SIGTERM and Ctrl-C: the training loop saves and stops by itself; elsewhere they raise
     # Stopped, so that nothing half-written stays (with several processes JAX's preemption
@@ -67,10 +69,10 @@ def main(argv) -> None:
             _run(model)
     except runtime.Stopped as e:
         print(f"{e}; {_AFTER_STOP[_MODE.value]}", file=sys.stderr)
-        sys.exit(e.exit_status)
+        runtime.exit_command(e.exit_status)
     except KeyboardInterrupt:  # a second Ctrl-C while the training loop saves: at once
         print(f"stopped by a second SIGINT; {_AFTER_STOP[_MODE.value]}", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        runtime.exit_command(128 + signal.SIGINT)
     except loop.Interrupted as e:
         print(e, file=sys.stderr)
     except (ValueError, KeyError, FileNotFoundError, CheckpointError) as e:

@@ -16,8 +16,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
+import sys
 import threading
+import time
 from typing import Iterator, Optional
 
 import jax
@@ -87,21 +90,77 @@ class Stopped(Exception):
         return 1
 
 
+GRACE_S = 2.0  # a second signal this soon after the first is ignored: the clean-up runs to its end
+
+
+class _Stops:
+    """stop_on_signals' handler: the first SIGINT or SIGTERM raises Stopped; another within
+    GRACE_S is ignored (a second Ctrl-C would cut the clean-up short); a Stopped raised where
+    Python swallows exceptions (a garbage-collector callback of JAX's, printed as "Exception
+    ignored in ...") is sent again from another thread, to be raised once that code has returned
+    (from the hook itself, the handler would raise inside the hook)."""
+
+    def __init__(self, hook):
+        self.hook, self.first, self.again = hook, None, []
+
+    def __call__(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.first is None or now - self.first > GRACE_S:
+            self.first = now
+            raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+    def unraisable(self, info) -> None:
+        found = re.match(r"stopped by (SIG[A-Z]+)", str(info.exc_value))
+        if isinstance(info.exc_value, Stopped) and found and found.group(1) in signal.Signals.__members__:
+            self.first = None
+            again = threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident,
+                                                                signal.Signals[found.group(1)]))
+            self.again.append(again)
+            again.start()
+            return
+        self.hook(info)
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Inside, SIGTERM and SIGINT raise `Stopped` in the main thread, so that the command's
     `finally` blocks and context managers run (temporary files removed, finished work kept)
-    before it exits; outside (or off the main thread) the handlers are as they were."""
+    before it exits (see _Stops for a second signal and a swallowed Stopped); outside (or off
+    the main thread) the handlers are as they were. Set up JAX's backends (and the
+    multi-controller runtime) first: their set-up catches any exception, a Stopped too."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def stop(signum, frame):
-        raise Stopped(f"stopped by {signal.Signals(signum).name}")
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stops = _Stops(sys.unraisablehook)
+    previous = {sig: signal.signal(sig, stops) for sig in (signal.SIGTERM, signal.SIGINT)}
+    sys.unraisablehook = stops.unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = stops.hook
+        for again in stops.again:
+            again.cancel()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class LogHandler(logging.StreamHandler):
+    """logging's stderr handler for the command lines, except that a Stopped raised while it
+    writes (logging would print it as a logging error and go on) stops the command."""
+
+    def handleError(self, record) -> None:
+        if isinstance(sys.exc_info()[1], Stopped):
+            raise sys.exc_info()[1]
+        super().handleError(record)
+
+
+def exit_command(status: int) -> None:
+    """Ends a command with `status`. One stopped by a signal (status > 128), maybe inside a JAX
+    compilation, ends at once, its files already cleaned up: Python's own exit could then crash
+    in XLA's teardown (a segfault)."""
+    if status > 128:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -233,8 +233,6 @@ def test_a_stop_python_swallows_is_raised_again_and_a_second_one_waits(monkeypat
     logging writes comes out again in the command; a second signal at once is ignored."""
     import gc
 
-    from elmojax.dump import _LogHandler, _Stops
-    stops = _Stops(sys.unraisablehook)
     armed = [True]
 
     def callback(phase, info):
@@ -244,8 +242,6 @@ def test_a_stop_python_swallows_is_raised_again_and_a_second_one_waits(monkeypat
             for _ in range(1000):
                 pass  # the handler raises here, inside the callback
     with runtime.stop_on_signals():
-        stops.install()
-        monkeypatch.setattr(sys, "unraisablehook", stops.unraisable)
         gc.callbacks.append(callback)
         try:
             with pytest.raises(runtime.Stopped, match="stopped by SIGTERM"):
@@ -256,24 +252,23 @@ def test_a_stop_python_swallows_is_raised_again_and_a_second_one_waits(monkeypat
         assert not armed
         os.kill(os.getpid(), signal.SIGINT)  # within the grace time after the first: ignored
         time.sleep(0.05)
-        stops.first = None
 
-        class Kill:
-            def __str__(self):
-                os.kill(os.getpid(), signal.SIGINT)
-                for _ in range(1000):
-                    pass
-                return "never"
-        logger = logging.getLogger("test_dump_faults.swallow")
-        monkeypatch.setattr(logger, "propagate", False)
-        with open(os.devnull, "w") as devnull:
-            handler = _LogHandler(devnull)
-            logger.addHandler(handler)
-            try:
-                with pytest.raises(runtime.Stopped, match="stopped by SIGINT"):
-                    logger.warning(Kill())
-            finally:
-                logger.removeHandler(handler)
+    class Kill:
+        def __str__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+            return "never"
+    logger = logging.getLogger("test_dump_faults.swallow")
+    monkeypatch.setattr(logger, "propagate", False)
+    with runtime.stop_on_signals(), open(os.devnull, "w") as devnull:
+        handler = runtime.LogHandler(devnull)
+        logger.addHandler(handler)
+        try:
+            with pytest.raises(runtime.Stopped, match="stopped by SIGINT"):
+                logger.warning(Kill())
+        finally:
+            logger.removeHandler(handler)
 
 
 def _wait_for(condition, process, timeout=120.0):

@@ -100,8 +100,8 @@ def fingerprint(path: str) -> dict:
 
 def chunk_lines_of(n_lines: int, chunk_lines: int) -> list[range]:
     """The chunks' line ranges (indices from 0)."""
-    if chunk_lines < 1:
-        raise ValueError(f"chunk_lines must be positive, got {chunk_lines}")
+    if isinstance(chunk_lines, bool) or not isinstance(chunk_lines, int) or chunk_lines < 1:
+        raise ValueError(f"chunk_lines must be a positive integer, got {chunk_lines!r}")
     return [range(start, min(start + chunk_lines, n_lines)) for start in range(0, n_lines, chunk_lines)]
 
 

@@ -300,7 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                               lowercase=args.lowercase, split_punctuation=args.tokenize, seed=args.seed,
                               overwrite=args.overwrite)
     except runtime.Stopped as e:
-        sys.exit(f"{parser.prog}: {e}")
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        runtime.exit_command(e.exit_status)
     except (ValueError, OSError) as e:
         sys.exit(f"{parser.prog}: error: {e}")
     print(format_summary(summary))

@@ -51,7 +51,7 @@ def locked(workdir: str, noun: str = "trainer", name: str = LOCK_FILE) -> Iterat
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     while True:
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             break
         except FileExistsError:
             holder = _holder(path)

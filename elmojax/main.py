@@ -29,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import elmojax
-from elmojax import evaluation, loop, metrics, model_files, runconfig, runtime
+from elmojax import config as config_lib, evaluation, loop, metrics, model_files, runconfig, runtime
 from elmojax.checkpoint import CheckpointError
 from elmojax.config import base_config
 
@@ -96,7 +96,7 @@ def _run(model: str) -> None:
     elif jax.process_index() != 0:
         return  # evaluation and export run in process 0
     elif _MODE.value == "evaluate":
-        result = evaluation.evaluate(config, model)
+        result = evaluation.evaluate(config_lib.validate(config), model)
         log.info("%s", evaluation.summary(result))
         line = result.pop("health_line")
         if line:
@@ -143,7 +143,7 @@ def parse_flags(argv: list[str]) -> list[str]:
                          and key.group(1) in a.split("=", 1)[0].split(".")), "--config")
             hint = re.search(r'Did you mean "([^"]+)"', text)
             _usage_error(f"{flag}: no such config field" + (f" (did you mean '{hint.group(1)}'?)" if hint else ""))
-        if isinstance(e, config_flags.UnsupportedOperationError):
+        if type(e).__name__ == "UnsupportedOperationError":  # (ml_collections' own, not exported)
             field = re.search(r"field config\.([\w.]+)", text)
             _usage_error(f"--config.{field.group(1) if field else '...'}: this field cannot be set on the command line "
                          f"(a list); copy the config file, change it there and give it with --config=FILE")

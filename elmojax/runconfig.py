@@ -59,33 +59,29 @@ def from_dict(d: dict, source: str) -> ml_collections.ConfigDict:
     if not isinstance(d, dict) or not isinstance(d.get("model"), dict) or not isinstance(d.get("train"), dict):
         raise ValueError(f"{source}: not an elmojax run's config (no model and train sections)")
     config = ml_collections.ConfigDict(d)
-    missing = object()
-    for field, value in _flat(base_config().to_dict()).items():
-        if _get(config, field, missing) is missing and _get(config, field.rpartition(".")[0], None) is not None:
-            set_field(config, field, value, create=True)
+
+    def fill(node: ml_collections.ConfigDict, base: dict) -> None:
+        for key, value in base.items():
+            if key not in node:
+                node[key] = value
+            elif isinstance(value, dict) and isinstance(node[key], ml_collections.ConfigDict):
+                fill(node[key], value)  # (a section stored as None, a word model's char_cnn, stays so)
+
+    fill(config, base_config().to_dict())
     return config
 
 
-def _get(config, field: str, default):
-    node = config
-    for key in field.split(".") if field else []:
-        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-            return default
-        node = node[key]
-    return node
-
-
-def set_field(config: ml_collections.ConfigDict, field: str, value: Any, create: bool = False) -> None:
+def set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
     """config's dotted field set to value (a section that is None, such as a word-input
-    model's char_cnn, becomes one); a KeyError for a field it lacks unless `create`, a
-    TypeError if the field's type does not take the value."""
+    model's char_cnn, becomes one); a KeyError for a field it lacks, a TypeError if the
+    field's type does not take the value."""
     *sections, key = field.split(".")
     node = config
     for section in sections:
         if node.get(section) is None and section in node:
             node[section] = ml_collections.ConfigDict()
         node = node[section]
-    if key not in node and not create:
+    if key not in node:
         raise KeyError(field)
     node[key] = value
 

@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from elmojax import checkpoint, config as config_lib, files, hdf5, remote, tf_checkpoint, tf_variables
+from elmojax.dicts import flatten
 from elmojax.options import N_CHARACTERS_PREDICT, BiLMOptions
 from elmojax.step import INITIAL_ACCUMULATOR
 from elmojax.trainer import Trainer
@@ -212,13 +213,7 @@ def _architecture(options_d: dict) -> dict:
 def architecture_difference(trained: dict, ours: dict) -> Optional[str]:
     """The first field in which two options.json dicts' architectures differ, as
     "lstm.dim: 16 in the trained model, 32 in the config"; None if they are the same model."""
-    def flat(d, prefix=""):
-        out = {}
-        for key, value in d.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-        return out
-
-    a, b = flat(_architecture(trained)), flat(_architecture(ours))
+    a, b = flatten(_architecture(trained)), flatten(_architecture(ours))
     for field in sorted(set(a) | set(b)):
         if a.get(field) != b.get(field):
             return f"{field}: {a.get(field)} in the trained model, {b.get(field)} in the config"

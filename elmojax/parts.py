@@ -70,6 +70,7 @@ import h5py
 import numpy as np
 
 from elmojax import files, remote, workdir
+from elmojax.dicts import flatten
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +104,6 @@ def chunk_lines_of(n_lines: int, chunk_lines: int) -> list[range]:
     if isinstance(chunk_lines, bool) or not isinstance(chunk_lines, int) or chunk_lines < 1:
         raise ValueError(f"chunk_lines must be a positive integer, got {chunk_lines!r}")
     return [range(start, min(start + chunk_lines, n_lines)) for start in range(0, n_lines, chunk_lines)]
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # --- signals wait while HDF5 runs --------------------------------------------------------------
@@ -362,7 +353,7 @@ class Work:
             if isinstance(left, dict) and left.get("version") == 1 and {**left, "version": VERSION} == now:
                 self.legacy = True
             elif left != now:
-                then, now = _flat(left) if isinstance(left, dict) else {"manifest": left}, _flat(now)
+                then, now = flatten(left) if isinstance(left, dict) else {"manifest": left}, flatten(now)
                 differ = "; ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
                                    for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k))
                 raise ValueError(f"{self.directory}: left by another dump ({differ}); rerun that command to finish "

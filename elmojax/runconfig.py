@@ -27,6 +27,7 @@ import ml_collections
 
 from elmojax import checkpoint, files
 from elmojax.config import base_config
+from elmojax.dicts import flatten
 
 log = logging.getLogger(__name__)
 
@@ -72,28 +73,15 @@ def from_dict(d: dict, source: str) -> ml_collections.ConfigDict:
 
 
 def set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
-    """config's dotted field set to value (a section that is None, such as a word-input
-    model's char_cnn, becomes one); a KeyError for a field it lacks, a TypeError if the
-    field's type does not take the value."""
+    """config's dotted field set to value; a KeyError for a field it lacks (a word model's
+    char_cnn.*, say), a TypeError if the field's type does not take the value."""
     *sections, key = field.split(".")
     node = config
     for section in sections:
-        if node.get(section) is None and section in node:
-            node[section] = ml_collections.ConfigDict()
-        node = node[section]
-    if key not in node:
+        node = node.get(section) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
         raise KeyError(field)
     node[key] = value
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def _plain(config: ml_collections.ConfigDict) -> dict:
@@ -139,7 +127,7 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_col
 
 def differences(then: ml_collections.ConfigDict, now: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
     """(field, value then, value now) for every field whose values differ, in field order."""
-    a, b = _flat(_plain(then)), _flat(_plain(now))
+    a, b = flatten(_plain(then)), flatten(_plain(now))
     return [(f, a.get(f), b.get(f)) for f in list(a) + [f for f in b if f not in a] if a.get(f) != b.get(f)]
 
 

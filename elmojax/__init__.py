@@ -15,8 +15,9 @@ Training, from the command line down:
     batch.py      to_device(): a host batch as the typed Batch the step takes
     trainer.py    the mesh, shardings and jitted steps
     step.py       the pure math: TrainState, losses, train_step, eval_step
-    evaluation.py heldout perplexity and the blow-up check
+    evaluation.py heldout perplexity and the model's health (the blow-up check)
     checkpoint.py orbax checkpoints (state, metadata, each process's data position)
+    runconfig.py  the run's config stored in its workdir, and what a resumed run may change
     workdir.py    the workdir's lock; metrics.py: TensorBoard and metrics.jsonl
   model_files.py  trained models in and out: load_trained, init_from, export (workdirs,
                   exports, bilm-tf checkpoints through tf_variables.py)

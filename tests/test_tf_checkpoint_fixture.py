@@ -209,6 +209,21 @@ def test_fine_tuning_with_its_own_vocabulary_takes_the_first_step_from_its_accum
     assert max(moved) > 1e-4  # fresh accumulators would have given another step
 
 
+def test_fine_tuning_a_checkpoint_without_a_vocabulary_takes_the_config_s_as_its_own(checkpoint_dir, tmp_path,
+                                                                                         caplog):
+    vocab_file = str(tmp_path / "vocab.txt")
+    os.replace(os.path.join(checkpoint_dir, "vocab.txt"), vocab_file)
+    with caplog.at_level("INFO", logger="elmojax.model_files"):
+        _, _, _, params, accumulators = _fine_tuning(checkpoint_dir, vocab_file)
+    assert f"no vocabulary beside the checkpoint; using {vocab_file} (--config.data.vocab_file)" in caplog.text
+    assert "its own vocabulary (300 tokens)" in caplog.text
+    np.testing.assert_array_equal(accumulators["softmax"]["b"], _reference()["lm/softmax/b/Adagrad"])
+    short = tmp_path / "short.txt"  # not the checkpoint's: its softmax has 300 rows
+    short.write_text("".join(t + "\n" for t in open(vocab_file).read().split()[:100]))
+    with pytest.raises(ValueError, match=r"short\.txt: 100 tokens, but the checkpoint's softmax has 300 rows"):
+        _fine_tuning(checkpoint_dir, str(short))
+
+
 def test_fine_tuning_with_a_new_vocabulary_remaps_rows_and_their_accumulators(checkpoint_dir, tmp_path, caplog):
     tokens = open(os.path.join(checkpoint_dir, "vocab.txt")).read().split("\n")[:-1]
     new_tokens = tokens[:3] + ["Zerubbabel", "Nebuchadnezzar"] + tokens[3:200][::-1]

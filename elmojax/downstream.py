@@ -45,7 +45,7 @@ from elmojax.elmo import (check_array, check_bool, check_int, check_mask_values,
 from elmojax.embed import embed_tokens, load_bilm_params
 from elmojax.model import BiLM, zero_state
 from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
-from elmojax.vocab import BOS, EOS, _check_sentences, spell
+from elmojax.vocab import BOS, EOS, _check_sentences, check_tokens, spell
 
 LAYER_NORM_EPSILON = 1e-13  # allennlp.nn.util.tiny_value_of_dtype(torch.float32)
 
@@ -204,15 +204,7 @@ def _check_mix_parameters(parameters, n_layers: int) -> tuple[float, ...]:
 
 
 def _check_vocab_to_cache(vocab_to_cache) -> list[str]:
-    if isinstance(vocab_to_cache, (str, bytes)):
-        raise TypeError("vocab_to_cache must be a list of str tokens, got one string")
-    try:
-        tokens = list(vocab_to_cache)
-    except TypeError:
-        raise TypeError(f"vocab_to_cache must be a list of str tokens, got {type(vocab_to_cache).__name__}") from None
-    for k, token in enumerate(tokens):
-        if not isinstance(token, str):
-            raise TypeError(f"vocab_to_cache[{k}] must be a str token, got {type(token).__name__} {token!r:.60}")
+    tokens = check_tokens(vocab_to_cache, "vocab_to_cache")
     if not tokens:
         raise ValueError("vocab_to_cache must hold at least one token (its first entry stands for padding)")
     return tokens

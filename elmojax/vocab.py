@@ -170,6 +170,21 @@ class UnicodeCharsVocabulary(Vocabulary):
         return np.vstack([first] + [self.word_to_char_ids(w) for w in words] + [last])
 
 
+def check_tokens(tokens, name: str) -> list[str]:
+    """The tokens as a list, from any iterable of str; a TypeError naming `name` (and the
+    token's place) for one that is not a str or for something not iterable."""
+    if isinstance(tokens, (str, bytes)):
+        raise TypeError(f"{name} must be a list of str tokens, got one {type(tokens).__name__}")
+    try:
+        out = list(tokens)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of str tokens, got {type(tokens).__name__}") from None
+    for t, token in enumerate(out):
+        if not isinstance(token, str):
+            raise TypeError(f"{name}[{t}] must be a str token, got {type(token).__name__} {token!r:.60}")
+    return out
+
+
 def _check_sentences(sentences, name: str = "sentences") -> list[list[str]]:
     """The sentences as a list of token lists, from any iterable of sentences (a list, a
     generator, ...), each an iterable of str tokens (a list, a tuple). A str where the sentences
@@ -187,14 +202,7 @@ def _check_sentences(sentences, name: str = "sentences") -> list[list[str]]:
         if isinstance(sentence, (str, bytes)):
             raise TypeError(f"{name}[{k}] is a {type(sentence).__name__}; give each sentence as a list of tokens "
                             f"(e.g. line.split())")
-        try:
-            tokens = list(sentence)
-        except TypeError:
-            raise TypeError(f"{name}[{k}] must be a list of str tokens, got {type(sentence).__name__}") from None
-        for t, token in enumerate(tokens):
-            if not isinstance(token, str):
-                raise TypeError(f"{name}[{k}][{t}] must be a str token, got {type(token).__name__} {token!r:.60}")
-        out.append(tokens)
+        out.append(check_tokens(sentence, f"{name}[{k}]"))
     if not out:
         raise ValueError(f"{name}: batch_sentences needs at least one sentence")
     return out

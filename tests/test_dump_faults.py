@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE, short_lines
+from test_dump import _interrupted
 from elmojax import dump_bilm_embeddings, parts, runtime
 from elmojax.dumps import dump_elmo
 
@@ -370,18 +371,6 @@ def test_a_second_dump_into_the_same_output_is_refused_naming_the_first(tmp_path
     _assert_same(out, reference)
 
 
-def _interrupted(monkeypatch, after_chunk, dump, *args, **kwargs):
-    """Runs a dump that stops (as if killed) once chunk `after_chunk` is written."""
-    write = parts.Work.write
-
-    def stopping(self, k, fill):
-        write(self, k, fill)
-        if k == after_chunk:
-            raise _Stop
-    with monkeypatch.context() as m:
-        m.setattr(parts.Work, "write", stopping)
-        with pytest.raises(_Stop):
-            dump(*args, **kwargs)
 
 
 def _flip(path, offset):

@@ -197,10 +197,11 @@ def _files(paths: list[str]) -> str:
     return paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]} ... {paths[-1]})"
 
 
-# Calibrated on the 160 seed runs of benchmarks/TRAINING.md (see its section 3): from zero state
-# against the training carry, the healthy runs' directions are within 1.03 of their carry's and
-# the trapped ones 1.235 or more above it; the healthy runs' two directions are within 1.13 of
-# each other, the trapped ones 1.24 apart or more.
+# Calibrated in benchmarks/TRAINING.md ("The check"): over its 160 seed runs, from zero state the
+# healthy runs' directions are within 1.03 of their carry's (whole streams) and the trapped ones
+# 1.235 or more above it, the healthy runs' two directions within 1.13 of each other and the
+# trapped ones 1.24 apart or more; over 75 evaluations of young models, past the cold start
+# (carry_check) healthy ones score 1.000 of their carry's, trapped ones 1.72 or more.
 TRAP_RATIO = 1.15       # zero-state / carry perplexity of a direction: the trap, proven
 DIRECTION_LIMIT = 10.0  # one direction this many times the other: broken, trap or not
 UNIFORM_LIMIT = 2.0     # this many times a uniform guess over the vocabulary: broken

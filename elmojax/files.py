@@ -203,9 +203,8 @@ def temporary_path(path: str, directory: Optional[str] = None, suffix: str = ".t
     return os.path.join(directory, name)
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a process id: leave it alone
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -228,7 +227,7 @@ def leftovers(path: Optional[str], directory: Optional[str] = None, suffix: str 
         return []
     for name in names:
         m = _ANY_TEMPORARY.fullmatch(name) if path is None else _TEMPORARY.fullmatch(name, len(prefix) - 1)
-        if m and m.group(3) == suffix[1:] and m.group(2) == _HOST and not _alive(int(m.group(1))):
+        if m and m.group(3) == suffix[1:] and m.group(2) == _HOST and not process_alive(int(m.group(1))):
             found.append((os.path.join(directory, name), int(m.group(1))))
     return found
 

@@ -366,8 +366,9 @@ def after_training(config: ml_collections.ConfigDict, workdir: str, state: Train
     vocab_file = os.path.join(workdir, VOCAB_FILE)
     # (with several processes, the carry's rows are spread over them: no carry to check against)
     carry = jax.device_get(state.lstm_state) if jax.process_count() == 1 else None
-    trained = Trained(_local_params(state), config_lib.options_json(config, Vocabulary(vocab_file).size),
-                      vocab_tokens(Vocabulary(vocab_file)), vocab_file, workdir, int(state.step), carry)
+    tokens = vocab_tokens(Vocabulary(vocab_file))
+    trained = Trained(_local_params(state), config_lib.options_json(config, len(tokens)), tokens, vocab_file, workdir,
+                      int(state.step), carry)
     if config.data.heldout_prefix:
         result = evaluate(config, workdir, trained)
         lines.append(summary(result))

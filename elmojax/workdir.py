@@ -17,20 +17,12 @@ import socket
 import time
 from typing import Iterator
 
+from elmojax import files
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 UNREADABLE_GRACE_S = 10  # a lock file this old that holds nothing readable was left by a crash
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _holder(path: str):
@@ -60,7 +52,7 @@ def locked(workdir: str, noun: str = "trainer", name: str = LOCK_FILE) -> Iterat
                     if time.time() - os.path.getmtime(path) < UNREADABLE_GRACE_S:
                         raise ValueError(f"{workdir}: another {noun} is starting in it ({path})") from None
                 log.warning("warning: %s: taking over an unreadable lock file", path)
-            elif holder["host"] == me["host"] and not _alive(int(holder["pid"])):
+            elif holder["host"] == me["host"] and not files.process_alive(int(holder["pid"])):
                 log.warning("warning: %s: taking over the lock of process %s, which no longer runs", path,
                             holder["pid"])
             else:

@@ -42,10 +42,10 @@ def model_files(size: str) -> tuple[str, str]:
     the same files), written once into benchmarks/.cache/SIZE/."""
     import jax
 
-    from elmojax import hdf5
-    from elmojax.files import write_json
-    from elmojax.model import BiLM, zero_state
-    from elmojax.options import BiLMOptions
+    from elmojax.formats import hdf5
+    from elmojax.formats.files import write_json
+    from elmojax.formats.options import BiLMOptions
+    from elmojax.model.bilm import BiLM, zero_state
 
     directory = os.path.join(CACHE, size)
     options_file = os.path.join(directory, "options.json")

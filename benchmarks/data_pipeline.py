@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
 
     from elmojax.data import BidirectionalLMDataset
-    from elmojax.vocab import UnicodeCharsVocabulary
+    from elmojax.formats.vocab import UnicodeCharsVocabulary
 
     vocab = UnicodeCharsVocabulary(os.path.join(common.SAMPLE, "vocab.txt"), args.max_characters, validate_file=True)
     dataset = BidirectionalLMDataset(os.path.join(common.SAMPLE, "train", "shard-*.txt"), vocab, args.batch,

@@ -85,8 +85,9 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from elmojax import data, model_files, trainer as trainer_lib
-    from elmojax.config import base_config
+    from elmojax import data
+    from elmojax.train.config import base_config
+    from elmojax.train import trained_models, trainer as trainer_lib
 
     c = CONFIGS[args.config]
     batch_size = args.batch or c["batch"]
@@ -99,7 +100,7 @@ def main(argv=None) -> dict:
                         matmul_precision=args.precision, scan_unroll=args.unroll_scan, compute_dtype=args.dtype)
     config.data.update(train_prefix=os.path.join(common.SAMPLE, "train", "shard-*.txt"),
                        vocab_file=padded_vocab(vocab_size))
-    vocab = model_files.load_vocab(config)
+    vocab = trained_models.load_vocab(config)
     trainer = trainer_lib.Trainer(config, vocab.size)
     dataset = data.make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size, args.unroll, test=False)
     batches = dataset.iter_batches()

@@ -28,17 +28,20 @@ from train import CONFIGS, padded_vocab  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Run in the checkout under test: its own train() (elmojax.loop's, or train.py's before it).
+# Run in the checkout under test: its own train() (elmojax.train.loop's, elmojax.loop's or train.py's before them).
 WORKER = r"""
 import json, os, sys, time
 config = json.loads(sys.argv[1])
 import elmojax
 if hasattr(elmojax, "setup"):
     elmojax.setup()
-from elmojax.config import base_config
-if os.path.exists(os.path.join(os.path.dirname(elmojax.__file__), "loop.py")):
+from elmojax.train.config import base_config
+package = os.path.dirname(elmojax.__file__)  # (an editable install would find a loop.py elsewhere)
+if os.path.exists(os.path.join(package, "train", "loop.py")):
+    from elmojax.train.loop import train
+elif os.path.exists(os.path.join(package, "loop.py")):
     from elmojax.loop import train
-else:  # (an editable install would find a loop.py elsewhere)
+else:
     from elmojax.train import train
 c = base_config()
 c.model.char_cnn.update(config["char_cnn"])

@@ -3,7 +3,7 @@
   python benchmarks/training_parity.py RECORD.npz [--steps N] [--perturbation 1e-7] [--corpus DIR]
 
 The record holds bilm-tf's initial variables (its model's and Adagrad's), the batches it was fed
-and what it computed. elmojax starts from the same variables (elmojax.tf_variables), trains on
+and what it computed. elmojax starts from the same variables (elmojax.formats.tf_variables), trains on
 the same batches from the same zero state with its own jitted train step, given the negatives
 bilm-tf's sampler drew and the dropout masks bilm-tf applied (when the record has them), and
 is compared with bilm-tf at every step (loss, gradient norm), on the first step's gradients,
@@ -101,7 +101,7 @@ class Record:
 
     def masks(self, step: int) -> dict:
         """Dropout keep masks at a step by the path of elmojax's Dropout module they stand for,
-        the directions' masks stacked as its input is (elmojax.lstm)."""
+        the directions' masks stacked as its input is (elmojax.model.lstm)."""
         parts: dict = {}
         for key, value in self.arrays.items():
             if key.startswith("mask/input_"):
@@ -141,8 +141,8 @@ def trainer_for(record: Record):
     import jax
     from jax.sharding import Mesh
 
-    from elmojax import config as config_lib
-    from elmojax.trainer import Trainer
+    from elmojax.train import config as config_lib
+    from elmojax.train.trainer import Trainer
 
     config = config_lib.config_from_options_json(record.options, source=record.path)
     return Trainer(config, record.options["n_tokens_vocab"], Mesh(np.array(jax.devices()[:1]), ("data",)))
@@ -152,7 +152,7 @@ def initial_state(trainer, record: Record, prefix: str = "init"):
     """A TrainState holding bilm-tf's variables and Adagrad accumulators under `prefix`."""
     import jax
 
-    from elmojax import tf_variables
+    from elmojax.formats import tf_variables
 
     variables = record.variables(prefix)
     share = bool(record.options.get("share_embedding_softmax", False))
@@ -169,7 +169,7 @@ def given_dropout_masks(masks: dict):
     import flax.linen as nn
     import jax.numpy as jnp
 
-    from elmojax.dropout import Dropout
+    from elmojax.model.dropout import Dropout
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -187,7 +187,7 @@ def replay_step_fn(trainer):
     """train_step as a jitted function of (state, batch, negatives, dropout masks)."""
     import jax
 
-    from elmojax.step import train_step
+    from elmojax.train.step import train_step
 
     def step(state, batch, samples, masks):
         with given_dropout_masks(masks):
@@ -201,7 +201,7 @@ def first_step_gradients(trainer, record: Record) -> dict:
     """elmojax's gradients of the first step, as TensorFlow variables (dense)."""
     import jax
 
-    from elmojax.step import training_loss
+    from elmojax.train.step import training_loss
 
     state = initial_state(trainer, record)
     batch = trainer.put_batch(record.batch(1))
@@ -214,7 +214,7 @@ def first_step_gradients(trainer, record: Record) -> dict:
 
 def as_tf_variables(params: dict, trainer, record: Record, slot: str = "") -> dict:
     """The trainer's params (or a tree shaped like them) as TensorFlow variables by name."""
-    from elmojax import hdf5, tf_variables
+    from elmojax.formats import hdf5, tf_variables
 
     share = bool(record.options.get("share_embedding_softmax", False))
     out = {}
@@ -232,7 +232,7 @@ def replay(record: Record, steps: Optional[int] = None, trainer=None, perturbati
     how much a trajectory amplifies float32 differences."""
     import jax
 
-    from elmojax import tf_variables
+    from elmojax.formats import tf_variables
 
     trainer = trainer or trainer_for(record)
     steps = min(steps or record.steps, record.steps)
@@ -296,12 +296,13 @@ def compare(record: Record, steps: Optional[int] = None, perturbation: float = 0
 def heldout_perplexities(record: Record, trainer, runs: dict, corpus: str) -> dict:
     """Heldout perplexities (elmojax's evaluator) of bilm-tf's and each replay's variables at
     the last snapshot both have."""
-    from elmojax import config as config_lib
-    from elmojax import evaluation, model_files, tf_variables
+    from elmojax.train import config as config_lib
+    from elmojax.formats import tf_variables
+    from elmojax.train import evaluation, trained_models
 
     config = config_lib.config_from_options_json(record.options, source=record.path)
     config.data.update(heldout_prefix=os.path.join(corpus, "heldout", "*"), vocab_file=os.path.join(corpus, "vocab.txt"))
-    vocab = model_files.load_vocab(config)
+    vocab = trained_models.load_vocab(config)
     tokens = [vocab.id_to_word(i) for i in range(vocab.size)]
     options = config_lib.options_json(config, vocab.size)
     step = max(runs["elmojax"][2])
@@ -309,7 +310,7 @@ def heldout_perplexities(record: Record, trainer, runs: dict, corpus: str) -> di
     share = bool(record.options.get("share_embedding_softmax", False))
     out = {"after_step": step}
     for name, v in variables.items():
-        trained = model_files.Trained(tf_variables.params_from_tf(v, trainer.options, share), options, tokens,
+        trained = trained_models.Trained(tf_variables.params_from_tf(v, trainer.options, share), options, tokens,
                                       config.data.vocab_file, name)
         r = evaluation.evaluate(config, corpus, trained, diagnosed=False)
         out[name] = {k: r[k] for k in ("perplexity", "forward_perplexity", "backward_perplexity")}
@@ -331,7 +332,7 @@ def worst(got: dict, want: dict) -> dict:
 
 def expected_count_difference(record: Record) -> float:
     """elmojax's expected counts (from the recovered number of draws) against TensorFlow's."""
-    from elmojax import softmax
+    from elmojax.model import softmax
 
     worst_relative = 0.0
     n_vocab = record.options["n_tokens_vocab"]

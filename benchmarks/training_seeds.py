@@ -6,14 +6,14 @@
 
 DIR is a corpus written by `python -m elmojax.prepare` (train/, heldout/, vocab.txt). Each seed
 trains bilm-tf (bilm_tf_training.py train, its own train() in bilm_tf.py's environment) and
-elmojax (elmojax.loop.train on configs/bilm_options.py's reading of the same file) for the
+elmojax (elmojax.train.loop.train on configs/bilm_options.py's reading of the same file) for the
 options' n_epochs * int(n_train_tokens / (batch_size * unroll_steps)) batches; --set overrides
 options fields (JSON values), --elmojax elmojax config fields. Both trained models are then scored by one evaluator, elmojax's
 (full softmax, state carried, every heldout token once), from the zero LSTM state, as
 embeddings start, and again from the state training left the LSTMs in (carry_perplexity: the
 model's quality apart from where it starts); bilm-tf's own test() figure (batch 256, unroll 1,
 which leaves out the tails of the last sentences of its 256 rows) is recorded beside them. A run's line also says whether its model blew up (the verdict of
-elmojax.evaluation.diagnose, which compares the two). Appends one JSON line per
+elmojax.train.evaluation.diagnose, which compares the two). Appends one JSON line per
 run to --out (runs already there are skipped, so a stopped sweep resumes) and prints the
 summary: per implementation the median, min and max, and the blown-up seeds.
 """
@@ -48,7 +48,7 @@ def seeds(spec: str) -> list[int]:
 
 
 def corpus_config(options: dict, corpus: str, seed: int, source: str, overrides: tuple = ()):
-    from elmojax import config as config_lib
+    from elmojax.train import config as config_lib
 
     config = config_lib.config_from_options_json(options, source=source)
     for field, value in overrides:  # elmojax's own config fields (train.*), beyond options.json's
@@ -64,12 +64,13 @@ def corpus_config(options: dict, corpus: str, seed: int, source: str, overrides:
 def evaluate(config, corpus: str, params: dict, options: dict, carry: dict) -> dict:
     """elmojax's heldout evaluation of params trained on the corpus (whose vocab.txt they index):
     from the zero LSTM state (what embeddings start from), and from `carry`, the state training
-    left the LSTMs in (carry_* figures), with the verdict of elmojax.evaluation.diagnose given
+    left the LSTMs in (carry_* figures), with the verdict of elmojax.train.evaluation.diagnose given
     both (blown_up: "broken")."""
-    from elmojax import config as config_lib, evaluation, model_files
+    from elmojax.train import config as config_lib
+    from elmojax.train import evaluation, trained_models
 
     model_config = config_lib.config_from_options_json(options, source=corpus)
-    vocab = model_files.load_vocab(model_config, config.data.vocab_file)
+    vocab = trained_models.load_vocab(model_config, config.data.vocab_file)
     evaluator = evaluation.Evaluator(model_config, vocab, config.data.heldout_prefix, config.eval.batch_size,
                                      config.eval.unroll_steps, config.data.train_prefix)
     result = evaluator(params)
@@ -83,8 +84,8 @@ def evaluate(config, corpus: str, params: dict, options: dict, carry: dict) -> d
 def run_elmojax(options: dict, corpus: str, seed: int, source: str, overrides: tuple = ()) -> dict:
     import jax
 
-    from elmojax import config as config_lib
-    from elmojax import loop, model_files
+    from elmojax.train import config as config_lib
+    from elmojax.train import loop, trained_models
 
     config = corpus_config(options, corpus, seed, source, overrides)
     workdir = tempfile.mkdtemp(prefix="elmojax_seed_")
@@ -92,15 +93,15 @@ def run_elmojax(options: dict, corpus: str, seed: int, source: str, overrides: t
     state = loop.train(config, workdir)
     seconds = time.perf_counter() - start
     params = jax.tree.map(np.asarray, jax.device_get(state.params))
-    vocab = model_files.load_vocab(config)
+    vocab = trained_models.load_vocab(config)
     result = evaluate(config, corpus, params, config_lib.options_json(config, vocab.size),
                       jax.device_get(state.lstm_state))
     return {**result, "train_seconds": seconds}
 
 
 def run_bilm_tf(options: dict, corpus: str, seed: int, tf_python: str) -> dict:
-    from elmojax import tf_variables
-    from elmojax.options import BiLMOptions
+    from elmojax.formats import tf_variables
+    from elmojax.formats.options import BiLMOptions
 
     with tempfile.TemporaryDirectory(prefix="bilm_tf_seed_") as tmp:
         options_file = os.path.join(tmp, "options.json")
@@ -130,7 +131,7 @@ def _spread(values: list) -> dict:
 
 def summary(runs: list[dict]) -> dict:
     """Per implementation: the heldout perplexity's median, min and max over all seeds and over
-    those not blown up (elmojax.evaluation.diagnose), the same from the training carry, and the
+    those not blown up (elmojax.train.evaluation.diagnose), the same from the training carry, and the
     blown-up seeds; then elmojax's medians over bilm-tf's."""
     out = {}
     for implementation in IMPLEMENTATIONS:
@@ -164,7 +165,7 @@ def main(argv=None) -> dict:
 
     elmojax.setup()  # the process-wide settings the command lines apply
 
-    from elmojax import files
+    from elmojax.formats import files
 
     options = files.read_json(args.options)
     for item in args.set:

@@ -1,6 +1,6 @@
 """What the heldout health check says of young models: elmojax trained with bilm-tf's recipe
 from one options.json, evaluated along the way, from the zero LSTM state and from the training
-carry, each evaluation diagnosed (elmojax.evaluation.diagnose) as `--mode=evaluate` on the
+carry, each evaluation diagnosed (elmojax.train.evaluation.diagnose) as `--mode=evaluate` on the
 run's workdir and the end of training do.
 
   python benchmarks/young_models.py --options benchmarks/small_char_options.json \\
@@ -43,7 +43,9 @@ def main(argv=None) -> dict:
     elmojax.setup()
     import jax
 
-    from elmojax import config as config_lib, evaluation, files, loop, model_files
+    from elmojax.train import config as config_lib
+    from elmojax.formats import files
+    from elmojax.train import evaluation, loop, trained_models
 
     options = files.read_json(args.options)
     with open(os.path.join(args.corpus, "vocab.txt"), encoding="utf-8") as f:
@@ -59,7 +61,7 @@ def main(argv=None) -> dict:
             config.train.max_steps = step
             state = loop.train(config, workdir)
             params = jax.tree.map(np.asarray, jax.device_get(state.params))
-            vocab = model_files.load_vocab(config)
+            vocab = trained_models.load_vocab(config)
             result = training_seeds.evaluate(config, args.corpus, params, config_lib.options_json(config, vocab.size),
                                              jax.device_get(state.lstm_state))
             alone = evaluation.diagnose(result)

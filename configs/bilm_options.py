@@ -5,8 +5,8 @@ n_negative_samples_batch, dropout, all_clip_norm_val, learning_rate, bidirection
 share_embedding_softmax, char_cnn, lstm); give the data with --config.data.* flags.
 """
 
-from elmojax import files
 from elmojax.config import config_from_options_json
+from elmojax.formats import files
 
 
 def get_config(options_file: str = ""):

@@ -25,13 +25,13 @@ Training, from the command line down:
 Importing elmojax changes no process-wide setting; entry points call `elmojax.setup()`.
 """
 
-from elmojax.downstream import Elmo, load_elmo
-from elmojax.elmo import ScalarMix, weight_layers
-from elmojax.dumps import dump_bilm_embeddings, dump_token_embeddings
-from elmojax.embed import BidirectionalLanguageModel
-from elmojax.remote import pretrained
-from elmojax.runtime import setup
-from elmojax.vocab import Batcher, TokenBatcher, UnicodeCharsVocabulary, Vocabulary
+from elmojax.formats.remote import pretrained
+from elmojax.formats.vocab import Batcher, TokenBatcher, UnicodeCharsVocabulary, Vocabulary
+from elmojax.infer.bidirectional_lm import BidirectionalLanguageModel
+from elmojax.infer.dumps import dump_bilm_embeddings, dump_token_embeddings
+from elmojax.infer.elmo import Elmo, load_elmo
+from elmojax.infer.mix import ScalarMix, weight_layers
+from elmojax.process.runtime import setup
 
 __version__ = "0.1.0"
 

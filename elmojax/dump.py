@@ -1,4 +1,4 @@
-"""Command line for the dumps (elmojax.dumps).
+"""Command line for the dumps (elmojax.infer.dumps).
 
   python -m elmojax.dump tokens --vocab V --options O --weights W --out token_embeddings.hdf5
   python -m elmojax.dump bilm --vocab V --dataset D --options O --weights W --out elmo.hdf5 [--stateful]
@@ -31,10 +31,10 @@ import threading
 
 import jax
 
-from elmojax.dumps import (CHUNK_LINES, dump_bilm_embeddings, dump_elmo, dump_scores, dump_sentence_vectors,
+from elmojax.infer.dumps import (CHUNK_LINES, dump_bilm_embeddings, dump_elmo, dump_scores, dump_sentence_vectors,
                            dump_token_embeddings)
-from elmojax import runtime
-from elmojax.runtime import LogHandler, Stopped, initialize_distributed, setup, stop_on_signals
+from elmojax.process import runtime
+from elmojax.process.runtime import LogHandler, Stopped, initialize_distributed, setup, stop_on_signals
 
 
 def _layers(value: str):

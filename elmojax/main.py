@@ -8,7 +8,7 @@
 Any config field can be overridden: --config.train.batch_size=64. Without --config, a workdir
 that holds a run uses the run's own config (WORKDIR/config.json, with any overrides); a new run
 uses the bundled quickstart config; evaluating or exporting a model file uses the defaults of
-elmojax.config.base_config (name the heldout data with --config.data.heldout_prefix). Several processes (hosts) train together when launched with
+elmojax.train.config.base_config (name the heldout data with --config.data.heldout_prefix). Several processes (hosts) train together when launched with
 --coordinator_address, --num_processes and --process_id, or as the tasks of a SLURM job step
 (see launch/README.md).
 """
@@ -29,9 +29,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import elmojax
-from elmojax import config as config_lib, evaluation, loop, metrics, model_files, runconfig, runtime
-from elmojax.checkpoint import CheckpointError
-from elmojax.config import base_config
+from elmojax.train import config as config_lib
+from elmojax.train.config import base_config
+from elmojax.process import runtime
+from elmojax.train import evaluation, loop, metrics, runconfig, trained_models
+from elmojax.train.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ def _run(model: str) -> None:
     else:
         if not _OUTPUT.value:
             raise ValueError("--mode=export needs --output=FILE.hdf5")
-        written = model_files.export(model, _OUTPUT.value)
+        written = trained_models.export(model, _OUTPUT.value)
         print(json.dumps(written))
 
 

@@ -34,8 +34,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from elmojax import files, runtime
-from elmojax.vocab import BOS, EOS, UNK
+from elmojax.formats import files
+from elmojax.formats.vocab import BOS, EOS, UNK
+from elmojax.process import runtime
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ def _prepare(inputs, output, heldout_fraction, shard_lines, min_count, max_vocab
 
 
 def config_flags(summary: dict) -> list[str]:
-    """The flags that point `python -m elmojax.main` at the prepared data (elmojax/config.py's names),
+    """The flags that point `python -m elmojax.main` at the prepared data (elmojax/train/config.py's names),
     all of them: without a heldout split, an empty heldout_prefix, so that no config's own heldout
     data (another corpus, another vocabulary) is scored instead."""
     flags = [f"--config.data.train_prefix={shlex.quote(summary['train_pattern'])}",

@@ -15,7 +15,7 @@ TRAIN_VOCAB_FILE = os.path.join(FIXTURES, "train", "vocab.txt")
 
 def padded_vocab_file(directory, size: int) -> str:
     """The toy corpus's vocabulary with unused tokens appended up to `size` entries: softmax
-    tables large enough for the train step's row update (elmojax.softmax.ROW_UPDATE_MIN_RATIO)."""
+    tables large enough for the train step's row update (elmojax.model.softmax.ROW_UPDATE_MIN_RATIO)."""
     with open(TRAIN_VOCAB_FILE, encoding="utf-8") as f:
         tokens = f.read().split()
     path = os.path.join(directory, "padded_vocab.txt")

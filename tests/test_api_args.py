@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from elmojax import BidirectionalLanguageModel, ScalarMix, weight_layers
-from elmojax.downstream import Elmo, load_elmo, remove_sentence_boundaries, scalar_mix, word_ids
-from elmojax.embed import embed_tokens
-from elmojax.options import load_options
-from elmojax.scoring import perplexity, tokens_of
-from elmojax.vocab import Batcher, TokenBatcher, batch_char_ids
+from elmojax.formats.options import load_options
+from elmojax.formats.vocab import Batcher, TokenBatcher, batch_char_ids
+from elmojax.infer.bidirectional_lm import embed_tokens
+from elmojax.infer.elmo import Elmo, load_elmo, remove_sentence_boundaries, scalar_mix, word_ids
+from elmojax.infer.scoring import perplexity, tokens_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "tests", "fixtures", "model")

@@ -74,7 +74,7 @@ def test_twenty_steps(replayed):
 def test_the_records_tell_a_changed_recipe_apart(name, change, monkeypatch):
     """The comparison has teeth: with one detail of the recipe left out, the first step's update
     no longer matches (so the records have the clips in play, and so on)."""
-    from elmojax import lstm
+    from elmojax.model import lstm
 
     record = training_parity.Record(os.path.join(RECORDS, name + ".npz"))
     if change in ("cell_clip", "proj_clip"):
@@ -97,8 +97,8 @@ def test_sampler_expected_counts_are_tensorflows():
 
 
 def test_tf_variable_names_and_errors():
-    from elmojax import tf_variables
-    from elmojax.options import BiLMOptions
+    from elmojax.formats import tf_variables
+    from elmojax.formats.options import BiLMOptions
 
     record = training_parity.Record(os.path.join(RECORDS, "chars.npz"))
     trainer = training_parity.trainer_for(record)

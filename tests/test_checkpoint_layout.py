@@ -12,9 +12,9 @@ import sys
 import h5py
 import jax
 import numpy as np
-from elmojax import checkpoint, loop, model_files
-from elmojax.trainer import Trainer
-from elmojax.vocab import Vocabulary
+from elmojax.formats.vocab import Vocabulary
+from elmojax.train import checkpoint, loop, trained_models
+from elmojax.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -33,7 +33,7 @@ def _datasets(path):
 
 
 def test_old_checkpoint_exports_as_the_old_code_did(tmp_path):
-    exported = model_files.export(os.path.join(FIXTURE, "workdir"), str(tmp_path / "weights.hdf5"))
+    exported = trained_models.export(os.path.join(FIXTURE, "workdir"), str(tmp_path / "weights.hdf5"))
     old, new = _datasets(OLD_EXPORT), _datasets(str(tmp_path / "weights.hdf5"))
     assert sorted(old) == sorted(new) and any("RNN_1" in name for name in new)
     for name in old:
@@ -67,7 +67,7 @@ def test_old_checkpoint_trains_on(tmp_path):
     assert int(state.step) == 5 and checkpoint.steps(str(workdir)) == [3, 5]
     with open(workdir / "checkpoints" / "5" / "meta" / "metadata", encoding="utf-8") as f:
         assert json.load(f)["params_layout"] == checkpoint.PARAMS_LAYOUT
-    restored = model_files.load_trained(str(workdir)).params  # the new step, in the new layout
+    restored = trained_models.load_trained(str(workdir)).params  # the new step, in the new layout
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(jax.device_get(state.params))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from elmojax import config as config_lib
-from elmojax.options import BiLMOptions
+from elmojax.train import config as config_lib
+from elmojax.formats.options import BiLMOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

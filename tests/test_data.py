@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from elmojax.data import BidirectionalLMDataset, LMDataset, count_tokens, list_shards
-from elmojax.vocab import UnicodeCharsVocabulary, Vocabulary
+from elmojax.formats.vocab import UnicodeCharsVocabulary, Vocabulary
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "train")
 BOW, EOW, PAD, BOS_CHAR, EOS_CHAR = 258, 259, 260, 256, 257
@@ -446,7 +446,7 @@ def test_resume_matches_reference_construction(tmp_path):
 
 def test_a_vocabulary_not_by_count_is_warned_about(tmp_path):
     from elmojax.data import count_order_warning
-    from elmojax.vocab import Vocabulary
+    from elmojax.formats.vocab import Vocabulary
 
     sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "elmojax", "resources",
                           "kjv_sample")
@@ -471,7 +471,7 @@ def test_byte_order_mark_and_crlf_read_as_the_plain_shard(tmp_path, caplog):
     dos.parent.mkdir()
     with open(plain, "rb") as f:
         dos.write_bytes(b"\xef\xbb\xbf" + f.read().replace(b"\n", b"\r\n"))
-    with caplog.at_level("WARNING", logger="elmojax.files"):
+    with caplog.at_level("WARNING", logger="elmojax.formats.files"):
         for _ in range(2):  # read again, as every epoch of a larger corpus does
             a, b = encode_shard(plain, vocab, spell=True), encode_shard(str(dos), vocab, spell=True)
             for field in ("words", "starts", "lengths", "line_numbers", "bad", "spelled_at", "spelled_rows",

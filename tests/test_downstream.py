@@ -14,9 +14,9 @@ import optax
 import pytest
 
 import elmojax
-from elmojax.downstream import load_elmo, word_ids
-from elmojax.model import BiLM, zero_state
-from elmojax.vocab import Batcher
+from elmojax.formats.vocab import Batcher
+from elmojax.infer.elmo import load_elmo, word_ids
+from elmojax.model.bilm import BiLM, zero_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "tests", "fixtures", "model")
@@ -34,7 +34,7 @@ def _ids(sentences=SENTENCES, vocab=os.path.join(MODEL, "vocab_test.txt")):
 def _allennlp_mix_float64(char_ids, params, do_layer_norm, keep_boundaries, weights=MIX, gamma=1.0):
     """AllenNLP's ScalarMix and remove_sentence_boundaries, restated in float64 NumPy, on the
     biLM's layers over the sequence with <S> and </S>."""
-    model = BiLM(elmojax.options.load_options(OPTIONS))
+    model = BiLM(elmojax.formats.options.load_options(OPTIONS))
     output, _ = model.apply({"params": params["bilm"]}, jnp.asarray(char_ids), zero_state(model.options, len(char_ids)))
     mask = np.asarray(output.mask)
     emb = np.asarray(output.embedding, np.float64)

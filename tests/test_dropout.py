@@ -1,4 +1,4 @@
-"""elmojax.dropout against jax.random and flax's nn.Dropout: the same bits, masks and rng stream."""
+"""elmojax.model.dropout against jax.random and flax's nn.Dropout: the same bits, masks and rng stream."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elmojax.dropout import Dropout, dropout, random_bits
+from elmojax.model.dropout import Dropout, dropout, random_bits
 
 
 @pytest.mark.parametrize("shape", [(5,), (7, 3), (32, 20, 64), (2, 3, 4, 5)])

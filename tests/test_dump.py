@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE
-from elmojax import Batcher, BidirectionalLanguageModel, dump_bilm_embeddings, hdf5
+from elmojax import Batcher, BidirectionalLanguageModel, dump_bilm_embeddings
+from elmojax.formats import hdf5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,7 +89,7 @@ def test_commands(tmp_path, fixture_sentences):
 
 
 def _elmo_dump(tmp_path, lines, output_format, **kwargs):
-    from elmojax.dumps import dump_elmo
+    from elmojax.infer.dumps import dump_elmo
     dataset = _write_lines(tmp_path / "input.txt", lines)
     out = str(tmp_path / f"{output_format}.hdf5")
     dump_elmo(dataset, out, output_format, OPTIONS_FILE, WEIGHT_FILE, batch_size=2, **kwargs)
@@ -120,7 +121,7 @@ def test_allennlp_elmo_dump_layouts(tmp_path, fixture_sentences):
 
 
 def test_allennlp_elmo_dump_refuses_what_it_cannot_key(tmp_path, fixture_sentences):
-    from elmojax.dumps import dump_elmo
+    from elmojax.infer.dumps import dump_elmo
     sentences, _ = fixture_sentences
     with pytest.raises(ValueError, match=r"input.txt, line 3: the sentence of line 1 again"):
         _elmo_dump(tmp_path, [sentences[0][3], sentences[1][0], sentences[0][3]], "all", use_sentence_keys=True)
@@ -259,21 +260,21 @@ class _Stop(Exception):
 
 def _interrupted(monkeypatch, after_chunk, dump, *args, **kwargs):
     """Runs a dump that stops (as if killed) once chunk `after_chunk` is written."""
-    from elmojax import parts
-    write = parts.Work.write
+    from elmojax.infer import dump_parts
+    write = dump_parts.Work.write
 
     def stopping(self, k, fill):
         write(self, k, fill)
         if k == after_chunk:
             raise _Stop
     with monkeypatch.context() as m:
-        m.setattr(parts.Work, "write", stopping)
+        m.setattr(dump_parts.Work, "write", stopping)
         with pytest.raises(_Stop):
             dump(*args, **kwargs)
 
 
 def test_a_work_directory_left_by_another_command_is_refused(tmp_path, monkeypatch, fixture_sentences):
-    from elmojax.dumps import dump_elmo
+    from elmojax.infer.dumps import dump_elmo
     sentences, _ = fixture_sentences
     dataset = _write_lines(tmp_path / "data.txt", sentences[1])
     out = str(tmp_path / "out.hdf5")

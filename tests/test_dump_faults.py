@@ -20,8 +20,10 @@ import pytest
 
 from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE, short_lines
 from test_dump import _interrupted
-from elmojax import dump_bilm_embeddings, parts, runtime
-from elmojax.dumps import dump_elmo
+from elmojax import dump_bilm_embeddings
+from elmojax.infer import dump_parts
+from elmojax.infer.dumps import dump_elmo
+from elmojax.process import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "bilm_tf_checkpoint")
@@ -159,7 +161,7 @@ def test_a_full_disk_while_writing_a_chunk_or_merging_is_one_line_and_keeps_the_
             raise _Stop
 
         with monkeypatch.context() as m:
-            m.setattr(parts.Work, "merge", stop)
+            m.setattr(dump_parts.Work, "merge", stop)
             with pytest.raises(_Stop):
                 _dump(dataset, out)
         assert _chunks(work) == list(range(6))
@@ -196,12 +198,12 @@ def test_an_hdf5_file_on_a_full_disk_is_an_oserror_and_leaves_nothing(tmp_path):
         if not mounted:
             pytest.skip("no tmpfs can be mounted here (the command-line test covers a stand-in)")
         with pytest.raises(OSError, match="No space left on device") as e:
-            with parts.hdf5_output(str(disk / "x.hdf5"), durable=True) as out:
+            with dump_parts.hdf5_output(str(disk / "x.hdf5"), durable=True) as out:
                 for i in range(100):
                     out.put(str(i), np.full((3, 10, 32), i, np.float32))
         assert e.value.errno == errno.ENOSPC and e.value.filename == str(disk / "x.hdf5")
         assert os.listdir(disk) == []
-        with parts.hdf5_output(str(disk / "x.hdf5")) as out:  # and the file system is fine after it
+        with dump_parts.hdf5_output(str(disk / "x.hdf5")) as out:  # and the file system is fine after it
             out.put("a", np.ones(3))
         with h5py.File(disk / "x.hdf5", "r") as f:
             assert f["a"][...].tolist() == [1, 1, 1]
@@ -222,7 +224,7 @@ def test_a_signal_while_hdf5_writes_waits_for_it(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "pwrite", pwrite)
     with runtime.stop_on_signals():
         with pytest.raises(runtime.Stopped, match="stopped by SIGTERM"):
-            with parts.hdf5_output(str(tmp_path / "x.hdf5")) as out:
+            with dump_parts.hdf5_output(str(tmp_path / "x.hdf5")) as out:
                 for i in range(100):
                     out.put(str(i), np.ones(1000))
                 time.sleep(5)
@@ -288,7 +290,7 @@ def test_sigterm_and_sigint_stop_a_dump_in_one_line_and_it_resumes(tmp_path, cor
     out, work = tmp_path / "out.hdf5", str(tmp_path / "out.hdf5.parts")
     args = _elmo_args(dataset, out)
     process = _start(args)
-    _wait_for(lambda: os.path.exists(os.path.join(work, parts.LOCK)), process)
+    _wait_for(lambda: os.path.exists(os.path.join(work, dump_parts.LOCK)), process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     result = subprocess.CompletedProcess(process.args, process.returncode, "", err)
@@ -296,7 +298,7 @@ def test_sigterm_and_sigint_stop_a_dump_in_one_line_and_it_resumes(tmp_path, cor
     n = len(_chunks(work))
     assert process.returncode == 143 and line == (f"stopped by SIGTERM: {n} of 6 chunks are done in {work}; run "
                                                   f"the same command again to resume"), err[-3000:]
-    assert not _leftovers(tmp_path, work) and not out.exists() and not os.path.exists(os.path.join(work, parts.LOCK))
+    assert not _leftovers(tmp_path, work) and not out.exists() and not os.path.exists(os.path.join(work, dump_parts.LOCK))
 
     process = _start(args)
     _wait_for(lambda: len(_chunks(work)) >= min(n + 2, 5), process)
@@ -346,14 +348,14 @@ def test_a_second_dump_into_the_same_output_is_refused_naming_the_first(tmp_path
     out, work = tmp_path / "out.hdf5", str(tmp_path / "out.hdf5.parts")
     first = _start(_elmo_args(dataset, out))
     try:
-        _wait_for(lambda: os.path.exists(os.path.join(work, parts.LOCK)), first)
+        _wait_for(lambda: os.path.exists(os.path.join(work, dump_parts.LOCK)), first)
         first.send_signal(signal.SIGSTOP)
         second = _run(_elmo_args(dataset, out))
     finally:
         first.send_signal(signal.SIGCONT)
     assert second.returncode == 1
     assert _error_line(second) == (f"error: {work}: in use by another dump (process {first.pid} on "
-                                   f"{os.uname().nodename}, {work}/{parts.LOCK}); if none runs there, remove that file")
+                                   f"{os.uname().nodename}, {work}/{dump_parts.LOCK}); if none runs there, remove that file")
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["out.hdf5"]
@@ -362,7 +364,7 @@ def test_a_second_dump_into_the_same_output_is_refused_naming_the_first(tmp_path
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     os.makedirs(work)
-    with open(os.path.join(work, parts.LOCK), "w") as f:
+    with open(os.path.join(work, dump_parts.LOCK), "w") as f:
         json.dump({"host": os.uname().nodename, "pid": int(dead.stdout)}, f)
     with caplog.at_level(logging.WARNING):
         _dump(dataset, out)
@@ -386,7 +388,7 @@ def test_damaged_chunks_are_never_merged(tmp_path, monkeypatch, caplog, corpus):
     garbage, its checksum file lost) are removed with a warning line each and computed again:
     the file is the uninterrupted one."""
     dataset, reference = corpus
-    out, work = str(tmp_path / "out.hdf5"), parts.Work(str(tmp_path / "out.hdf5"), {}, 60, 10)
+    out, work = str(tmp_path / "out.hdf5"), dump_parts.Work(str(tmp_path / "out.hdf5"), {}, 60, 10)
     args = (dataset, out, "all", OPTIONS_FILE, WEIGHT_FILE)
     _interrupted(monkeypatch, 4, dump_elmo, *args, batch_size=10, chunk_lines=10, progress=False)
     assert _chunks(work.directory) == [0, 1, 2, 3, 4]
@@ -410,7 +412,7 @@ def test_damaged_chunks_are_never_merged(tmp_path, monkeypatch, caplog, corpus):
 
 
 def test_a_damaged_chunk_merged_without_recomputing_is_one_line_saying_to_rerun(tmp_path):
-    work = parts.Work(str(tmp_path / "out.hdf5"), {"dump": "test"}, 4, 2)
+    work = dump_parts.Work(str(tmp_path / "out.hdf5"), {"dump": "test"}, 4, 2)
     with work.locked():
         work.start()
         for k in (0, 1):
@@ -437,7 +439,7 @@ def test_a_stateful_dump_checks_the_chunk_it_carries_on_from(tmp_path, monkeypat
     out = str(tmp_path / "elmo.hdf5")
     args = (VOCAB_FILE, str(dataset), OPTIONS_FILE, WEIGHT_FILE, out)
     _interrupted(monkeypatch, 0, dump_bilm_embeddings, *args, stateful=True, chunk_lines=1, progress=False)
-    chunk = parts.Work(out, {}, 2, 1).chunk_file(0)
+    chunk = dump_parts.Work(out, {}, 2, 1).chunk_file(0)
     with h5py.File(chunk, "r") as f:
         offset = f["carry/0"].id.get_offset()  # the carried state itself
     _flip(chunk, offset + 4)
@@ -456,15 +458,15 @@ def test_a_work_directory_without_checksums_resumes_and_merges(tmp_path, monkeyp
     out = str(tmp_path / "out.hdf5")
     args = (dataset, out, "all", OPTIONS_FILE, WEIGHT_FILE)
     _interrupted(monkeypatch, 1, dump_elmo, *args, batch_size=10, chunk_lines=10, progress=False)
-    work = parts.Work(out, {}, 60, 10)
-    manifest = json.load(open(os.path.join(work.directory, parts.MANIFEST)))
-    json.dump({**manifest, "version": 1}, open(os.path.join(work.directory, parts.MANIFEST), "w"))
+    work = dump_parts.Work(out, {}, 60, 10)
+    manifest = json.load(open(os.path.join(work.directory, dump_parts.MANIFEST)))
+    json.dump({**manifest, "version": 1}, open(os.path.join(work.directory, dump_parts.MANIFEST), "w"))
     for k in (0, 1):
         os.remove(work.sum_file(k))
     written = []
     with monkeypatch.context() as m:
-        write = parts.Work.write
-        m.setattr(parts.Work, "write", lambda self, k, fill: (written.append(os.listdir(self.directory)),
+        write = dump_parts.Work.write
+        m.setattr(dump_parts.Work, "write", lambda self, k, fill: (written.append(os.listdir(self.directory)),
                                                               write(self, k, fill)))
         with caplog.at_level(logging.INFO):
             dump_elmo(*args, batch_size=10, chunk_lines=10, progress=False)
@@ -475,7 +477,7 @@ def test_a_work_directory_without_checksums_resumes_and_merges(tmp_path, monkeyp
 
 
 def test_sentence_keys_hdf5_would_nest_are_refused_before_any_work(tmp_path, monkeypatch):
-    import elmojax.dumps
+    import elmojax.infer.dumps
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -485,7 +487,7 @@ def test_sentence_keys_hdf5_would_nest_are_refused_before_any_work(tmp_path, mon
         dataset = tmp_path / "input.txt"
         dataset.write_bytes("".join(f"{s}\n" for s in lines).encode())
         with monkeypatch.context() as m:
-            m.setattr(elmojax.dumps, "BidirectionalLanguageModel", no_model)
+            m.setattr(elmojax.infer.dumps, "BidirectionalLanguageModel", no_model)
             with pytest.raises(ValueError, match=rf"input.txt, line {line}: the sentence holds {re.escape(what)}, "
                                                  rf"which cannot be in an hdf5 key"):
                 dump_elmo(str(dataset), str(tmp_path / "out.hdf5"), "top", OPTIONS_FILE, WEIGHT_FILE,

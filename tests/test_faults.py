@@ -16,8 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from elmojax import checkpoint, evaluation, hdf5, loop, metrics, model_files, workdir as workdir_lib
-from elmojax.tensorboard import SummaryWriter
+from elmojax.formats import hdf5
+from elmojax.formats import locks as workdir_lib
+from elmojax.train import checkpoint, evaluation, loop, metrics, trained_models
+from elmojax.train.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import tiny  # noqa: E402
@@ -46,7 +48,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(loop.Diverged, match=r"step \d+: training diverged .* the newest checkpoint, step 4 "):
         loop.train(_config(max_steps=12, learning_rate=1e30), work)
     assert checkpoint.steps(work) == [2, 4]  # nothing of the diverged run was saved
-    params = model_files.load_trained(work).params
+    params = trained_models.load_trained(work).params
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
@@ -55,7 +57,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_with_a_warning(tmp_path, cap
     loop.train(_config(max_steps=4), work)
     _damage(work, 4)
     with caplog.at_level(logging.WARNING):
-        model_files.load_trained(work)  # reading: the step before it, nothing renamed
+        trained_models.load_trained(work)  # reading: the step before it, nothing renamed
     assert "checkpoint step 4" in caplog.text and "cannot be read" in caplog.text
     assert checkpoint.steps(work) == [2, 4]
     caplog.clear()
@@ -74,7 +76,7 @@ def test_no_readable_checkpoint_is_one_error_and_changes_nothing(tmp_path):
         pass  # an empty metadata file
     before = sorted(os.listdir(checkpoint.checkpoint_dir(work)))
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint can be read .*nothing was changed"):
-        model_files.load_trained(work)
+        trained_models.load_trained(work)
     assert sorted(os.listdir(checkpoint.checkpoint_dir(work))) == before
 
 
@@ -147,12 +149,12 @@ def test_a_full_disk_stops_the_run_with_its_checkpoints_intact(tmp_path, monkeyp
             loop.train(_config(max_steps=10), str(work))
         assert checkpoint.steps(str(work)) == [2]
         assert not [n for n in os.listdir(checkpoint.checkpoint_dir(str(work))) if "tmp" in n]
-        model_files.load_trained(str(work))  # still readable
+        trained_models.load_trained(str(work))  # still readable
         if mounted:  # an export that does not fit: an OSError naming a file, and nothing written
             with open(work / "filler", "wb") as f:
                 f.write(b"x" * (shutil.disk_usage(work).free - 20_000))
             with pytest.raises(OSError, match="No space left on device"):
-                model_files.export(str(work), str(work / "export" / "elmo.hdf5"))
+                trained_models.export(str(work), str(work / "export" / "elmo.hdf5"))
             assert not os.listdir(work / "export")
 
 
@@ -172,7 +174,7 @@ def test_a_finished_run_can_be_evaluated_and_exported_from_a_read_only_workdir(t
         try:
             config = _config(max_steps=2)
             assert evaluation.evaluate(config, str(work))["tokens"] > 0
-            model_files.export(str(work), str(tmp_path / "out" / "elmo.hdf5"))
+            trained_models.export(str(work), str(tmp_path / "out" / "elmo.hdf5"))
             with pytest.raises(ValueError, match="not writable"):
                 loop.train(_config(max_steps=4), str(work))
         finally:

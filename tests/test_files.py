@@ -1,4 +1,4 @@
-"""elmojax.files: atomic writes that a signal or kill -9 leaves whole, with the umask's
+"""elmojax.formats.files: atomic writes that a signal or kill -9 leaves whole, with the umask's
 permissions; text read with one policy for a byte-order mark and CRLF line ends."""
 
 import json
@@ -15,8 +15,8 @@ import h5py
 import numpy as np
 import pytest
 
-from elmojax import files
-from elmojax.metrics import MetricsWriter
+from elmojax.formats import files
+from elmojax.train.metrics import MetricsWriter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # printing "writing" once it is mid-write; a Stopped is reported on stdout and exits 3.
 WRITER = textwrap.dedent("""
     import os, sys, time
-    from elmojax import files, runtime
+    from elmojax.formats import files
+    from elmojax.process import runtime
 
     how, targets = sys.argv[1], sys.argv[2:]
 
@@ -121,7 +122,7 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path, caplo
         other_file = left.replace(".out.bin.", ".out.binx.")
         for name in (running, other_host, other_file):
             (tmp_path / name).write_bytes(b"partial")
-        with caplog.at_level(logging.INFO, logger="elmojax.files"):
+        with caplog.at_level(logging.INFO, logger="elmojax.formats.files"):
             files.write_bytes({str(target): b"new"})
         assert read(target) == b"new"
         assert sorted(os.listdir(tmp_path)) == sorted(["out.bin", running, other_host, other_file])
@@ -220,7 +221,7 @@ def test_a_handler_set_outside_python_is_kept(tmp_path):
     still there after a write: here SIGTERM ignored through libc, then sent after the write."""
     code = textwrap.dedent(f"""
         import ctypes, os, signal, sys
-        from elmojax import files
+        from elmojax.formats import files
         libc = ctypes.CDLL(None)
         libc.signal.restype = ctypes.c_void_p
         libc.signal(signal.SIGTERM, ctypes.c_void_p(1))  # SIG_IGN, behind Python's back
@@ -237,7 +238,7 @@ def test_a_handler_set_outside_python_is_kept(tmp_path):
 def test_json_with_a_byte_order_mark(tmp_path, caplog):
     path = tmp_path / "options.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"a": [1, 2]}, indent=1).replace("\n", "\r\n").encode())
-    with caplog.at_level(logging.WARNING, logger="elmojax.files"):
+    with caplog.at_level(logging.WARNING, logger="elmojax.formats.files"):
         assert files.read_json(str(path)) == {"a": [1, 2]}
         assert files.read_json(str(path)) == {"a": [1, 2]}
     assert caplog.messages == [f"note: {path}: starts with a UTF-8 byte-order mark; ignored"]
@@ -250,7 +251,7 @@ def test_read_lines_and_read_text_agree(tmp_path, caplog):
     plain = "one two\n\nthree\x85four\tfive \n  six\n"
     (tmp_path / "plain.txt").write_text(plain, encoding="utf-8", newline="")
     (tmp_path / "dos.txt").write_bytes(b"\xef\xbb\xbf" + plain.replace("\n", "\r\n").encode())
-    with caplog.at_level(logging.WARNING, logger="elmojax.files"):
+    with caplog.at_level(logging.WARNING, logger="elmojax.formats.files"):
         for name in ("plain.txt", "dos.txt"):
             path = str(tmp_path / name)
             assert list(files.read_lines(path)) == list(enumerate(plain.split("\n")[:-1], start=1))
@@ -274,9 +275,10 @@ def test_read_text_names_the_line_that_is_not_utf8(tmp_path):
 def test_every_reader_reads_a_bom_crlf_file_as_the_plain_one(tmp_path):
     """The corpus readers, the vocabulary, prepare's reader and the dumps' inputs all take the
     same tokens from a file with a byte-order mark and CRLF line ends as from its plain twin."""
-    from elmojax import dumps, prepare
+    from elmojax import prepare
     from elmojax.data.shards import count_tokens, encode_shard, read_sentences
-    from elmojax.vocab import Vocabulary
+    from elmojax.formats.vocab import Vocabulary
+    from elmojax.infer import dumps
 
     text = "<S>\n</S>\n<UNK>\nthe\ncaf\u00e9\ndog  \n"
     plain, dos = tmp_path / "plain.txt", tmp_path / "dos.txt"

@@ -81,18 +81,18 @@ def test_large_batches_are_split(fixture_sentences):
 
 
 def test_large_models_give_freed_memory_back_after_each_call(fixture_sentences, monkeypatch):
-    """Models of at least embed.GIVE_BACK_MEMORY_BYTES of weights return malloc's freed memory
-    after each chunk they embed (elmojax.hostmem); smaller ones, like this one, keep it."""
-    from elmojax import embed
+    """Models of at least bidirectional_lm.GIVE_BACK_MEMORY_BYTES of weights return malloc's freed memory
+    after each chunk they embed (elmojax.process.hostmem); smaller ones, like this one, keep it."""
+    from elmojax.infer import bidirectional_lm
 
     calls = []
-    monkeypatch.setattr(embed.hostmem, "give_back_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(bidirectional_lm.hostmem, "give_back_freed_memory", lambda: calls.append(1) or True)
     sentences, _ = fixture_sentences
     ids = Batcher(VOCAB_FILE, 50).batch_sentences([s for row in sentences for s in row][:7])
     small = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=3)
     kept = small(ids)
     assert calls == []
-    monkeypatch.setattr(embed, "GIVE_BACK_MEMORY_BYTES", 1)
+    monkeypatch.setattr(bidirectional_lm, "GIVE_BACK_MEMORY_BYTES", 1)
     large = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=3)
     given_back = large(ids)
     assert len(calls) == 3  # 7 sentences in chunks of 3

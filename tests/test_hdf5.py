@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE
-from elmojax import Batcher, BidirectionalLanguageModel, hdf5
-from elmojax.model import BiLM, zero_state
-from elmojax.options import load_options
+from elmojax import Batcher, BidirectionalLanguageModel
+from elmojax.formats import hdf5
+from elmojax.formats.options import load_options
+from elmojax.model.bilm import BiLM, zero_state
 
 
 def _datasets(path):

@@ -1,4 +1,4 @@
-"""elmojax.hostmem: elmojax.setup() makes malloc keep freed memory, so that repeated jitted
+"""elmojax.process.hostmem: elmojax.setup() makes malloc keep freed memory, so that repeated jitted
 calls stop page-faulting their buffers in; MALLOC_TOP_PAD_ in the environment opts out;
 give_back_freed_memory() returns what it kept."""
 
@@ -43,7 +43,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 # VmRSS before and after give_back_freed_memory(), once the calls have left freed memory in
 # malloc's heaps.
 GIVE_BACK = CALLS + r"""
-from elmojax import hostmem
+from elmojax.process import hostmem
 
 def rss_mib():
     with open("/proc/self/status") as f:
@@ -63,7 +63,7 @@ def run_python(code: str, **env: str) -> str:
 
 
 def test_keep_freed_memory_takes_unless_the_environment_says_otherwise():
-    code = "from elmojax import hostmem; print(hostmem.keep_freed_memory())"
+    code = "from elmojax.process import hostmem; print(hostmem.keep_freed_memory())"
     assert run_python(code) == "True"
     assert run_python(code, MALLOC_TOP_PAD_="131072") == "False"
 

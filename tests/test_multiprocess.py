@@ -22,14 +22,15 @@ sys.path[:0] = ["configs", "tests"]
 import tempfile
 import tiny
 from conftest import padded_vocab_file
-from elmojax import data, model_files, trainer as trainer_lib
+from elmojax import data
+from elmojax.train import trained_models, trainer as trainer_lib
 GLOBAL_BATCH = 4
 config = tiny.get_config("chars")
 config.train.batch_size = GLOBAL_BATCH // jax.device_count()
 # a softmax over 8x the ids per step (2 x 4 samples + 2 x 4 x 2 targets): the row update
 config.train.update(n_negative_samples_batch=4, unroll_steps=2)
 config.data.vocab_file = padded_vocab_file(tempfile.mkdtemp(), 256)
-vocab = model_files.load_vocab(config)
+vocab = trained_models.load_vocab(config)
 trainer = trainer_lib.Trainer(config, vocab.size)
 assert trainer.batch_size == GLOBAL_BATCH and jax.device_count() == n_processes
 state = trainer.create_state(jax.random.PRNGKey(0))

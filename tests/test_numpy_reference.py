@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elmojax.elmo import ScalarMix, weight_layers
-from elmojax import embed
-from elmojax.embed import distinct_tokens, trim_char_ids
-from elmojax.lstm import LSTMLayer
-from elmojax.model import BiLM, CharCNNEmbedder, zero_state
-from elmojax.options import BiLMOptions, CharCNNOptions, LSTMOptions
+from elmojax.formats.options import BiLMOptions, CharCNNOptions, LSTMOptions
+from elmojax.infer.mix import ScalarMix, weight_layers
+from elmojax.model import char_ids as char_ids_lib
+from elmojax.model.bilm import BiLM, CharCNNEmbedder, zero_state
+from elmojax.model.char_ids import distinct_tokens, trim_char_ids
+from elmojax.model.lstm import LSTMLayer
 
 # float32 against float64: tight enough that a wrong gate order, forget bias, clip or
 # reversal (all changing values by >= 1e-3) fails.
@@ -125,7 +125,7 @@ def np_lstm_layer(p, x, mask, state, cell_clip=None, proj_clip=None, use_project
 
 
 def direction(p, d):
-    """Direction d's params of a stacked LSTM (elmojax.lstm keeps the directions on a leading axis)."""
+    """Direction d's params of a stacked LSTM (elmojax.model.lstm keeps the directions on a leading axis)."""
     return jax.tree_util.tree_map(lambda v: v[d], p)
 
 
@@ -695,7 +695,7 @@ def _spelled_ids(rng, n_tokens, n_chars, max_word):
 @pytest.mark.parametrize("hash_collides", [False, True])
 def test_distinct_tokens(monkeypatch, hash_collides):
     if hash_collides:  # every row hashes alike: the check must catch it and compare the rows
-        monkeypatch.setattr(embed, "_row_hash_multipliers", lambda width: np.zeros(width, np.uint64))
+        monkeypatch.setattr(char_ids_lib, "_row_hash_multipliers", lambda width: np.zeros(width, np.uint64))
     rng = np.random.default_rng(5)
     vocabulary = rng.integers(0, 262, size=(40, 12)).astype(np.int32)
     vocabulary[1] = vocabulary[0]

@@ -10,7 +10,7 @@ import pytest
 
 from elmojax import prepare as prep
 from elmojax.data import LMDataset, count_tokens
-from elmojax.vocab import Vocabulary
+from elmojax.formats.vocab import Vocabulary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "train", "data.txt")

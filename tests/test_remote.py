@@ -1,4 +1,4 @@
-"""Files by URL (elmojax.remote), served by a local http.server on 127.0.0.1 (no network): a
+"""Files by URL (elmojax.formats.remote), served by a local http.server on 127.0.0.1 (no network): a
 download, a cache hit, an interrupted download resumed, a server error, a truncated body, a
 404; responses that are not the file (an HTML page, another kind of file, a wrong size or
 sha256) never cached; a wrong file left in the cache fetched again; and a model loaded by URL."""
@@ -14,8 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from elmojax import BidirectionalLanguageModel, pretrained, remote
-from elmojax.vocab import Batcher
+from elmojax import BidirectionalLanguageModel, pretrained
+from elmojax.formats import remote
+from elmojax.formats.vocab import Batcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "tests", "fixtures", "model")
@@ -150,10 +151,10 @@ def test_a_trained_model_by_url_brings_its_files_along(tmp_path, monkeypatch, pu
     """--model / --config.init_from take an export's URL (or AllenNLP's published names): the
     options, softmax and vocabulary beside it on the server come along into the cache."""
     import jax
-    from elmojax import model_files
+    from elmojax.train import trained_models
     monkeypatch.setenv("ELMOJAX_CACHE", str(tmp_path / "cache"))
     checkpoint = os.path.join(ROOT, "tests", "fixtures", "bilm_tf_checkpoint")
-    export = model_files.export(checkpoint, str(tmp_path / "export" / "weights.hdf5"))
+    export = trained_models.export(checkpoint, str(tmp_path / "export" / "weights.hdf5"))
     served = tmp_path / "served"
     served.mkdir()
     names = (["elmo_tiny_weights.hdf5", "elmo_tiny_options.json", "elmo_tiny_softmax_weights.hdf5", "vocab.txt"]
@@ -162,10 +163,10 @@ def test_a_trained_model_by_url_brings_its_files_along(tmp_path, monkeypatch, pu
         shutil.copy(source, served / name)
     server = Server(str(served))
     try:
-        by_url = model_files.load_trained(f"{server.url}/{names[0]}")
+        by_url = trained_models.load_trained(f"{server.url}/{names[0]}")
     finally:
         server.httpd.shutdown()
-    local = model_files.load_trained(export["weights"])
+    local = trained_models.load_trained(export["weights"])
     jax.tree.map(np.testing.assert_array_equal, by_url.params, local.params)
     assert by_url.vocab == local.vocab and by_url.options == local.options
 

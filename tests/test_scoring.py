@@ -1,4 +1,4 @@
-"""LM scores (elmojax.scoring through BidirectionalLanguageModel.log_probs / perplexity) against
+"""LM scores (elmojax.infer.scoring through BidirectionalLanguageModel.log_probs / perplexity) against
 a float64 NumPy computation from the biLM's top layers and the softmax, on the small model
 bilm-tf trained for tests/fixtures/bilm_tf_checkpoint/ (exported with its softmax)."""
 
@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elmojax import BidirectionalLanguageModel, model_files
-from elmojax.model import BiLM, zero_state
-from elmojax.vocab import Batcher
+from elmojax import BidirectionalLanguageModel
+from elmojax.formats.vocab import Batcher
+from elmojax.model.bilm import BiLM, zero_state
+from elmojax.train import trained_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "tests", "fixtures", "bilm_tf_checkpoint")
@@ -20,7 +21,7 @@ SENTENCES = [["In", "the", "beginning", "God", "created", "the", "heaven"], ["An
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    return model_files.export(CHECKPOINT, str(tmp_path_factory.mktemp("export") / "weights.hdf5"))
+    return trained_models.export(CHECKPOINT, str(tmp_path_factory.mktemp("export") / "weights.hdf5"))
 
 
 def _log_softmax64(x, w, b):

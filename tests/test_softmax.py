@@ -1,4 +1,4 @@
-"""Tests of elmojax.softmax against independent NumPy (float64) computations.
+"""Tests of elmojax.model.softmax against independent NumPy (float64) computations.
 
 Statistical tests use fixed seeds and bounds of several standard errors (Z = 5), so they are
 deterministic and would still pass for almost any other seed; each bound is also far tighter
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elmojax import softmax
+from elmojax.model import softmax
 
 Z = 5.0  # standard errors allowed in statistical comparisons
 

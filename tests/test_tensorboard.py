@@ -2,7 +2,7 @@
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from elmojax.tensorboard import SummaryWriter, _crc32c
+from elmojax.train.tensorboard import SummaryWriter, _crc32c
 
 
 def test_crc32c_check_value():

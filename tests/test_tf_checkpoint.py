@@ -1,5 +1,5 @@
-"""elmojax.tf_checkpoint against the format's spec: checkpoints written by tests/tf_bundle.py (an
-independent writer), damaged in the ways downloads and copies are; and elmojax.crc32c against
+"""elmojax.formats.tf_checkpoint against the format's spec: checkpoints written by tests/tf_bundle.py (an
+independent writer), damaged in the ways downloads and copies are; and elmojax.formats.crc32c against
 the bitwise definition."""
 
 import os
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tf_bundle
 
-from elmojax import crc32c
-from elmojax.tf_checkpoint import CheckpointFormatError, TFCheckpoint, resolve_prefix
+from elmojax.formats import crc32c
+from elmojax.formats.tf_checkpoint import CheckpointFormatError, TFCheckpoint, resolve_prefix
 
 
 @pytest.mark.parametrize("n", [0, 1, 9, 1023, 2048, 2049, 3 * 1024 + 7, 70001])

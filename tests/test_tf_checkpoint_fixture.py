@@ -17,12 +17,15 @@ import pytest
 import tf_bundle
 from jax.sharding import Mesh
 
-from elmojax import config as config_lib, data, model_files, tf_variables
-from elmojax.embed import BidirectionalLanguageModel
-from elmojax.evaluation import evaluate
-from elmojax.step import training_loss
-from elmojax.tf_checkpoint import TFCheckpoint
-from elmojax.trainer import Trainer
+from elmojax import data
+from elmojax.train import config as config_lib
+from elmojax.formats import tf_variables
+from elmojax.formats.tf_checkpoint import TFCheckpoint
+from elmojax.infer.bidirectional_lm import BidirectionalLanguageModel
+from elmojax.train import trained_models
+from elmojax.train.evaluation import evaluate
+from elmojax.train.step import training_loss
+from elmojax.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "bilm_tf_checkpoint")
@@ -112,7 +115,7 @@ def test_an_unknown_layout_lists_what_the_checkpoint_holds(checkpoint_dir, tmp_p
 def test_export_is_what_dump_weights_writes(checkpoint_dir, tmp_path):
     output = str(tmp_path / "export" / "weights.hdf5")
     os.makedirs(os.path.dirname(output))
-    written = model_files.export(os.path.join(checkpoint_dir, "model.ckpt-3"), output)
+    written = trained_models.export(os.path.join(checkpoint_dir, "model.ckpt-3"), output)
     with h5py.File(os.path.join(FIXTURE, "dump_weights.hdf5"), "r") as want, h5py.File(output, "r") as got:
         names = []
         want.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
@@ -143,8 +146,8 @@ def test_export_on_the_command_line(checkpoint_dir, tmp_path):
 
 def test_embeddings_and_perplexity_equal_the_exports(checkpoint_dir, tmp_path):
     output = str(tmp_path / "weights.hdf5")
-    written = model_files.export(checkpoint_dir, output)
-    from elmojax.vocab import Batcher
+    written = trained_models.export(checkpoint_dir, output)
+    from elmojax.formats.vocab import Batcher
     ids = Batcher(os.path.join(checkpoint_dir, "vocab.txt"), 50).batch_sentences(SENTENCES)
     from_export = BidirectionalLanguageModel(written["options"], output)(ids)
     from_checkpoint = BidirectionalLanguageModel(written["options"], checkpoint_dir)(ids)
@@ -168,11 +171,11 @@ def _fine_tuning(checkpoint_dir, vocab_file):
     with open(os.path.join(checkpoint_dir, "options.json")) as f:
         config = config_lib.config_from_options_json(json.load(f), source="options.json")
     config.data.vocab_file = vocab_file
-    vocab = model_files.load_vocab(config)
+    vocab = trained_models.load_vocab(config)
     trainer = Trainer(config, vocab.size, Mesh(np.array(jax.devices()[:1]), ("data",)))
     rng = jax.random.PRNGKey(0)
-    params, accumulators = model_files.init_from(trainer, trainer.init_params(rng), checkpoint_dir, "",
-                                                 model_files.vocab_tokens(vocab))
+    params, accumulators = trained_models.init_from(trainer, trainer.init_params(rng), checkpoint_dir, "",
+                                                 trained_models.vocab_tokens(vocab))
     return config, vocab, trainer, params, accumulators
 
 
@@ -213,7 +216,7 @@ def test_fine_tuning_a_checkpoint_without_a_vocabulary_takes_the_config_s_as_its
                                                                                          caplog):
     vocab_file = str(tmp_path / "vocab.txt")
     os.replace(os.path.join(checkpoint_dir, "vocab.txt"), vocab_file)
-    with caplog.at_level("INFO", logger="elmojax.model_files"):
+    with caplog.at_level("INFO", logger="elmojax.train.trained_models"):
         _, _, _, params, accumulators = _fine_tuning(checkpoint_dir, vocab_file)
     assert f"no vocabulary beside the checkpoint; using {vocab_file} (--config.data.vocab_file)" in caplog.text
     assert "its own vocabulary (300 tokens)" in caplog.text
@@ -229,7 +232,7 @@ def test_fine_tuning_with_a_new_vocabulary_remaps_rows_and_their_accumulators(ch
     new_tokens = tokens[:3] + ["Zerubbabel", "Nebuchadnezzar"] + tokens[3:200][::-1]
     new_vocab = tmp_path / "new_vocab.txt"
     new_vocab.write_text("".join(t + "\n" for t in new_tokens))
-    with caplog.at_level("INFO", logger="elmojax.model_files"):
+    with caplog.at_level("INFO", logger="elmojax.train.trained_models"):
         _, _, _, params, accumulators = _fine_tuning(checkpoint_dir, str(new_vocab))
     assert "a new vocabulary; params and Adagrad's accumulators carried over" in caplog.text
     assert "rows of 200 of its 202 tokens re-mapped" in caplog.text
@@ -248,7 +251,7 @@ def test_the_published_weights_and_softmax_files_fine_tune_with_adagrad_afresh(c
     """AllenNLP's published files (X_weights.hdf5, X_options.json, X_softmax_weights.hdf5 holding
     softmax/W and softmax/b alone) and bilm-tf's vocabulary file, as downloaded: the way to
     fine-tune without the TensorFlow checkpoint."""
-    export = model_files.export(checkpoint_dir, str(tmp_path / "export.hdf5"))
+    export = trained_models.export(checkpoint_dir, str(tmp_path / "export.hdf5"))
     published = tmp_path / "published"
     published.mkdir()
     shutil.copy(export["weights"], published / "elmo_tiny_weights.hdf5")
@@ -257,24 +260,24 @@ def test_the_published_weights_and_softmax_files_fine_tune_with_adagrad_afresh(c
     reference = _reference()
     with h5py.File(published / "elmo_tiny_softmax_weights.hdf5", "w") as f:
         f["softmax/W"], f["softmax/b"] = reference["lm/softmax/W"], reference["lm/softmax/b"]
-    with caplog.at_level("INFO", logger="elmojax.model_files"):
+    with caplog.at_level("INFO", logger="elmojax.train.trained_models"):
         _, _, _, params, accumulators = _fine_tuning(checkpoint_dir, str(published / "vocab-2016-09-10.txt"))
         weights = str(published / "elmo_tiny_weights.hdf5")
         with open(os.path.join(checkpoint_dir, "options.json")) as f:
             config = config_lib.config_from_options_json(json.load(f), source="options.json")
         config.data.vocab_file = str(published / "vocab-2016-09-10.txt")
-        vocab = model_files.load_vocab(config)
+        vocab = trained_models.load_vocab(config)
         trainer = Trainer(config, vocab.size, Mesh(np.array(jax.devices()[:1]), ("data",)))
-        from_published, none = model_files.init_from(trainer, trainer.init_params(jax.random.PRNGKey(0)), weights, "",
-                                                     model_files.vocab_tokens(vocab))
+        from_published, none = trained_models.init_from(trainer, trainer.init_params(jax.random.PRNGKey(0)), weights, "",
+                                                     trained_models.vocab_tokens(vocab))
     assert none is None and "(Adagrad starts afresh)" in caplog.text
     jax.tree.map(np.testing.assert_array_equal, from_published, params)
     os.rename(published / "elmo_tiny_softmax_weights.hdf5", tmp_path / "softmax.hdf5")
     with pytest.raises(ValueError, match="no softmax file"):
-        model_files.init_from(trainer, trainer.init_params(jax.random.PRNGKey(0)), weights, "",
-                              model_files.vocab_tokens(vocab))
-    given, _ = model_files.init_from(trainer, trainer.init_params(jax.random.PRNGKey(0)), weights,
-                                     str(tmp_path / "softmax.hdf5"), model_files.vocab_tokens(vocab))
+        trained_models.init_from(trainer, trainer.init_params(jax.random.PRNGKey(0)), weights, "",
+                              trained_models.vocab_tokens(vocab))
+    given, _ = trained_models.init_from(trainer, trainer.init_params(jax.random.PRNGKey(0)), weights,
+                                     str(tmp_path / "softmax.hdf5"), trained_models.vocab_tokens(vocab))
     jax.tree.map(np.testing.assert_array_equal, given, params)
 
 

@@ -11,11 +11,14 @@ import numpy as np
 import optax
 import pytest
 
-from elmojax import BidirectionalLanguageModel, Batcher, data, evaluation, hdf5, loop, model_files, softmax, step
-from elmojax import trainer as trainer_lib
-from elmojax.embed import make_embed_fn
-from elmojax.model import BiLM, zero_state
-from elmojax.options import BiLMOptions
+from elmojax import Batcher, BidirectionalLanguageModel, data
+from elmojax.formats import hdf5
+from elmojax.formats.options import BiLMOptions
+from elmojax.infer.bidirectional_lm import make_embed_fn
+from elmojax.model import softmax
+from elmojax.model.bilm import BiLM, zero_state
+from elmojax.train import evaluation, loop, step, trained_models
+from elmojax.train import trainer as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -77,7 +80,7 @@ def test_export_embeds_like_the_training_params(tmp_path):
     config = _config(max_steps=20)
     state = loop.train(config, str(tmp_path / "work"))
     output = str(tmp_path / "export" / "elmo.hdf5")
-    exported = model_files.export(str(tmp_path / "work"), output)
+    exported = trained_models.export(str(tmp_path / "work"), output)
     with open(exported["options"], encoding="utf-8") as f:
         assert json.load(f)["char_cnn"]["n_characters"] == 262
 
@@ -106,7 +109,7 @@ def test_fine_tune_on_a_new_vocabulary(tmp_path):
     """init_from an export: shared tokens keep their softmax rows, new ones start fresh."""
     state = loop.train(_config(max_steps=10), str(tmp_path / "base"))
     output = str(tmp_path / "export" / "elmo.hdf5")
-    model_files.export(str(tmp_path / "base"), output)
+    trained_models.export(str(tmp_path / "base"), output)
     old_vocab = open(os.path.join(tmp_path, "export", "vocab.txt"), encoding="utf-8").read().split()
 
     new_vocab_file = tmp_path / "vocab.txt"
@@ -137,7 +140,8 @@ from jax.sharding import Mesh
 sys.path[:0] = ["configs", "tests"]
 import tiny
 from conftest import padded_vocab_file
-from elmojax import data, model_files, trainer as trainer_lib
+from elmojax import data
+from elmojax.train import trained_models, trainer as trainer_lib
 assert jax.device_count() == 4
 results = []
 for n_devices in (4, 1):
@@ -146,7 +150,7 @@ for n_devices in (4, 1):
     # a softmax over 8x the ids per step (2 x 4 samples + 2 x 4 x 2 targets): the row update
     config.train.update(n_negative_samples_batch=4, unroll_steps=2)
     config.data.vocab_file = padded_vocab_file(tempfile.mkdtemp(), 256)
-    vocab = model_files.load_vocab(config)
+    vocab = trained_models.load_vocab(config)
     trainer = trainer_lib.Trainer(config, vocab.size, Mesh(np.array(jax.devices()[:n_devices]), ("data",)))
     state = trainer.create_state(jax.random.PRNGKey(0))
     dataset = data.make_dataset(config, vocab, config.data.train_prefix, 4, config.train.unroll_steps, test=False)
@@ -205,7 +209,7 @@ def test_word_input_export_is_its_own_embedding_file(tmp_path):
 
     state = loop.train(_config("words", max_steps=5), str(tmp_path / "work"))
     output = str(tmp_path / "export" / "elmo.hdf5")
-    exported = model_files.export(str(tmp_path / "work"), output)
+    exported = trained_models.export(str(tmp_path / "work"), output)
     bilm = BidirectionalLanguageModel(exported["options"], output, use_character_inputs=False,
                                       embedding_weight_file=output)
     ids = TokenBatcher(exported["vocab"]).batch_sentences([["these", "models", "use", "words"], ["the"]])
@@ -229,7 +233,7 @@ def test_vocabulary_row_update_equals_the_dense_update(inputs, shared, tmp_path)
     config.data.vocab_file = padded_vocab_file(tmp_path, 256)
     n_ids = 14 if inputs == "chars" else 20
     assert 256 >= softmax.ROW_UPDATE_MIN_RATIO * n_ids  # the step does take rows
-    vocab = model_files.load_vocab(config)
+    vocab = trained_models.load_vocab(config)
     trainer = trainer_lib.Trainer(config, vocab.size)
     dataset = data.make_dataset(config, vocab, config.data.train_prefix, 1, 3, test=False)
     batch = trainer.put_batch(next(dataset.iter_batches()))
@@ -269,7 +273,7 @@ def test_bfloat16_compute_trains_like_float32():
     results = {}
     for dtype in ("float32", "bfloat16"):
         config = _config(compute_dtype=dtype)
-        vocab = model_files.load_vocab(config)
+        vocab = trained_models.load_vocab(config)
         trainer = trainer_lib.Trainer(config, vocab.size)
         dataset = data.make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size,
                                      config.train.unroll_steps, test=True)
@@ -342,7 +346,7 @@ def test_a_broken_model_is_reported_by_evaluate(tmp_path):
 
     loop.train(_config(max_steps=5), str(tmp_path / "work"))
     output = str(tmp_path / "export" / "elmo.hdf5")
-    exported = model_files.export(str(tmp_path / "work"), output)
+    exported = trained_models.export(str(tmp_path / "work"), output)
     with h5py.File(exported["softmax"], "r+") as f:
         f["softmax/b"][5] = 60.0  # every position's mass on one token
     command = [sys.executable, "-m", "elmojax.main", "--mode=evaluate", f"--model={output}",
@@ -368,7 +372,7 @@ def test_state_reset_zeroes_whole_rows():
 
 def test_state_reset_probability_one_trains_from_the_zero_state():
     config = _config()
-    dataset = data.make_dataset(config, model_files.load_vocab(config), config.data.train_prefix, 2, 10, test=False)
+    dataset = data.make_dataset(config, trained_models.load_vocab(config), config.data.train_prefix, 2, 10, test=False)
     batch = next(dataset.iter_batches())
     losses = []
     for probability, carry in ((1.0, 0.5), (0.0, 0.0)):  # a carried state reset == no state at all

@@ -124,7 +124,7 @@ def test_byte_order_mark_and_crlf_read_as_the_plain_file(vocab_file, tmp_path, c
     dos = tmp_path / "dos_vocab.txt"
     dos.write_bytes(b"\xef\xbb\xbf" + plain.replace(b"\n", b"\r\n"))
     sentences = [["the", "caf\u00e9", "cat"], ["dog"]]
-    with caplog.at_level("WARNING", logger="elmojax.files"):
+    with caplog.at_level("WARNING", logger="elmojax.formats.files"):
         for validate in (False, True):
             a, b = Vocabulary(vocab_file, validate), Vocabulary(str(dos), validate)
             assert (a._id_to_word, a._word_to_id) == (b._id_to_word, b._word_to_id) and b.bos == 0

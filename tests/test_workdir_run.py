@@ -12,7 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from elmojax import checkpoint, config as config_lib, evaluation, model_files, runconfig
+from elmojax.train import config as config_lib
+from elmojax.train import checkpoint, evaluation, runconfig, trained_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -126,7 +127,7 @@ def test_a_bilm_tf_checkpoint_without_a_vocabulary(tmp_path):
     vocab = tmp_path / "elsewhere" / "vocab.txt"
     vocab.parent.mkdir()
     shutil.copy(os.path.join(source, "vocab.txt"), vocab)
-    written = model_files.export(str(ckpt), str(tmp_path / "out" / "elmo.hdf5"))
+    written = trained_models.export(str(ckpt), str(tmp_path / "out" / "elmo.hdf5"))
     assert "vocab" not in written and sorted(os.listdir(tmp_path / "out")) == [
         "elmo.hdf5", "elmo_softmax.hdf5", "options.json"]
     with h5py.File(written["weights"], "r") as f, h5py.File(os.path.join(source, "dump_weights.hdf5"), "r") as g:

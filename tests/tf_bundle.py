@@ -1,5 +1,5 @@
 """A writer of TensorFlow checkpoints (tensor bundles), written for the tests from the format's
-spec (tensor_bundle.proto, LevelDB's table_format.txt), independently of elmojax.tf_checkpoint:
+spec (tensor_bundle.proto, LevelDB's table_format.txt), independently of elmojax.formats.tf_checkpoint:
 its own CRC-32C (the bitwise definition), protobuf and block encoders. Options make the files
 TensorFlow would not write (small blocks, snappy-marked blocks) to test the reader's edges.
 """

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from elmojax import config as config_lib
+from elmojax.train import config as config_lib
 from elmojax.data.windows import Batch, Batches, LMDataset, resolve_vocab
-from elmojax.vocab import Vocabulary
+from elmojax.formats.vocab import Vocabulary
 
 class BidirectionalLMDataset(Batches):
     """A forward and a backward LMDataset over the same shards, batched together.

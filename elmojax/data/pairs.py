@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from elmojax.data.shards import Shard
-from elmojax.vocab import Vocabulary
+from elmojax.formats.vocab import Vocabulary
 
 NO_BAD = 1 << 62  # Placed.first_bad's answer when no sentence ahead is unencodable
 

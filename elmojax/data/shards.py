@@ -15,8 +15,8 @@ from typing import Optional
 
 import numpy as np
 
-from elmojax import files
-from elmojax.vocab import UNK, Vocabulary
+from elmojax.formats import files
+from elmojax.formats.vocab import UNK, Vocabulary
 
 def list_shards(pattern: str) -> list[str]:
     """The files matching a glob pattern, sorted; an error naming the pattern if there are none."""

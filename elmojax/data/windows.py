@@ -23,11 +23,11 @@ import numpy as np
 from elmojax.data.order import SentenceSource
 from elmojax.data.pairs import NO_BAD, PairBuffer, Placed
 from elmojax.data.shards import Shard, ShardCache, list_shards, subset
-from elmojax.vocab import UnicodeCharsVocabulary, Vocabulary
+from elmojax.formats.vocab import UnicodeCharsVocabulary, Vocabulary
 
 STATE_VERSION = 1
 
-Batch = dict[str, np.ndarray]  # a host batch: bilm-tf's arrays by name (elmojax.batch.to_device sends it)
+Batch = dict[str, np.ndarray]  # a host batch: bilm-tf's arrays by name (elmojax.train.batch.to_device sends it)
 
 
 def resolve_vocab(vocab: Union[str, Vocabulary], max_characters_per_token: Optional[int]) -> Vocabulary:

@@ -1,5 +1,5 @@
 """The workdir's lock: one trainer at a time (and one dump at a time in a dump's work
-directory, elmojax.parts).
+directory, elmojax.infer.dump_parts).
 
 A trainer holds WORKDIR/.lock, a JSON file naming its host and process id, from its start to its
 end. A second trainer on the same workdir refuses before it trains. A lock left by a process
@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Iterator
 
-from elmojax import files
+from elmojax.formats import files
 
 log = logging.getLogger(__name__)
 

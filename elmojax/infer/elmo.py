@@ -17,7 +17,7 @@ It computes what AllenNLP 2.10.1's `Elmo` computes (allennlp/modules/elmo.py, sc
 - then <S> and </S> removed (unless keep_sentence_boundaries), then dropout on each
   representation (`deterministic=False` with a 'dropout' rng).
 
-Where bilm-tf's `weight_layers` (elmojax.elmo) differs: it mixes layers with <S> and </S>
+Where bilm-tf's `weight_layers` (elmojax.infer.mix) differs: it mixes layers with <S> and </S>
 already removed, so its layer-norm statistics leave them out; its epsilon is 1e-12; it adds
 1/L to the weights before the softmax (no change to the result) and returns an l2 penalty; it
 applies no dropout. (AllenNLP's own `Elmo` also carries the LSTM state from call to call unless
@@ -39,13 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elmojax.dropout import Dropout
-from elmojax.elmo import (check_array, check_bool, check_int, check_mask_values, check_path, check_real,
-                          concrete)
-from elmojax.embed import embed_tokens, load_bilm_params
-from elmojax.model import BiLM, zero_state
-from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
-from elmojax.vocab import BOS, EOS, _check_sentences, check_tokens, spell
+from elmojax.model.dropout import Dropout
+from elmojax.formats.checks import (check_array, check_bool, check_int, check_mask_values, check_path, check_real,
+                                    concrete)
+from elmojax.formats.options import BiLMOptions, N_CHARACTERS_TRAIN, load_options
+from elmojax.formats.vocab import BOS, EOS, _check_sentences, check_tokens, spell
+from elmojax.infer.bidirectional_lm import embed_tokens, load_bilm_params
+from elmojax.model.bilm import BiLM, zero_state
 
 LAYER_NORM_EPSILON = 1e-13  # allennlp.nn.util.tiny_value_of_dtype(torch.float32)
 
@@ -114,7 +114,7 @@ class Elmo(nn.Module):
 
     def __post_init__(self):
         if not isinstance(self.options, BiLMOptions):
-            raise TypeError(f"options must be a BiLMOptions (elmojax.options.load_options), got "
+            raise TypeError(f"options must be a BiLMOptions (elmojax.formats.options.load_options), got "
                             f"{type(self.options).__name__}")
         if not self.options.bidirectional or self.options.char_cnn is None:
             raise ValueError("Elmo needs a bidirectional biLM with character inputs")

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from elmojax import files
+from elmojax.formats import files
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Vocabulary:
     <S> and </S> must be in the file (every sentence is wrapped in them); <UNK> is needed only
     to encode tokens the file lacks (`validate_file=True` requires it up front, as for training).
     A line is one token: a blank line, or one with whitespace inside, is an error naming it. The
-    file is read as elmojax.files reads text (a byte-order mark and CRLF line ends noted and
+    file is read as elmojax.formats.files reads text (a byte-order mark and CRLF line ends noted and
     ignored).
     """
 

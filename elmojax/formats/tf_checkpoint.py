@@ -33,7 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
-from elmojax import crc32c
+from elmojax.formats import crc32c
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48

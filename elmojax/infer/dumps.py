@@ -2,11 +2,11 @@
 biLM layers per line (dump_bilm_embeddings), AllenNLP's `allennlp elmo` file (dump_elmo) and
 sentence vectors (dump_sentence_vectors) and LM scores (dump_scores). Each file appears only
 when complete. The per-line dumps (bilm, elmo) go in chunks through a work directory beside
-their file (elmojax.parts): resumable, and shared among the processes of a multi-process run.
+their file (elmojax.infer.dump_parts): resumable, and shared among the processes of a multi-process run.
 
 Inputs are checked before any work (a missing or wrong file, an output that cannot be written,
 a batch size that is not a positive integer): a ValueError naming the file or argument. HDF5
-files are written through plain file I/O (elmojax.parts.hdf5_output), so that a full disk is an
+files are written through plain file I/O (elmojax.infer.dump_parts.hdf5_output), so that a full disk is an
 OSError naming the file the user asked for, never a crash inside HDF5; under
 runtime.stop_on_signals, SIGINT and SIGTERM wait while HDF5 writes.
 """
@@ -27,10 +27,12 @@ import h5py
 import jax
 import numpy as np
 
-from elmojax import files, hdf5, parts, remote, runtime, scoring, tf_checkpoint
-from elmojax.embed import BidirectionalLanguageModel, embed_tokens
-from elmojax.options import load_options
-from elmojax.vocab import UnicodeCharsVocabulary, batch_char_ids
+from elmojax.formats import files, hdf5, remote, tf_checkpoint
+from elmojax.formats.options import load_options
+from elmojax.formats.vocab import UnicodeCharsVocabulary, batch_char_ids
+from elmojax.infer import dump_parts, scoring
+from elmojax.infer.bidirectional_lm import BidirectionalLanguageModel, embed_tokens
+from elmojax.process import runtime
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +165,10 @@ _dumps = itertools.count()  # barrier names: every process runs the same dumps i
 
 
 def _dump_in_chunks(outfile: str, manifest: dict, n_lines: int, chunk_lines: int,
-                    write: Callable[[parts.Hdf5Writer, range, Optional[Callable], Callable[[int], None]], None],
-                    keys: Callable[[range], list[str]], finish: Optional[Callable[[parts.Hdf5Writer], None]] = None,
+                    write: Callable[[dump_parts.Hdf5Writer, range, Optional[Callable], Callable[[int], None]], None],
+                    keys: Callable[[range], list[str]], finish: Optional[Callable[[dump_parts.Hdf5Writer], None]] = None,
                     sequential: bool = False, progress: bool = True) -> None:
-    """A dump through a work directory (elmojax.parts), resumed where a previous run of the same
+    """A dump through a work directory (elmojax.infer.dump_parts), resumed where a previous run of the same
     command stopped, shared among JAX's processes (chunk k is process k % n's). write(writer,
     lines, previous, report) fills a chunk's file, `previous` reading the previous chunk's
     datasets by name (sequential dumps only; None for chunk 0); process 0 merges the chunks into
@@ -175,18 +177,18 @@ def _dump_in_chunks(outfile: str, manifest: dict, n_lines: int, chunk_lines: int
     Process 0 holds the work directory's lock throughout; the others start after a barrier it
     passes once it holds it. SIGINT or SIGTERM (runtime.stop_on_signals) ends it with a
     runtime.Stopped saying how many chunks are done; a failing disk with an OSError naming the
-    chunk or the output (elmojax.parts)."""
+    chunk or the output (elmojax.infer.dump_parts)."""
     index, count = jax.process_index(), jax.process_count()
     if sequential and count > 1:
         raise ValueError(f"a stateful dump carries state from line to line in order: it runs as one process, "
                          f"not {count}")
-    work = parts.Work(outfile, manifest, n_lines, chunk_lines)
+    work = dump_parts.Work(outfile, manifest, n_lines, chunk_lines)
     number = next(_dumps)
     try:
         with work.locked() if index == 0 else contextlib.nullcontext():
             if index == 0:
                 work.start(owner=True)
-            runtime.barrier(f"elmojax.dumps.{number}.started")
+            runtime.barrier(f"elmojax.infer.dumps.{number}.started")
             if index != 0:
                 work.start(owner=False)
             if sequential:
@@ -211,12 +213,12 @@ def _dump_in_chunks(outfile: str, manifest: dict, n_lines: int, chunk_lines: int
             for k in todo:
                 compute(k, lambda n: report.update(done + n))
                 done += len(work.chunks[k])
-            runtime.barrier(f"elmojax.dumps.{number}.chunks")
+            runtime.barrier(f"elmojax.infer.dumps.{number}.chunks")
             if index == 0:
                 work.merge(keys, finish, recompute=compute)
         if index == 0:
             work.remove_directory()
-        runtime.barrier(f"elmojax.dumps.{number}.merged")
+        runtime.barrier(f"elmojax.infer.dumps.{number}.merged")
     except runtime.Stopped as e:
         if work.merged:  # stopped in the last moments: the chunks are no longer needed
             with contextlib.suppress(OSError):
@@ -232,18 +234,18 @@ def _dump_in_chunks(outfile: str, manifest: dict, n_lines: int, chunk_lines: int
                               f"again to {'merge them' if n == total else 'resume'}") from None
 
 
-def _read_previous(work: parts.Work, k: int, names: list[str]) -> list[np.ndarray]:
+def _read_previous(work: dump_parts.Work, k: int, names: list[str]) -> list[np.ndarray]:
     """Chunk k's datasets `names`, its file checked first (a stateful dump's carried state)."""
     try:
         with work.reading(k) as read:
             return [read(name) for name in names]
-    except parts.Damaged as e:
+    except dump_parts.Damaged as e:
         work.discard(e.k, e.reason)
         raise ValueError(f"{work.chunk_file(e.k)}: damaged ({e.reason}); removed: run the same command again to "
                          f"compute its lines again") from None
 
 
-def _check_carried_chunks(work: parts.Work) -> None:
+def _check_carried_chunks(work: dump_parts.Work) -> None:
     """A stateful dump carries on from the state of the chunk before each one it computes:
     those chunks are checked in full first, a damaged one removed (computed again)."""
     checked: set[int] = set()
@@ -256,11 +258,11 @@ def _check_carried_chunks(work: parts.Work) -> None:
             try:
                 work.verify(k)
                 checked.add(k)
-            except parts.Damaged as e:
+            except dump_parts.Damaged as e:
                 work.discard(k, e.reason)
 
 
-def _carry(f: parts.Hdf5Writer, model: BidirectionalLanguageModel) -> None:
+def _carry(f: dump_parts.Hdf5Writer, model: BidirectionalLanguageModel) -> None:
     """A stateful model's state after a chunk, kept in the chunk's file (group `carry`)."""
     for i, leaf in enumerate(jax.tree.leaves(model.state)):
         f.put(f"carry/{i}", np.asarray(leaf), counted=False)
@@ -272,7 +274,7 @@ def _carried(previous: Callable[[list[str]], list[np.ndarray]], model: Bidirecti
 
 
 def _files(**paths) -> dict:
-    return {name: parts.fingerprint(path) for name, path in paths.items()}
+    return {name: dump_parts.fingerprint(path) for name, path in paths.items()}
 
 
 def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, weight_file: str,
@@ -285,7 +287,7 @@ def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, 
     `stateful=True` they go one at a time, each starting from the previous line's final state,
     reproducing bilm-tf.
 
-    The lines go in chunks of `chunk_lines` through outfile + '.parts/' (elmojax.parts): a dump
+    The lines go in chunks of `chunk_lines` through outfile + '.parts/' (elmojax.infer.dump_parts): a dump
     stopped at any point continues where it stopped when run again with the same files and
     settings (batch_size may change: it changes the numbers only in rounding, as any batch
     size does), and under JAX's multi-controller runtime the processes share the chunks (not
@@ -296,7 +298,7 @@ def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, 
     _check_weights(weight_file)
     _check_output(outfile)
     _check_batch_size(batch_size)
-    parts.chunk_lines_of(0, chunk_lines)
+    dump_parts.chunk_lines_of(0, chunk_lines)
     options = load_options(options_file)
     if options.char_cnn is None:
         raise ValueError(f"{options_file}: dump_bilm_embeddings reads characters; options have no char_cnn")
@@ -386,7 +388,7 @@ def dump_elmo(input_file: str, output_file: str, output_format: str, options_fil
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     _check_model_and_io(input_file, output_file, options_file, weight_file, batch_size)
-    parts.chunk_lines_of(0, chunk_lines)
+    dump_parts.chunk_lines_of(0, chunk_lines)
     lines = _sentence_lines(input_file)
     if use_sentence_keys:
         _check_sentence_keys(input_file, lines)
@@ -419,7 +421,7 @@ def dump_sentence_vectors(input_file: str, output_file: str, options_file: str, 
     lines = _sentence_lines(input_file)
     model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=batch_size)
     vectors = model.sentence_vectors([line.split() for _, line in lines], layers, pooling)
-    with parts.hdf5_output(output_file) as out:
+    with dump_parts.hdf5_output(output_file) as out:
         out.put("sentence_vectors", vectors, attrs={"layers": str(layers), "pooling": pooling})
 
 
@@ -427,7 +429,7 @@ def dump_scores(input_file: str, output_file: str, options_file: str, weight_fil
                 batch_size: int = 64) -> None:
     """One JSON line per line of input_file: its tokens, each token's forward and backward
     log-probability, those of </S> (forward_end) and <S> (backward_end), and its perplexity
-    (BidirectionalLanguageModel.sentence_log_probs, elmojax.scoring)."""
+    (BidirectionalLanguageModel.sentence_log_probs, elmojax.infer.scoring)."""
     _check_model_and_io(input_file, output_file, options_file, weight_file, batch_size, softmax_file)
     lines = _sentence_lines(input_file)
     model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=batch_size, softmax_file=softmax_file)

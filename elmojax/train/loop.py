@@ -1,4 +1,4 @@
-"""The training loop: the jitted train step (elmojax.trainer) between periodic actions.
+"""The training loop: the jitted train step (elmojax.train.trainer) between periodic actions.
 
   train(config, workdir)
     start: the workdir's newest readable checkpoint (state, and the data position saved with
@@ -33,16 +33,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from elmojax import checkpoint, config as config_lib, data, files, runconfig
-from elmojax.evaluation import Evaluator, diagnose, evaluate, summary
-from elmojax.metrics import MetricsWriter
-from elmojax.options import BiLMOptions
-from elmojax.model_files import (VOCAB_FILE, Trained, architecture_difference, export, init_from, load_vocab,
+from elmojax import data
+from elmojax.train import config as config_lib
+from elmojax.formats import files
+from elmojax.formats.options import BiLMOptions
+from elmojax.train import checkpoint, runconfig
+from elmojax.train.evaluation import Evaluator, diagnose, evaluate, summary
+from elmojax.train.metrics import MetricsWriter
+from elmojax.train.trained_models import (VOCAB_FILE, Trained, architecture_difference, export, init_from, load_vocab,
                                  vocab_tokens)
-from elmojax.step import TrainState
-from elmojax.trainer import Trainer
-from elmojax.vocab import Vocabulary
-from elmojax.workdir import locked
+from elmojax.formats.locks import locked
+from elmojax.formats.vocab import Vocabulary
+from elmojax.train.step import TrainState
+from elmojax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -384,8 +387,8 @@ def after_training(config: ml_collections.ConfigDict, workdir: str, state: Train
 
 
 def _embed_examples(exported: dict, sentences: list[str]) -> list[str]:
-    from elmojax.embed import BidirectionalLanguageModel
-    from elmojax.vocab import Batcher
+    from elmojax.formats.vocab import Batcher
+    from elmojax.infer.bidirectional_lm import BidirectionalLanguageModel
 
     options = BiLMOptions.from_dict(files.read_json(exported["options"]))
     bilm = BidirectionalLanguageModel(exported["options"], exported["weights"])

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from elmojax.dropout import Dropout
-from elmojax.numerics import einsum
-from elmojax.options import LSTMOptions
+from elmojax.formats.options import LSTMOptions
+from elmojax.model.dropout import Dropout
+from elmojax.model.numerics import einsum
 
 Array = jax.Array
 # Inference defaults to full float32 matmuls (TF32 on GPUs would break parity with bilm-tf).
@@ -41,7 +41,7 @@ class RecurrenceSettings:
     proj_clip: Optional[float] = None
     precision: Any = DEFAULT_PRECISION
     unroll: int = 1  # time steps per iteration of the scan's loop
-    compute_dtype: Any = None  # see elmojax.numerics
+    compute_dtype: Any = None  # see elmojax.model.numerics
 
     def einsum(self, subscripts: str, x: Array, y: Array) -> Array:
         return einsum(subscripts, x, y, precision=self.precision, compute_dtype=self.compute_dtype)
@@ -249,7 +249,7 @@ class LSTMLayer(nn.Module):
     dropout_rate: float = 0.0
     precision: Any = DEFAULT_PRECISION
     unroll: int = 1  # time steps per iteration of the scan's loop
-    compute_dtype: Any = None  # see elmojax.numerics
+    compute_dtype: Any = None  # see elmojax.model.numerics
     # inference: the input products of at most this many bytes at a time (`chunked_recurrence`)
     input_chunk_bytes: Optional[int] = None
 

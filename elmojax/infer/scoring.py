@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elmojax import hdf5, numerics, softmax, tf_checkpoint
-from elmojax.model import BiLM, zero_state
-from elmojax.tf_variables import read_training_checkpoint, vocab_beside
-from elmojax.vocab import BOS, EOS, EOS_CHAR, EOW_CHAR, UNK, Vocabulary
+from elmojax.formats import hdf5, tf_checkpoint
+from elmojax.formats.tf_variables import read_training_checkpoint, vocab_beside
+from elmojax.formats.vocab import BOS, EOS, EOS_CHAR, EOW_CHAR, UNK, Vocabulary
+from elmojax.model import numerics, softmax
+from elmojax.model.bilm import BiLM, zero_state
 
 
 def load_scorer_softmax(softmax_file: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:

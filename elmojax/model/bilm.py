@@ -1,7 +1,7 @@
 """The biLM as Flax linen modules: pure functions of (params, inputs, state).
 
-The same modules serve inference (`elmojax.embed`) and training. Parameter shapes are those
-of bilm-tf's hdf5 weight file, but for W_0, and names follow it (see `elmojax.hdf5` for the
+The same modules serve inference (`elmojax.infer.bidirectional_lm`) and training. Parameter shapes are those
+of bilm-tf's hdf5 weight file, but for W_0, and names follow it (see `elmojax.formats.hdf5` for the
 mapping):
 
   embedder/      char_embed (261, d), W_cnn_i (1, width, d, n), b_cnn_i, W_carry_i, b_carry_i,
@@ -10,7 +10,7 @@ mapping):
   lstm/layer_i/  W_x (directions, in, 4 * dim) and W_h (directions, out, 4 * dim), the two row
                  blocks of each direction's W_0 (in + out, 4 * dim); B (directions, 4 * dim),
                  W_P_0 (directions, dim, projection_dim): the forward LM's at 0, the backward
-                 LM's at 1 (both run in one recurrence, see elmojax.lstm)
+                 LM's at 1 (both run in one recurrence, see elmojax.model.lstm)
 
 Input ids use the prediction layout of bilm-tf's Batcher / TokenBatcher: ids + 1, with 0 for
 padding, which embeds to a zero vector (a zero row in front of the trained table).
@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from elmojax.lstm import DEFAULT_PRECISION, LSTMStack, uniform
-from elmojax.numerics import conv1d, einsum
-from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, CharCNNOptions
+from elmojax.formats.options import BiLMOptions, CharCNNOptions, N_CHARACTERS_TRAIN
+from elmojax.model.lstm import DEFAULT_PRECISION, LSTMStack, uniform
+from elmojax.model.numerics import conv1d, einsum
 
 Array = jax.Array
 
@@ -81,7 +81,7 @@ class CharCNNEmbedder(nn.Module):
     `chunk_size` runs the convolutions over that many tokens at a time (lax.map), which bounds
     the memory of their outputs (tokens x positions x filters) for large models.
 
-    `tail_ids`, when given, says that the char ids were cut short (elmojax.embed.trim_char_ids):
+    `tail_ids`, when given, says that the char ids were cut short (elmojax.model.char_ids.trim_char_ids):
     row r stood for its ids followed by tail_ids[r] up to max_characters_per_token, and every
     window left out lay wholly in that tail. Those windows all have the value of one window of
     the tail character, which takes the place of all of them in the max-pooling: the same result
@@ -92,7 +92,7 @@ class CharCNNEmbedder(nn.Module):
     projection_dim: int
     precision: Any = DEFAULT_PRECISION
     chunk_size: Optional[int] = None
-    compute_dtype: Any = None  # see elmojax.numerics
+    compute_dtype: Any = None  # see elmojax.model.numerics
 
     @nn.compact
     def __call__(self, char_ids: Array, tail_ids: Optional[Array] = None) -> Array:
@@ -226,8 +226,8 @@ class BiLM(nn.Module):
     precision: Any = DEFAULT_PRECISION
     cnn_chunk_size: Optional[int] = None
     scan_unroll: int = 1
-    compute_dtype: Any = None  # None: float32; jnp.bfloat16 for GPUs (see elmojax.numerics)
-    lstm_input_chunk_bytes: Optional[int] = None  # inference: see elmojax.lstm.chunked_recurrence
+    compute_dtype: Any = None  # None: float32; jnp.bfloat16 for GPUs (see elmojax.model.numerics)
+    lstm_input_chunk_bytes: Optional[int] = None  # inference: see elmojax.model.lstm.chunked_recurrence
 
     def setup(self):
         o = self.options
@@ -257,7 +257,7 @@ class BiLM(nn.Module):
         which reverses the embedding, both run the LSTMs here. `drop_output` applies dropout to
         the top layer too (training, before the softmax).
 
-        The directions run in one recurrence, stacked on a leading axis (elmojax.lstm); inputs,
+        The directions run in one recurrence, stacked on a leading axis (elmojax.model.lstm); inputs,
         state and outputs are stacked and split here, so callers see one entry per direction.
         """
         names = directions(self.options)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from elmojax.numerics import einsum
+from elmojax.model.numerics import einsum
 
 Array = jax.Array
 
@@ -173,7 +173,7 @@ def sampled_softmax_loss(
       row_ids: when weights and biases hold only some rows of the softmax (see `touched_rows`),
         the vocabulary id of each; labels and sampled_ids then index those rows.
       precision: lax precision of the matmuls.
-      compute_dtype: the matmuls' operand dtype (see elmojax.numerics); None keeps the inputs'.
+      compute_dtype: the matmuls' operand dtype (see elmojax.model.numerics); None keeps the inputs'.
 
     Returns:
       (N,) losses in float32 (or wider, if the inputs are).

@@ -18,7 +18,6 @@ state into the next call (its most reported surprise); `stateful=True` reproduce
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import Callable, Optional, Sequence, Union
 
@@ -28,11 +27,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from elmojax import hdf5, hostmem, numerics, remote, scoring, tf_checkpoint, tf_variables
-from elmojax.elmo import check_bool, check_int, check_path
-from elmojax.model import BiLM, BiLMOutput, zero_state
-from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions, load_options
-from elmojax.vocab import _check_sentences, batch_char_ids
+from elmojax.formats import hdf5, remote, tf_checkpoint, tf_variables
+from elmojax.formats.checks import check_bool, check_int, check_path
+from elmojax.formats.options import BiLMOptions, N_CHARACTERS_TRAIN, load_options
+from elmojax.formats.vocab import _check_sentences, batch_char_ids
+from elmojax.infer import scoring
+from elmojax.model import numerics
+from elmojax.model.bilm import BiLM, BiLMOutput, zero_state
+from elmojax.model.char_ids import distinct_tokens, trim_char_ids
+from elmojax.process import hostmem
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +50,12 @@ def cnn_chunk_size(options: BiLMOptions) -> int:
     return max(1, CNN_CHUNK_BYTES // (4 * cnn.max_characters_per_token * cnn.n_filters))
 
 # The LSTMs' input products (directions x steps x batch x 4 * dim, float32) are made at most this
-# many bytes at a time in inference (elmojax.lstm.chunked_recurrence): 8 steps of 64 rows at
+# many bytes at a time in inference (elmojax.model.lstm.chunked_recurrence): 8 steps of 64 rows at
 # ELMo's size, all steps at once for small models.
 LSTM_INPUT_CHUNK_BYTES = 64 * 2**20
 
 # A model with at least this many bytes of weights gives the memory its call freed back to the
-# kernel after each call (elmojax.hostmem). At ELMo's original size (357 MiB; a call of 64
+# kernel after each call (elmojax.process.hostmem). At ELMo's original size (357 MiB; a call of 64
 # sentences takes 2 s) that lowered the peak RSS from 956 to 880 MiB, and what a process holds
 # between calls from about 930 to 700 MiB, at 795 against 808 tokens/s (benchmarks/RESULTS.md);
 # small models' calls need the memory kept.
@@ -131,45 +134,6 @@ def make_distinct_embed_fn(model: BiLM, state_sharding: Optional[NamedSharding] 
     return numerics.jit(embed_fn)
 
 
-@functools.lru_cache(maxsize=None)
-def _row_hash_multipliers(width: int) -> np.ndarray:
-    return np.random.default_rng(0).integers(1, 2**63, size=width, dtype=np.uint64) | np.uint64(1)
-
-
-def distinct_tokens(char_ids: np.ndarray, min_bucket: int = 64, size: Optional[int] = None,
-                    multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct char-id rows, index of each token's row). The rows are padded with zeros to
-    `size`, or else to a power of two (at least min_bucket), then to a multiple of `multiple`."""
-    rows = np.ascontiguousarray(char_ids.reshape(-1, char_ids.shape[-1]))
-    # Rows are told apart by a 64-bit hash (sorting integers is twice as fast as sorting rows as
-    # byte strings), checked: on a collision, by the rows themselves.
-    keys = rows.astype(np.uint64) @ _row_hash_multipliers(rows.shape[1])
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    if not np.array_equal(rows[first][inverse], rows):
-        keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
-        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    size = size or max(min_bucket, 1 << (len(first) - 1).bit_length())
-    size = -(-size // multiple) * multiple
-    distinct = np.zeros((size, rows.shape[1]), rows.dtype)
-    distinct[: len(first)] = rows[first]
-    return distinct, inverse.reshape(char_ids.shape[:-1]).astype(np.int32)
-
-
-def trim_char_ids(char_ids: np.ndarray, max_width: int, multiple: int = 8) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Cuts (tokens, chars) ids short for CharCNNEmbedder's `tail_ids`: (ids[:, :k], tail_ids),
-    where each row's tail id is its last id, which fills the row from its tail's start on, and k
-    (a multiple of `multiple`) reaches max_width - 1 past the latest tail start, so that every
-    window left out lies wholly in its row's tail. (ids, None) when nothing would be cut."""
-    tokens, n_chars = char_ids.shape
-    tail_ids = char_ids[:, -1]
-    differs = char_ids != tail_ids[:, None]
-    tail_start = np.where(differs.any(axis=1), n_chars - np.argmax(differs[:, ::-1], axis=1), 0)
-    keep = max(-(-(int(tail_start.max(initial=0)) + max_width - 1) // multiple) * multiple, max_width)
-    if keep >= n_chars:
-        return char_ids, None
-    return np.ascontiguousarray(char_ids[:, :keep]), tail_ids
-
-
 def embed_tokens(params: dict, options: BiLMOptions, char_ids: np.ndarray, batch_size: int = 4096,
                  report: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """The char CNN's embedding (n, projection_dim) of spelled tokens, char_ids (n, chars) + 1,
@@ -191,7 +155,7 @@ def embed_tokens(params: dict, options: BiLMOptions, char_ids: np.ndarray, batch
 def load_bilm_params(options_file: str, options: BiLMOptions, weight_file: str,
                      use_character_inputs: bool = True, sharding: Optional[jax.sharding.Sharding] = None) -> dict:
     """The biLM's params on the device (with `sharding`, if given), from an hdf5 weight file (a
-    path or an http(s) URL, elmojax.remote) or a bilm-tf training checkpoint (its softmax left
+    path or an http(s) URL, elmojax.formats.remote) or a bilm-tf training checkpoint (its softmax left
     unread); without the embedder's for token inputs."""
     weight_file = remote.local_path(weight_file)
     if tf_checkpoint.is_checkpoint(weight_file):  # read from memory maps
@@ -229,7 +193,7 @@ class BidirectionalLanguageModel:
 
     options_file, weight_file: bilm-tf's options.json and hdf5 weights (n_characters 261 or 262);
     the weights may also be a bilm-tf training checkpoint (a TensorFlow checkpoint's prefix, one
-    of its files or its directory: elmojax.tf_checkpoint), whose softmax is then left unread.
+    of its files or its directory: elmojax.formats.tf_checkpoint), whose softmax is then left unread.
     use_character_inputs=False reads token ids (TokenBatcher) and needs embedding_weight_file,
     written by `dump_token_embeddings` for the same vocabulary file.
     max_batch_size: the largest batch a call embeds at once (a larger one is split, or refused
@@ -444,7 +408,7 @@ class BidirectionalLanguageModel:
         """Each token's log-probability under the full softmax (needs softmax_file), from zero
         state, for Batcher ids: forward (n, T) log p(w_j | w_<j) and backward (n, T) log p(w_j |
         w_>j), mask (n, T), and forward_end / backward_end (n,), the scores of </S> and <S>
-        (see elmojax.scoring). The targets are the tokens the ids spell."""
+        (see elmojax.infer.scoring). The targets are the tokens the ids spell."""
         self._need_scoring()
         char_ids = self._check_ids(char_ids, "char_ids")
         return self._scores(char_ids, scoring.tokens_of(char_ids))
@@ -469,7 +433,7 @@ class BidirectionalLanguageModel:
         return scoring.score(fn, self.params, weights, biases, index, char_ids, sentences)
 
     def perplexity(self, sentences: Sequence[Sequence[str]]) -> float:
-        """bilm-tf's perplexity of the sentences (elmojax.scoring.perplexity), max_batch_size at a time."""
+        """bilm-tf's perplexity of the sentences (elmojax.infer.scoring.perplexity), max_batch_size at a time."""
         self._need_scoring()
         sentences = _check_sentences(sentences)
         return scoring.perplexity([self.sentence_log_probs(sentences[k:k + self.max_batch_size])

@@ -9,9 +9,9 @@ in a small model's training step on the 2-core benchmark machine that was 11k pa
 Large models want the opposite: their calls take long enough that faulting pages in again costs
 nothing measurable, while the memory kept (several heaps' pads) adds to a peak that is mostly
 their weights. `give_back_freed_memory()` (malloc_trim) returns it to the kernel;
-`BidirectionalLanguageModel` calls it after each call of a large model (elmojax.embed).
+`BidirectionalLanguageModel` calls it after each call of a large model (elmojax.infer.bidirectional_lm).
 
-`elmojax.setup()` applies the pad (elmojax.runtime); it only takes for heaps made afterwards, so it must come before
+`elmojax.setup()` applies the pad (elmojax.process.runtime); it only takes for heaps made afterwards, so it must come before
 JAX starts its CPU client (whose threads get their own malloc arenas), that is before the first
 array or jax.devices() call. To keep glibc's behaviour, or choose another pad, set
 MALLOC_TOP_PAD_ (glibc's own variable, in bytes; its default is 131072) in the environment.

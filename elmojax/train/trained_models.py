@@ -2,9 +2,9 @@
 file or a bilm-tf training checkpoint (load_trained), the start of a fine-tuning run
 (init_from), and export in bilm-tf's format.
 
-A workdir holds checkpoints (elmojax.checkpoint), options.json and a copy of the vocabulary
+A workdir holds checkpoints (elmojax.train.checkpoint), options.json and a copy of the vocabulary
 (VOCAB_FILE). An export is bilm-tf's hdf5 weight file with options.json, the softmax
-(FILE_softmax.hdf5) and the vocabulary beside it. A bilm-tf checkpoint (elmojax.tf_variables)
+(FILE_softmax.hdf5) and the vocabulary beside it. A bilm-tf checkpoint (elmojax.formats.tf_variables)
 is a TensorFlow checkpoint with bilm-tf's options.json beside it, and the vocabulary it was
 trained with (vocab.txt, or the only vocab*.txt).
 """
@@ -22,12 +22,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from elmojax import checkpoint, config as config_lib, files, hdf5, remote, tf_checkpoint, tf_variables
-from elmojax.dicts import flatten
-from elmojax.options import N_CHARACTERS_PREDICT, BiLMOptions
-from elmojax.step import INITIAL_ACCUMULATOR
-from elmojax.trainer import Trainer
-from elmojax.vocab import UnicodeCharsVocabulary, Vocabulary
+from elmojax.train import config as config_lib
+from elmojax.formats import files, hdf5, remote, tf_checkpoint, tf_variables
+from elmojax.formats.dicts import flatten
+from elmojax.formats.options import BiLMOptions, N_CHARACTERS_PREDICT
+from elmojax.formats.vocab import UnicodeCharsVocabulary, Vocabulary
+from elmojax.train import checkpoint
+from elmojax.train.step import INITIAL_ACCUMULATOR
+from elmojax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

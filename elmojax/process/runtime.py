@@ -5,7 +5,7 @@ Importing elmojax changes nothing outside it. The command lines (`elmojax.main`,
 `elmojax.dump`), the benchmarks and the launchers call `setup()` first thing; a notebook or
 script may call it too, before its first JAX computation:
 
-- malloc keeps freed memory for reuse (elmojax.hostmem; MALLOC_TOP_PAD_ in the environment
+- malloc keeps freed memory for reuse (elmojax.process.hostmem; MALLOC_TOP_PAD_ in the environment
   opts out): on CPUs, a third of a small model's training step otherwise goes on page faults;
 - JAX's probing of platforms that are not installed (the "Unable to initialize backend 'tpu'"
   lines at every start) is not logged.
@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 
 import jax
 
-from elmojax import hostmem
+from elmojax.process import hostmem
 
 _done = False
 

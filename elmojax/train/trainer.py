@@ -2,7 +2,7 @@
 
 Data parallelism: a Mesh over all devices with one axis, 'data'. Batches and the LSTM carry are
 sharded along the batch dimension, params and optimizer state replicated; one jitted step each
-for training and evaluation (elmojax.step).
+for training and evaluation (elmojax.train.step).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from elmojax import config as config_lib, numerics
-from elmojax.batch import Batch, to_device
-from elmojax.model import BiLM, zero_state
-from elmojax.options import BiLMOptions
-from elmojax.step import TrainState, eval_step, loss_settings, make_optimizer, train_step, with_accumulators
+from elmojax.train import config as config_lib
+from elmojax.formats.options import BiLMOptions
+from elmojax.model import numerics
+from elmojax.model.bilm import BiLM, zero_state
+from elmojax.train.batch import Batch, to_device
+from elmojax.train.step import TrainState, eval_step, loss_settings, make_optimizer, train_step, with_accumulators
 
 
 class Trainer:

@@ -46,7 +46,7 @@ the datasets' bytes. The copy needs the chunks' space twice over for a moment; i
 is one ordinary hdf5 file (external links would leave it pointing into files beside it, to be
 kept and moved along with it).
 
-One dump at a time: process 0 holds OUT.parts/.lock (elmojax.workdir.locked) from before it
+One dump at a time: process 0 holds OUT.parts/.lock (elmojax.formats.locks.locked) from before it
 reads the directory until it has removed it; another dump into the same OUT is refused naming
 that process and host, and a lock whose process no longer runs is taken over with a warning.
 The other processes of a multi-process dump take no lock: they start on the directory only
@@ -69,14 +69,15 @@ from typing import Callable, Iterable, Iterator, Optional
 import h5py
 import numpy as np
 
-from elmojax import files, remote, workdir
-from elmojax.dicts import flatten
+from elmojax.formats import files, remote
+from elmojax.formats import locks
+from elmojax.formats.dicts import flatten
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 VERSION = 2  # 2: chunks have checksum files; 1: they have none (still resumed and merged)
-LOCK = workdir.LOCK_FILE
+LOCK = locks.LOCK_FILE
 _CHUNK = re.compile(r"chunk-(\d{6,})\.hdf5$")
 _BLOCK = 1 << 24
 
@@ -335,7 +336,7 @@ class Work:
             os.makedirs(self.directory, exist_ok=True)
         except OSError as e:
             raise WriteFailed(e.errno, _why(e), self.directory) from None
-        with workdir.locked(self.directory, noun="dump"):
+        with locks.locked(self.directory, noun="dump"):
             yield
 
     def start(self, owner: bool = True) -> None:

@@ -14,7 +14,7 @@ Both directions check every dataset's name and shape and name the one at fault. 
 the file's values, so load -> save -> load is bit-identical, in the model's layout: each LSTM
 dataset is one direction's row of a stacked param (the forward LM's at 0, the backward's at 1),
 and W_0 is held as its two row blocks W_x and W_h. `place` and `take` map a layout entry to
-and from the params (elmojax.tf_variables uses them too).
+and from the params (elmojax.formats.tf_variables uses them too).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterator, Optional
 import h5py
 import numpy as np
 
-from elmojax import files
-from elmojax.options import N_CHARACTERS_TRAIN, BiLMOptions
+from elmojax.formats import files
+from elmojax.formats.options import BiLMOptions, N_CHARACTERS_TRAIN
 
 Params = dict[str, Any]
 # (hdf5 dataset, params path, shape); an LSTM entry's path ends in its direction's index

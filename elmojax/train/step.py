@@ -4,7 +4,7 @@ A step embeds the forward stream and the reversed stream and runs each direction
 from the carried state with the BiLM methods inference calls too (`BiLM.embed`,
 `BiLM.contextualize`), and scores next tokens with a softmax shared by both directions (sampled for
 training, full for evaluation), as bilm-tf's training.py does. Nothing here knows about devices:
-elmojax.trainer jits these functions over a mesh.
+elmojax.train.trainer jits these functions over a mesh.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from elmojax import config as config_lib, numerics, softmax
-from elmojax.batch import DIRECTIONS, Batch
-from elmojax.model import BiLM, lookup_tokens
+from elmojax.train import config as config_lib
+from elmojax.model import numerics, softmax
+from elmojax.model.bilm import BiLM, lookup_tokens
+from elmojax.train.batch import Batch, DIRECTIONS
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -44,7 +45,7 @@ class LossSettings:
     sample_softmax: bool = True  # False: train with the full softmax (bilm-tf's sample_softmax option)
     state_reset_probability: float = 0.0  # each batch row's LSTM carry is zeroed with this probability
     precision: Any = None
-    compute_dtype: Any = None  # see elmojax.numerics
+    compute_dtype: Any = None  # see elmojax.model.numerics
 
 
 def loss_settings(config: ml_collections.ConfigDict, n_vocab: int) -> LossSettings:

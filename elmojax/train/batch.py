@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from elmojax.embed import distinct_tokens, trim_char_ids
+from elmojax.model.char_ids import distinct_tokens, trim_char_ids
 
 # The directions and the suffix of their host batch keys.
 DIRECTIONS = (("forward", ""), ("backward", "_reverse"))

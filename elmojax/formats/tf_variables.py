@@ -9,7 +9,7 @@ bilm-tf's training graph (bilm/training.py) names its variables
   lm/softmax/W (unless shared with lm/embedding), lm/softmax/b
 
 and Adagrad keeps each one's accumulator in `<name>/Adagrad`. These are the names of its
-checkpoints, and bin/dump_weights.py maps them to the hdf5 schema (`elmojax.hdf5`) by the
+checkpoints, and bin/dump_weights.py maps them to the hdf5 schema (`elmojax.formats.hdf5`) by the
 rules `_tf_name` inverts; `tf_layout` is that schema under TensorFlow's names, plus the softmax.
 Older TensorFlow releases named the LSTM's variables `weights`, `biases`, `projection/weights`,
 or (before 1.0) `RNN/MultiRNNCell/Cell{l}/LSTMCell/{W_0, B, W_P_0}` as in the hdf5 schema; a
@@ -28,9 +28,9 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from elmojax import files, hdf5
-from elmojax.options import BiLMOptions
-from elmojax.tf_checkpoint import TFCheckpoint
+from elmojax.formats import files, hdf5
+from elmojax.formats.options import BiLMOptions
+from elmojax.formats.tf_checkpoint import TFCheckpoint
 
 ADAGRAD_SLOT = "Adagrad"
 

@@ -25,9 +25,10 @@ from typing import Any, Optional
 
 import ml_collections
 
-from elmojax import checkpoint, files
-from elmojax.config import base_config
-from elmojax.dicts import flatten
+from elmojax.train.config import base_config
+from elmojax.formats import files
+from elmojax.formats.dicts import flatten
+from elmojax.train import checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from elmojax import config as config_lib, data, runconfig
+from elmojax import data
+from elmojax.train import config as config_lib
 from elmojax.data.shards import encode_shard
-from elmojax.model_files import Trained, load_trained, load_vocab, local_model, trained_vocab_file, vocab_tokens
-from elmojax.trainer import Trainer, local_mesh
+from elmojax.train import runconfig
+from elmojax.train.trained_models import Trained, load_trained, load_vocab, local_model, trained_vocab_file, vocab_tokens
+from elmojax.train.trainer import Trainer, local_mesh
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-from elmojax.tensorboard import SummaryWriter
+from elmojax.train.tensorboard import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -12,8 +12,8 @@ import dataclasses
 import logging
 from typing import Any, Optional
 
-from elmojax import files
-from elmojax.remote import local_path
+from elmojax.formats import files
+from elmojax.formats.remote import local_path
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class BiLMOptions:
 
 
 def load_options(options_file: str) -> BiLMOptions:
-    """Reads options.json (a path or an http(s) URL, elmojax.remote); options written for
+    """Reads options.json (a path or an http(s) URL, elmojax.formats.remote); options written for
     training (n_characters 261) work for prediction."""
     options = BiLMOptions.from_dict(files.read_json(local_path(options_file)), source=options_file)
     if options.char_cnn is not None and options.char_cnn.n_characters == N_CHARACTERS_TRAIN:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from typing import Iterator, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -28,6 +28,18 @@ from elmojax.formats.vocab import UnicodeCharsVocabulary, Vocabulary
 STATE_VERSION = 1
 
 Batch = dict[str, np.ndarray]  # a host batch: bilm-tf's arrays by name (elmojax.train.batch.to_device sends it)
+
+
+class Run(NamedTuple):
+    """The pairs a row draws from the sentence stream: `count` of them from buffer address
+    `start`; after them the row's current sentence is the `sentence`-th of `stream` with unused
+    pairs at addresses `pos` .. `end` - 1 (stream None: an evaluation stream ended)."""
+    start: int
+    count: int
+    pos: int
+    end: int
+    sentence: int
+    stream: Optional[Placed]
 
 
 def resolve_vocab(vocab: Union[str, Vocabulary], max_characters_per_token: Optional[int]) -> Vocabulary:
@@ -156,115 +168,102 @@ class LMDataset(Batches):
         batch["weights"] = np.zeros(shape, np.float32)
         return batch
 
-    def _draw(self, rows: np.ndarray, needs: np.ndarray, pos: np.ndarray, end: np.ndarray,
-              draw_start: np.ndarray, drawn: np.ndarray, new_pos: np.ndarray, new_end: np.ndarray) -> None:
-        """Rows `rows` (in order) take `needs` more pairs each from the sentence stream: a
-        contiguous run of the buffer from the stream's next sentence on, whose last sentence,
-        if cut, becomes the row's current one. Fills draw_start / drawn (the run) and the rows'
-        new current sentences."""
-        source = self._source
-        stream = self._stream
-        row_stream = self._row_stream
-        k = source.sentence_position
-        if stream is None:
-            off, n, limit, bad = [self._buffer.end], 0, -1, NO_BAD
-        else:
-            off, n, bad = stream.off, stream.n, stream.first_bad(k)
-            limit = off[n]
-        cursor = off[k]  # pairs before it, and before the rows' current ones, are not used again
+    def _draw(self, needs: list[int], pos: np.ndarray, end: np.ndarray) -> list[Run]:
+        """The runs that rows take, in order, of `needs` pairs each from the sentence stream: a
+        contiguous run of the buffer from the stream's next sentence on, whose last sentence, if
+        cut, becomes the row's current one. `pos`, `end`: the rows' current sentences before this
+        batch, whose pairs the buffer keeps when it places the next shard."""
+        stream, k = self._stream, self._source.sentence_position
+        bad = NO_BAD if stream is None else stream.first_bad(k)
+        cursor = self._buffer.end if stream is None else stream.off[k]  # pairs before it are not used again
         keep_from = None
-        taken_sentences = 0
-        done_rows, starts, counts, positions, ends, sentences = [], [], [], [], [], []
-        for i, need in zip(rows.tolist(), needs.tolist()):
-            start = off[k]
-            e = start + need
-            if e <= limit:  # within the loaded shard: the usual case
-                k2 = bisect_left(off, e, k + 1)
-                if k2 > bad:
-                    self._raise_unencodable(stream.shard, int(stream.order[bad]))
-                taken_sentences += k2 - k
-                done_rows.append(i)
-                starts.append(start)
-                counts.append(need)
-                positions.append(e)
-                ends.append(off[k2])
-                sentences.append(k2 - 1)
-                row_stream[i] = stream
-                k = k2
-                continue
-            # The row needs more than the loaded shard has left: load the next ones (exactly when
-            # the sentence-at-a-time stream would), whose pairs follow in the buffer.
-            if keep_from is None:
-                live = pos[end > pos]
-                keep_from = min(int(live.min()), cursor) if len(live) else cursor
-            taken = 0
-            tail = None
-            while True:
-                if k >= n:
-                    source.sentence_position = k
-                    source.sentences_in_pass += taken_sentences
-                    self._sentences += taken_sentences
-                    taken_sentences = 0
-                    if not self._next_shard(keep_from):
-                        break
-                    stream = self._stream
-                    off, n, k, bad = stream.off, stream.n, 0, stream.first_bad(0)
-                    limit = off[n]
-                    if taken == 0:
-                        start = off[0]
-                e = off[k] + need - taken
-                if e <= limit:
-                    k2 = bisect_left(off, e, k + 1)
-                    if k2 > bad:
-                        self._raise_unencodable(stream.shard, int(stream.order[bad]))
-                    taken_sentences += k2 - k
-                    taken = need
-                    tail = (e, off[k2], k2 - 1)
-                    k = k2
-                    break
+        runs, first = [], k
+        for need in needs:
+            run = None if stream is None else self._run_within(stream, k, bad, need)
+            if run is None:  # more than the loaded shard has left
+                self._took(k, k - first)
+                if keep_from is None:
+                    live = pos[end > pos]
+                    keep_from = min(int(live.min()), cursor) if len(live) else cursor
+                start = self._buffer.end if stream is None else stream.off[k]
+                run = self._run_across(start, k, need, keep_from)
+                stream, k = self._stream, self._source.sentence_position
+                bad = NO_BAD if stream is None else stream.first_bad(k)
+                first = k
+            else:
+                k = run.sentence + 1
+            runs.append(run)
+        self._took(k, k - first)
+        return runs
+
+    def _run_within(self, stream: Placed, k: int, bad: int, need: int) -> Optional[Run]:
+        """The run of `need` pairs from the k-th sentence of the loaded shard on, or None if the
+        shard has fewer left. `bad`: the first sentence from k on that the vocabulary cannot encode."""
+        off = stream.off
+        start = off[k]
+        e = start + need
+        if e > off[stream.n]:
+            return None
+        k2 = bisect_left(off, e, k + 1)
+        if k2 > bad:
+            self._raise_unencodable(stream.shard, int(stream.order[bad]))
+        return Run(start, need, e, off[k2], k2 - 1, stream)
+
+    def _run_across(self, start: int, k: int, need: int, keep_from: int) -> Run:
+        """The run of `need` pairs from address `start` (the k-th sentence of the loaded shard, or
+        the buffer's end) on into the shards loaded next, loaded exactly when the
+        sentence-at-a-time stream would load them; a shorter run, with no current sentence after
+        it, where an evaluation stream ends."""
+        stream = self._stream
+        taken = 0
+        while True:
+            if stream is not None:  # the rest of the loaded shard
+                n, bad = stream.n, stream.first_bad(k)
                 if bad < n:
                     self._raise_unencodable(stream.shard, int(stream.order[bad]))
-                taken_sentences += n - k
-                taken += limit - off[k]
-                k = n
-            done_rows.append(i)
-            starts.append(start)
-            counts.append(taken)
-            if tail is None:  # the evaluation stream ended
-                positions.append(0)
-                ends.append(0)
-                sentences.append(0)
-                row_stream[i] = None
-            else:
-                positions.append(tail[0])
-                ends.append(tail[1])
-                sentences.append(tail[2])
-                row_stream[i] = stream
+                self._took(n, n - k)
+                taken += stream.off[n] - stream.off[k]
+            if not self._next_shard(keep_from):
+                return Run(start, taken, 0, 0, 0, None)
+            stream, k = self._stream, 0
+            if taken == 0:
+                start = stream.off[0]
+            run = self._run_within(stream, 0, stream.first_bad(0), need - taken)
+            if run is not None:
+                self._took(run.sentence + 1, run.sentence + 1)
+                return run._replace(start=start, count=need)
+
+    def _took(self, k: int, sentences: int) -> None:
+        """The stream's next sentence is now the loaded shard's k-th, `sentences` more drawn."""
+        source = self._source
         source.sentence_position = k
-        source.sentences_in_pass += taken_sentences
-        self._sentences += taken_sentences
-        draw_start[done_rows] = starts
-        drawn[done_rows] = counts
-        new_pos[done_rows] = positions
-        new_end[done_rows] = ends
-        self._row_sentence[done_rows] = sentences
+        source.sentences_in_pass += sentences
+        self._sentences += sentences
+
+    def _draw_rows(self, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Where the rows' windows go on after the `kept` pairs of their current sentences: the
+        start and length of each row's run drawn from the stream, and each row's current
+        sentence's unused pairs after the batch (pos, end)."""
+        b, pos, end = self.batch_size, self._pos, self._end
+        needs = self.unroll_steps - kept
+        draw_start, drawn = np.zeros(b, np.int64), np.zeros(b, np.int64)
+        new_pos, new_end = pos + kept, end.copy()
+        rows = np.flatnonzero(needs)
+        if len(rows):
+            runs = self._draw(needs[rows].tolist(), pos, end)
+            draw_start[rows], drawn[rows], new_pos[rows], new_end[rows], self._row_sentence[rows], streams = zip(*runs)
+            for i, stream in zip(rows.tolist(), streams):
+                self._row_stream[i] = stream
+        return draw_start, drawn, new_pos, new_end
 
     def next_batch(self) -> Optional[Batch]:
         """The next batch, or None once an evaluation stream has given its last token."""
         if self._ended:
             return None
         b, steps = self.batch_size, self.unroll_steps
-        pos, end = self._pos, self._end
-        kept = np.minimum(end - pos, steps)  # pairs from each row's current sentence
-        needs = steps - kept
-        draw_start = np.zeros(b, np.int64)
-        drawn = np.zeros(b, np.int64)
-        new_pos = pos + kept
-        new_end = end.copy()
-        rows = np.flatnonzero(needs)
-        if len(rows):
-            self._draw(rows, needs[rows], pos, end, draw_start, drawn, new_pos, new_end)
-        self._pos, self._end = new_pos, new_end
+        pos = self._pos
+        kept = np.minimum(self._end - pos, steps)  # pairs from each row's current sentence
+        draw_start, drawn, self._pos, self._end = self._draw_rows(kept)
         filled = kept + drawn
         n_real = int(filled.sum())
         if n_real == 0 and self._source.exhausted:

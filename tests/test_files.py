@@ -275,7 +275,7 @@ def test_read_text_names_the_line_that_is_not_utf8(tmp_path):
 def test_every_reader_reads_a_bom_crlf_file_as_the_plain_one(tmp_path):
     """The corpus readers, the vocabulary, prepare's reader and the dumps' inputs all take the
     same tokens from a file with a byte-order mark and CRLF line ends as from its plain twin."""
-    from elmojax import prepare
+    from elmojax.data import corpus
     from elmojax.data.shards import count_tokens, encode_shard, read_sentences
     from elmojax.formats.vocab import Vocabulary
     from elmojax.infer import dumps
@@ -289,7 +289,7 @@ def test_every_reader_reads_a_bom_crlf_file_as_the_plain_one(tmp_path):
         vocab = Vocabulary(path)
         shard = encode_shard(path, vocab, spell=False)
         return (vocab._id_to_word, shard.words.tolist(), shard.lengths.tolist(), read_sentences(path)[0],
-                [s.split() for s in read_sentences(path)[0]], count_tokens(path), prepare.read_corpus([path]),
+                [s.split() for s in read_sentences(path)[0]], count_tokens(path), corpus.read_corpus([path]),
                 dumps._read_sentences(path), dumps._sentence_lines(path))
 
     a, b = readings(str(plain)), readings(str(dos))

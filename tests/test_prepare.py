@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from elmojax import prepare as prep
+from elmojax.data import corpus as prep
+from elmojax.data.corpus import CorpusSettings
+from elmojax.prepare import config_flags
 from elmojax.data import LMDataset, count_tokens
 from elmojax.formats.vocab import Vocabulary
 
@@ -48,7 +50,7 @@ def corpus(tmp_path):
 
 def test_vocab_order_and_specials(corpus, tmp_path):
     path, _ = corpus
-    summary = prep.prepare([path], str(tmp_path / "out"), heldout_fraction=0)
+    summary = prep.prepare([path], str(tmp_path / "out"), CorpusSettings(heldout_fraction=0))
     vocab = read(tmp_path / "out" / "vocab.txt")
     assert vocab[:7] == ["<S>", "</S>", "<UNK>", "a", "b", "c", "d"]
     assert vocab[7:] == sorted(vocab[7:])  # the count-1 words, alphabetical
@@ -56,18 +58,18 @@ def test_vocab_order_and_specials(corpus, tmp_path):
     Vocabulary(str(tmp_path / "out" / "vocab.txt"), validate_file=True)
     assert not os.path.exists(tmp_path / "out" / "heldout") and summary["heldout_pattern"] is None
     # without a heldout split the flags still say so: no config's own heldout data is scored instead
-    assert "--config.data.heldout_prefix=''" in prep.config_flags(summary)
+    assert "--config.data.heldout_prefix=''" in config_flags(summary)
 
-    prep.prepare([path], str(tmp_path / "min2"), heldout_fraction=0, min_count=2)
+    prep.prepare([path], str(tmp_path / "min2"), CorpusSettings(heldout_fraction=0, min_count=2))
     assert read(tmp_path / "min2" / "vocab.txt") == ["<S>", "</S>", "<UNK>", "a", "b", "c", "d"]
-    prep.prepare([path], str(tmp_path / "max5"), heldout_fraction=0, max_vocab=5)
+    prep.prepare([path], str(tmp_path / "max5"), CorpusSettings(heldout_fraction=0, max_vocab=5))
     assert read(tmp_path / "max5" / "vocab.txt") == ["<S>", "</S>", "<UNK>", "a", "b"]
 
 
 def test_split_and_shards(corpus, tmp_path):
     path, lines = corpus
     out = tmp_path / "out"
-    summary = prep.prepare([path], str(out), heldout_fraction=0.1, shard_lines=25)
+    summary = prep.prepare([path], str(out), CorpusSettings(heldout_fraction=0.1, shard_lines=25))
     train_files = sorted(os.listdir(out / "train"))
     assert train_files == [f"shard-0000{k}.txt" for k in range(4)]
     assert [len(read(out / "train" / f)) for f in train_files] == [25, 25, 25, 15]
@@ -90,14 +92,15 @@ def test_split_and_shards(corpus, tmp_path):
 
 def test_deterministic_with_seed_and_gz_input(corpus, tmp_path):
     path, _ = corpus
-    prep.prepare([path], str(tmp_path / "one"), heldout_fraction=0.2, shard_lines=30, seed=5)
-    prep.prepare([path], str(tmp_path / "two"), heldout_fraction=0.2, shard_lines=30, seed=5)
-    prep.prepare([path], str(tmp_path / "other"), heldout_fraction=0.2, shard_lines=30, seed=6)
+    prep.prepare([path], str(tmp_path / "one"), CorpusSettings(heldout_fraction=0.2, shard_lines=30, seed=5))
+    prep.prepare([path], str(tmp_path / "two"), CorpusSettings(heldout_fraction=0.2, shard_lines=30, seed=5))
+    prep.prepare([path], str(tmp_path / "other"), CorpusSettings(heldout_fraction=0.2, shard_lines=30, seed=6))
     assert tree(tmp_path / "one") == tree(tmp_path / "two")
     assert tree(tmp_path / "one") != tree(tmp_path / "other")
     with open(path, "rb") as f, gzip.open(tmp_path / "corpus.txt.gz", "wb") as g:
         g.write(f.read())
-    prep.prepare([str(tmp_path / "*.gz")], str(tmp_path / "gz"), heldout_fraction=0.2, shard_lines=30, seed=5)
+    prep.prepare([str(tmp_path / "*.gz")], str(tmp_path / "gz"),
+                 CorpusSettings(heldout_fraction=0.2, shard_lines=30, seed=5))
     assert tree(tmp_path / "gz") == tree(tmp_path / "one")
 
 
@@ -105,8 +108,8 @@ def test_several_inputs_lowercase_and_tokenize(tmp_path):
     (tmp_path / "a.txt").write_text("In the beginning, God's (first) day.\n", encoding="utf-8")
     (tmp_path / "b.txt").write_text("It cost 3.14 dollars -- non-linear!\n", encoding="utf-8")
     out = tmp_path / "out"
-    prep.prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], str(out), heldout_fraction=0,
-                 lowercase=True, split_punctuation=True)
+    prep.prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], str(out),
+                 CorpusSettings(heldout_fraction=0, lowercase=True, split_punctuation=True))
     assert sorted(read(out / "train" / "shard-00000.txt")) == [
         "in the beginning , god's ( first ) day .",
         "it cost 3.14 dollars - - non-linear !",
@@ -135,12 +138,12 @@ def test_output_directory_rules(corpus, tmp_path):
     path, _ = corpus
     out = tmp_path / "out"
     out.mkdir()  # an empty directory is fine
-    prep.prepare([path], str(out), seed=1)
+    prep.prepare([path], str(out), CorpusSettings(seed=1))
     first = tree(out)
     with pytest.raises(ValueError, match="not empty"):
-        prep.prepare([path], str(out), seed=2)
+        prep.prepare([path], str(out), CorpusSettings(seed=2))
     assert tree(out) == first
-    prep.prepare([path], str(out), seed=2, overwrite=True)
+    prep.prepare([path], str(out), CorpusSettings(seed=2), overwrite=True)
     assert tree(out) != first
     assert sorted(os.listdir(tmp_path)) == ["corpus.txt", "out"]
 
@@ -180,9 +183,10 @@ def test_byte_order_mark_and_crlf_read_as_plain_text(corpus, tmp_path):
     (tmp_path / "dos.txt").write_bytes(dos)
     with gzip.open(tmp_path / "dos.txt.gz", "wb") as g:
         g.write(dos)
-    prep.prepare([path], str(tmp_path / "plain"), heldout_fraction=0.2, shard_lines=30)
+    prep.prepare([path], str(tmp_path / "plain"), CorpusSettings(heldout_fraction=0.2, shard_lines=30))
     for name in ("dos.txt", "dos.txt.gz"):
-        prep.prepare([str(tmp_path / name)], str(tmp_path / f"out-{name}"), heldout_fraction=0.2, shard_lines=30)
+        prep.prepare([str(tmp_path / name)], str(tmp_path / f"out-{name}"),
+                     CorpusSettings(heldout_fraction=0.2, shard_lines=30))
         assert tree(tmp_path / f"out-{name}") == tree(tmp_path / "plain")
 
     run = subprocess.run([sys.executable, "-m", "elmojax.prepare", "--input", str(tmp_path / "dos.txt"), "--input",
@@ -198,16 +202,17 @@ def test_byte_order_mark_and_crlf_read_as_plain_text(corpus, tmp_path):
 # existing output was moved aside), to be stopped there.
 SLOW_PREPARE = """
 import os, signal, sys, time
+import elmojax.data.corpus as c
 import elmojax.prepare as p
 how = sys.argv[1]
 if how == "hold":
-    write = p._write_shards
+    write = c._write_shards
     def held(*args):
         n = write(*args)
         print("writing", flush=True)
         time.sleep(60)
         return n
-    p._write_shards = held
+    c._write_shards = held
 else:  # killed between moving the old output aside and renaming the new one into place
     rename = os.rename
     def rename_and_die(a, b):
@@ -227,7 +232,7 @@ def slow_prepare(how, *args):
 def test_a_signal_leaves_the_output_as_it_was(corpus, tmp_path, sig):
     path, _ = corpus
     out = tmp_path / "out"
-    prep.prepare([path], str(out), seed=1)
+    prep.prepare([path], str(out), CorpusSettings(seed=1))
     first = tree(out)
     run = slow_prepare("hold", "--input", path, "--output", str(out), "--overwrite", "--seed", "2")
     line = run.stdout.readline()
@@ -243,7 +248,7 @@ def test_a_signal_leaves_the_output_as_it_was(corpus, tmp_path, sig):
 def test_a_kill_while_replacing_the_output_is_undone_by_the_next_run(corpus, tmp_path):
     path, _ = corpus
     out = tmp_path / "out"
-    prep.prepare([path], str(out), seed=1)
+    prep.prepare([path], str(out), CorpusSettings(seed=1))
     first = tree(out)
     run = slow_prepare("kill", "--input", path, "--output", str(out), "--overwrite", "--seed", "2")
     run.communicate(timeout=60)
@@ -251,5 +256,5 @@ def test_a_kill_while_replacing_the_output_is_undone_by_the_next_run(corpus, tmp
     left = sorted(os.listdir(tmp_path))
     assert "out" not in left and len(left) == 3  # the old output set aside, the new one beside it
     with pytest.raises(ValueError, match="not empty"):  # the earlier output is back, and kept
-        prep.prepare([path], str(out), seed=3)
+        prep.prepare([path], str(out), CorpusSettings(seed=3))
     assert sorted(os.listdir(tmp_path)) == ["corpus.txt", "out"] and tree(out) == first

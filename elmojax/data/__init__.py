@@ -32,6 +32,7 @@ The parts, each where its part of bilm-tf's semantics is implemented:
   windows.py   LMDataset: one direction's rows of sentences cut into unroll_steps windows
   datasets.py  BidirectionalLMDataset (both directions) and make_dataset (from a config)
   prefetch.py  BatchPrefetcher: batches read ahead in a thread, each with its data position
+  corpus.py    the corpus tool's library: text in, shards and a vocabulary out (python -m elmojax.prepare)
 """
 
 from elmojax.data.datasets import BidirectionalLMDataset, make_dataset

@@ -19,6 +19,7 @@ outright (kill -9) is removed the next time NAME is written on the same host.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import logging
@@ -29,7 +30,8 @@ import shutil
 import signal
 import socket
 import threading
-from typing import Callable, Iterable, Iterator, Optional
+import zlib
+from typing import Iterable, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +61,23 @@ def _note_crlf(path: str) -> None:
     _note(path, "Windows line ends (CRLF); read as plain line ends")
 
 
-def read_lines(path: str, opener: Callable = open) -> Iterator[tuple[int, str]]:
+def read_lines(path: str, gzipped: bool = False) -> Iterator[tuple[int, str]]:
     """Yields (1-based line number, line without its line end), decoded as UTF-8.
 
     The locale's encoding is never used, so a vocabulary or dataset reads the same
     everywhere; a byte sequence that is not UTF-8 is an error naming the file and line. A
-    byte-order mark at the start and CRLF line ends are read as the module says. `opener`
-    opens `path` for binary reading (gzip.open for a compressed file, say).
+    byte-order mark at the start and CRLF line ends are read as the module says. `gzipped`: the
+    file is gzip-compressed (one that cannot be read so is a ValueError naming it).
     """
-    with opener(path, "rb") as f:
-        yield from _decoded_lines(f, path)
+    if not gzipped:
+        with open(path, "rb") as f:
+            yield from _decoded_lines(f, path)
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            yield from _decoded_lines(f, path)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a readable gzip file ({e})") from None
 
 
 def _decoded_lines(lines: Iterable[bytes], path: str) -> Iterator[tuple[int, str]]:

@@ -2,11 +2,12 @@
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from elmojax.train.tensorboard import SummaryWriter, _crc32c
+from elmojax.formats import crc32c
+from elmojax.train.tensorboard import SummaryWriter
 
 
 def test_crc32c_check_value():
-    assert _crc32c(b"123456789") == 0xE3069283  # the CRC-32C standard check value
+    assert crc32c.value(b"123456789") == 0xE3069283  # the CRC-32C standard check value
 
 
 def test_scalars_read_back(tmp_path):

@@ -87,6 +87,11 @@ def value(data) -> int:
     return _raw(0xFFFFFFFF, array) ^ 0xFFFFFFFF
 
 
+def mask(crc: int) -> int:
+    """The checksum as TensorFlow and LevelDB store it (crc32c::Mask): rotated, plus a constant."""
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 def unmask(masked: int) -> int:
     """TensorFlow and LevelDB store checksums masked (crc32c::Mask); this undoes it."""
     rotated = (masked - 0xA282EAD8) & 0xFFFFFFFF

@@ -23,6 +23,7 @@ import numpy as np
 from elmojax.data.order import SentenceSource
 from elmojax.data.pairs import NO_BAD, PairBuffer, Placed
 from elmojax.data.shards import Shard, ShardCache, list_shards, subset
+from elmojax.formats.checks import check_int
 from elmojax.formats.vocab import UnicodeCharsVocabulary, Vocabulary
 
 STATE_VERSION = 1
@@ -57,12 +58,6 @@ def resolve_vocab(vocab: Union[str, Vocabulary], max_characters_per_token: Optio
             raise ValueError(f"max_characters_per_token={max_characters_per_token} but the vocabulary spells "
                              f"tokens with max_word_length={vocab.max_word_length}")
     return vocab
-
-
-def check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 class Batches:
@@ -101,13 +96,11 @@ class LMDataset(Batches):
         self.vocab = resolve_vocab(vocab, max_characters_per_token)
         self.use_chars = isinstance(self.vocab, UnicodeCharsVocabulary)
         self.max_characters_per_token = self.vocab.max_word_length if self.use_chars else None
-        self.batch_size = check_positive("batch_size", batch_size)
-        self.unroll_steps = check_positive("unroll_steps", unroll_steps)
+        self.batch_size = check_int("batch_size", batch_size, 1, wrong_type=ValueError)
+        self.unroll_steps = check_int("unroll_steps", unroll_steps, 1, wrong_type=ValueError)
         self.reverse = bool(reverse)
         self.test = bool(test)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed, 0, wrong_type=ValueError)
         self.shards = subset(list_shards(pattern), pattern, shard_subset)
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(self.seed, spawn_key=(int(self.reverse),))))
         self._shard_cache = ShardCache(self.vocab, self.use_chars)

@@ -1,5 +1,6 @@
 """Checks of arguments where they enter the public API (inference's classes and functions, the
-dumps): one TypeError or ValueError naming the argument, instead of a failure deep inside jnp."""
+dumps, the datasets): one TypeError or ValueError naming the argument, instead of a failure deep
+inside jnp."""
 
 from __future__ import annotations
 
@@ -18,11 +19,16 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def check_int(name: str, value, minimum: Optional[int] = None) -> int:
+def check_int(name: str, value, minimum: Optional[int] = None, wrong_type: type = TypeError) -> int:
+    """`value` as an int (numpy's integers too; not a bool) of at least `minimum`: otherwise an
+    error naming the argument, a `wrong_type` for another type (a ValueError where a caller
+    documents one error for any wrong value), a ValueError for a smaller integer."""
+    wanted = ("an integer" if minimum is None else "a positive integer" if minimum == 1
+              else f"an integer of at least {minimum}")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r:.60}")
+        raise wrong_type(f"{name} must be {wanted}, got {value!r:.60}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+        raise ValueError(f"{name} must be {wanted}, got {value}")
     return int(value)
 
 

@@ -34,10 +34,11 @@ import json
 import os
 import re
 import sys
-import time
 import urllib.error
 import urllib.request
 from typing import Optional
+
+from elmojax.formats.progress import Progress
 
 _BASE = "https://s3-us-west-2.amazonaws.com/allennlp/models/elmo"
 PRETRAINED = {
@@ -290,32 +291,29 @@ def _discard(partial: str) -> None:
         os.remove(partial)
 
 
+class _Download:
+    """A file fetched from `url` into `target`, by way of `target`.part."""
+
+    def __init__(self, url: str, target: str):
+        self.url, self.target, self.partial = url, target, target + ".part"
+
+    def wrong(self, what: str, html: bool = False) -> NotTheFile:
+        """The error for what the server sent that is not the file; the part is discarded."""
+        _discard(self.partial)
+        return NotTheFile(f"{self.url}: {what}; discarded, nothing cached at {self.target}", html)
+
+
 def _fetch(url: str, target: str, progress: bool, retried: bool = False) -> None:
-    partial = target + ".part"
-
-    def wrong(what: str, html: bool = False) -> NotTheFile:
-        _discard(partial)
-        return NotTheFile(f"{url}: {what}; discarded, nothing cached at {target}", html)
-
+    download = _Download(url, target)
+    partial = download.partial
     have = os.path.getsize(partial) if os.path.isfile(partial) else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # nothing left to send: start again
-            _discard(partial)
-            return _fetch(url, target, progress)
-        raise ValueError(f"{url}: the server answered {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise ValueError(f"{url}: cannot connect ({getattr(e, 'reason', e)})") from None
+    response = _request(url, have)
+    if response is None:  # nothing left to send: start again
+        _discard(partial)
+        return _fetch(url, target, progress)
     known = known_file(url)
     with response:
-        content_type = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if content_type in ("text/html", "application/xhtml+xml") and not _is_html_name(url):
-            raise wrong(f"the server sent an HTML page (Content-Type {content_type}), not the file", html=True)
-        encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
-        if encoding != "identity":
-            raise wrong(f"the server sent the file encoded (Content-Encoding {encoding}), not as it is")
+        _check_headers(download, response)
         resumed = response.status == 206
         length = response.headers.get("Content-Length")
         if resumed:
@@ -323,8 +321,8 @@ def _fetch(url: str, target: str, progress: bool, retried: bool = False) -> None
             if start != have:  # not the rest of the part we have: start again, once
                 _discard(partial)
                 if retried:
-                    raise wrong(f"the server answered a request for bytes {have}- with "
-                                f"Content-Range {response.headers.get('Content-Range')!r}")
+                    raise download.wrong(f"the server answered a request for bytes {have}- with "
+                                         f"Content-Range {response.headers.get('Content-Range')!r}")
                 return _fetch(url, target, progress, retried=True)
             if total is None and length is not None and length.isdigit():
                 total = have + int(length)
@@ -332,58 +330,70 @@ def _fetch(url: str, target: str, progress: bool, retried: bool = False) -> None
             have = 0
             total = int(length) if length is not None and length.isdigit() else None
         if known is not None and total is not None and total != known[0]:
-            raise wrong(f"the server announced {total} bytes; the published file has {known[0]}")
-        shown = _Progress(url, total, progress)
-        got = have
-        with open(partial, "ab" if resumed else "wb") as f:
-            first = not resumed
-            while True:
-                try:
-                    chunk = response.read(_CHUNK)
-                except (OSError, ValueError, http.client.HTTPException) as e:  # dropped: the part stays
-                    if total is None:
-                        raise ValueError(f"{url}: the download broke off at {got} bytes ({e}); run again to "
-                                         f"resume") from None
-                    break  # (the size check below says so)
-                if first and chunk:
-                    first = False
-                    if not _is_html_name(url) and _looks_like_html(chunk[:1024]):
-                        f.close()
-                        raise wrong("the server sent an HTML page, not the file", html=True)
-                if not chunk:
-                    break
-                f.write(chunk)
-                got += len(chunk)
-                shown.update(got)
+            raise download.wrong(f"the server announced {total} bytes; the published file has {known[0]}")
+        shown = Progress(os.path.basename(url), total, progress and (total is None or total >= 10 * _CHUNK), 1e6,
+                         " MB")
+        got = _receive(download, response, resumed, have, total, shown)
     shown.done(got)
     if total is not None and got < total:
         raise ValueError(f"{url}: the download stopped at {got} of {total} bytes; run again to resume")
     if total is not None and got > total:
-        raise wrong(f"the server sent {got} bytes, more than the {total} it announced")
+        raise download.wrong(f"the server sent {got} bytes, more than the {total} it announced")
     problem = check_file(url, partial)
     if problem is not None:
         html = problem.startswith("is an HTML page")
-        raise wrong(f"the downloaded file {problem}", html=html)
+        raise download.wrong(f"the downloaded file {problem}", html=html)
     os.replace(partial, target)
 
 
-class _Progress:
-    def __init__(self, url: str, total, enabled: bool):
-        self.name, self.total = os.path.basename(url), total
-        self.enabled = enabled and (total is None or total >= 10 * _CHUNK)
-        self.start = self.last = time.monotonic()
+def _request(url: str, have: int):
+    """The server's response to a request for the file from byte `have` on; None if it has no
+    bytes from there (416)."""
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        return urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:
+            return None
+        raise ValueError(f"{url}: the server answered {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise ValueError(f"{url}: cannot connect ({getattr(e, 'reason', e)})") from None
 
-    def update(self, got: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.last < 1.0:
-            return
-        self.last = now
-        of = f" of {self.total / 1e6:.0f}" if self.total else ""
-        sys.stderr.write(f"\r{self.name}: {got / 1e6:.0f}{of} MB, {got / 1e6 / max(now - self.start, 1e-9):.1f} MB/s ")
-        sys.stderr.flush()
 
-    def done(self, got: int) -> None:
-        if self.enabled:
-            self.last = 0.0
-            self.update(got)
-            sys.stderr.write("\n")
+def _check_headers(download: _Download, response) -> None:
+    """Refuses an HTML page instead of the file, and a file sent encoded."""
+    content_type = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if content_type in ("text/html", "application/xhtml+xml") and not _is_html_name(download.url):
+        raise download.wrong(f"the server sent an HTML page (Content-Type {content_type}), not the file", html=True)
+    encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding != "identity":
+        raise download.wrong(f"the server sent the file encoded (Content-Encoding {encoding}), not as it is")
+
+
+def _receive(download: _Download, response, resumed: bool, have: int, total: Optional[int],
+             shown: Progress) -> int:
+    """Writes the response's bytes to the part (after its `have` bytes when `resumed`); the
+    part's size then. A connection dropped with the size known leaves the part (to resume)."""
+    url, got = download.url, have
+    with open(download.partial, "ab" if resumed else "wb") as f:
+        first = not resumed
+        while True:
+            try:
+                chunk = response.read(_CHUNK)
+            except (OSError, ValueError, http.client.HTTPException) as e:  # dropped: the part stays
+                if total is None:
+                    raise ValueError(f"{url}: the download broke off at {got} bytes ({e}); run again to "
+                                     f"resume") from None
+                return got  # (the size check says so)
+            if first and chunk:
+                first = False
+                if not _is_html_name(url) and _looks_like_html(chunk[:1024]):
+                    f.close()
+                    raise download.wrong("the server sent an HTML page, not the file", html=True)
+            if not chunk:
+                return got
+            f.write(chunk)
+            got += len(chunk)
+            shown.update(got)
+
+

@@ -71,6 +71,7 @@ import numpy as np
 
 from elmojax.formats import files, remote
 from elmojax.formats import locks
+from elmojax.formats.checks import check_int
 from elmojax.formats.dicts import flatten
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,7 @@ def fingerprint(path: str) -> dict:
 
 def chunk_lines_of(n_lines: int, chunk_lines: int) -> list[range]:
     """The chunks' line ranges (indices from 0)."""
-    if isinstance(chunk_lines, bool) or not isinstance(chunk_lines, int) or chunk_lines < 1:
-        raise ValueError(f"chunk_lines must be a positive integer, got {chunk_lines!r}")
+    chunk_lines = check_int("chunk_lines", chunk_lines, 1, wrong_type=ValueError)
     return [range(start, min(start + chunk_lines, n_lines)) for start in range(0, n_lines, chunk_lines)]
 
 

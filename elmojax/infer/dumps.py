@@ -14,13 +14,12 @@ runtime.stop_on_signals, SIGINT and SIGTERM wait while HDF5 writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
 import os
 import logging
-import sys
-import time
 from typing import Callable, Optional
 
 import h5py
@@ -28,35 +27,15 @@ import jax
 import numpy as np
 
 from elmojax.formats import files, hdf5, remote, tf_checkpoint
+from elmojax.formats.checks import check_int
 from elmojax.formats.options import load_options
+from elmojax.formats.progress import Progress
 from elmojax.formats.vocab import UnicodeCharsVocabulary, batch_char_ids
 from elmojax.infer import dump_parts, scoring
 from elmojax.infer.bidirectional_lm import BidirectionalLanguageModel, embed_tokens
 from elmojax.process import runtime
 
 log = logging.getLogger(__name__)
-
-
-class _Progress:
-    """A one-line progress report on stderr for long jobs (silent for short ones)."""
-
-    def __init__(self, total: int, what: str, enabled: bool = True, min_total: int = 1000):
-        self.total, self.what = total, what
-        self.enabled = enabled and total >= min_total
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 1.0 and done < self.total):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        left = (self.total - done) / rate if rate > 0 else float("inf")
-        sys.stderr.write(f"\r{self.what}: {done}/{self.total} ({100 * done / self.total:.0f}%), "
-                         f"{rate:.0f}/s, {left:.0f}s left ")
-        if done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def _check_output(path: str) -> None:
@@ -100,11 +79,6 @@ def _check_weights(path: str, what: str = "weight file", checkpoint: bool = True
     raise ValueError(f"{path}: no such {what}")
 
 
-def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r:.60}")
-
-
 @contextlib.contextmanager
 def _text_output(path: str):
     """A text file written at `path` atomically; a failing write is an OSError naming `path`."""
@@ -126,13 +100,13 @@ def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, 
     _check_input(options_file, "options file")
     _check_weights(weight_file, checkpoint=False)
     _check_output(outfile)
-    _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, 1, wrong_type=ValueError)
     options = load_options(options_file)
     if options.char_cnn is None:
         raise ValueError(f"{options_file}: token embeddings are computed by the char CNN; options have none")
     vocab = UnicodeCharsVocabulary(vocab_file, options.char_cnn.max_characters_per_token)
     params = hdf5.load_weights(remote.local_path(weight_file), options)
-    report = _Progress(vocab.size, "tokens", progress, min_total=20000)
+    report = Progress("tokens", vocab.size, progress and vocab.size >= 20000)
     out = embed_tokens(params, options, vocab.word_char_ids + 1, batch_size, report.update)
     hdf5.save_token_embeddings(out, outfile)
 
@@ -164,25 +138,37 @@ CHUNK_LINES = 1000
 _dumps = itertools.count()  # barrier names: every process runs the same dumps in the same order
 
 
-def _dump_in_chunks(outfile: str, manifest: dict, n_lines: int, chunk_lines: int,
-                    write: Callable[[dump_parts.Hdf5Writer, range, Optional[Callable], Callable[[int], None]], None],
-                    keys: Callable[[range], list[str]], finish: Optional[Callable[[dump_parts.Hdf5Writer], None]] = None,
-                    sequential: bool = False, progress: bool = True) -> None:
-    """A dump through a work directory (elmojax.infer.dump_parts), resumed where a previous run of the same
-    command stopped, shared among JAX's processes (chunk k is process k % n's). write(writer,
+@dataclasses.dataclass(frozen=True)
+class _ChunkedDump:
+    """A per-line dump that _dump_in_chunks does: `n_lines` lines into `outfile`, its work
+    directory recognized by `manifest` (the dump's settings and input files). write(writer,
     lines, previous, report) fills a chunk's file, `previous` reading the previous chunk's
-    datasets by name (sequential dumps only; None for chunk 0); process 0 merges the chunks into
-    outfile once every process is done, then finish(writer).
+    datasets by name (sequential dumps only; None for chunk 0), report(lines done) as it goes;
+    keys(lines): the datasets' names of those lines; finish(writer), if any, adds to outfile
+    after the merge. `sequential`: each chunk goes on from the state of the one before."""
+    outfile: str
+    manifest: dict
+    n_lines: int
+    write: Callable[[dump_parts.Hdf5Writer, range, Optional[Callable], Callable[[int], None]], None]
+    keys: Callable[[range], list[str]]
+    finish: Optional[Callable[[dump_parts.Hdf5Writer], None]] = None
+    sequential: bool = False
+
+
+def _dump_in_chunks(dump: _ChunkedDump, chunk_lines: int, progress: bool = True) -> None:
+    """A dump through a work directory (elmojax.infer.dump_parts), resumed where a previous run of the same
+    command stopped, shared among JAX's processes (chunk k is process k % n's); process 0 merges
+    the chunks into the output once every process is done, then finishes it.
 
     Process 0 holds the work directory's lock throughout; the others start after a barrier it
     passes once it holds it. SIGINT or SIGTERM (runtime.stop_on_signals) ends it with a
     runtime.Stopped saying how many chunks are done; a failing disk with an OSError naming the
     chunk or the output (elmojax.infer.dump_parts)."""
     index, count = jax.process_index(), jax.process_count()
-    if sequential and count > 1:
+    if dump.sequential and count > 1:
         raise ValueError(f"a stateful dump carries state from line to line in order: it runs as one process, "
                          f"not {count}")
-    work = dump_parts.Work(outfile, manifest, n_lines, chunk_lines)
+    work = dump_parts.Work(dump.outfile, dump.manifest, dump.n_lines, chunk_lines)
     number = next(_dumps)
     try:
         with work.locked() if index == 0 else contextlib.nullcontext():
@@ -191,47 +177,52 @@ def _dump_in_chunks(outfile: str, manifest: dict, n_lines: int, chunk_lines: int
             runtime.barrier(f"elmojax.infer.dumps.{number}.started")
             if index != 0:
                 work.start(owner=False)
-            if sequential:
+            if dump.sequential:
                 _check_carried_chunks(work)
             todo = work.todo(index, count)
             kept = len(work.chunks) - len(work.todo(0, 1))
             if kept and index == 0:
                 log.info("%s: resuming: %d of %d chunks of %d lines done", work.directory, kept, len(work.chunks),
                          chunk_lines)
+            lines = sum(len(work.chunks[k]) for k in todo)
             if count > 1:
-                log.info("process %d of %d: %d of its chunks to compute, %d lines", index, count, len(todo),
-                         sum(len(work.chunks[k]) for k in todo))
-            report = _Progress(sum(len(work.chunks[k]) for k in todo), "sentences", progress and index == 0)
+                log.info("process %d of %d: %d of its chunks to compute, %d lines", index, count, len(todo), lines)
+            report = Progress("sentences", lines, progress and index == 0 and lines >= 1000)
             done = 0
 
             def compute(k: int, report: Callable[[int], None] = lambda n: None) -> None:
                 previous = None
-                if sequential and k > 0:
+                if dump.sequential and k > 0:
                     previous = functools.partial(_read_previous, work, k - 1)
-                work.write(k, lambda f: write(f, work.chunks[k], previous, report))
+                work.write(k, lambda f: dump.write(f, work.chunks[k], previous, report))
 
             for k in todo:
                 compute(k, lambda n: report.update(done + n))
                 done += len(work.chunks[k])
             runtime.barrier(f"elmojax.infer.dumps.{number}.chunks")
             if index == 0:
-                work.merge(keys, finish, recompute=compute)
+                work.merge(dump.keys, dump.finish, recompute=compute)
         if index == 0:
             work.remove_directory()
         runtime.barrier(f"elmojax.infer.dumps.{number}.merged")
     except runtime.Stopped as e:
-        if work.merged:  # stopped in the last moments: the chunks are no longer needed
-            with contextlib.suppress(OSError):
-                work.remove()
-                work.remove_directory()
-            raise runtime.Stopped(f"{e} after {outfile} was written (complete)") from None
-        try:
-            n = len(work.done())
-        except OSError:
-            raise runtime.Stopped(f"{e}; {outfile} was not written") from None
-        total = len(work.chunks)
-        raise runtime.Stopped(f"{e}: {n} of {total} chunks are done in {work.directory}; run the same command "
-                              f"again to {'merge them' if n == total else 'resume'}") from None
+        raise _stopped(e, work, dump.outfile) from None
+
+
+def _stopped(e: runtime.Stopped, work: dump_parts.Work, outfile: str) -> runtime.Stopped:
+    """The Stopped that says how far a chunked dump got and what running it again does."""
+    if work.merged:  # stopped in the last moments: the chunks are no longer needed
+        with contextlib.suppress(OSError):
+            work.remove()
+            work.remove_directory()
+        return runtime.Stopped(f"{e} after {outfile} was written (complete)")
+    try:
+        n = len(work.done())
+    except OSError:
+        return runtime.Stopped(f"{e}; {outfile} was not written")
+    total = len(work.chunks)
+    return runtime.Stopped(f"{e}: {n} of {total} chunks are done in {work.directory}; run the same command "
+                           f"again to {'merge them' if n == total else 'resume'}")
 
 
 def _read_previous(work: dump_parts.Work, k: int, names: list[str]) -> list[np.ndarray]:
@@ -297,7 +288,7 @@ def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, 
         _check_input(path, what)
     _check_weights(weight_file)
     _check_output(outfile)
-    _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, 1, wrong_type=ValueError)
     dump_parts.chunk_lines_of(0, chunk_lines)
     options = load_options(options_file)
     if options.char_cnn is None:
@@ -320,8 +311,9 @@ def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, 
         if stateful:
             _carry(f, model)
 
-    _dump_in_chunks(outfile, manifest, len(sentences), chunk_lines, write, lambda lines: [str(i) for i in lines],
-                    sequential=stateful, progress=progress)
+    dump = _ChunkedDump(outfile, manifest, len(sentences), write, lambda lines: [str(i) for i in lines],
+                        sequential=stateful)
+    _dump_in_chunks(dump, chunk_lines, progress)
 
 
 def _check_model_and_io(input_file: str, output_file: str, options_file: str, weight_file: str, batch_size,
@@ -332,7 +324,7 @@ def _check_model_and_io(input_file: str, output_file: str, options_file: str, we
     if softmax_file is not None:
         _check_weights(softmax_file, "softmax file")
     _check_output(output_file)
-    _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, 1, wrong_type=ValueError)
 
 
 def _check_sentence_keys(input_file: str, lines: list[tuple[int, str]]) -> None:
@@ -409,8 +401,8 @@ def dump_elmo(input_file: str, output_file: str, output_format: str, options_fil
             index = {line: str(i) for i, (_, line) in enumerate(lines)}
             f.put("sentence_to_index", [json.dumps(index)], dtype=h5py.string_dtype())
 
-    _dump_in_chunks(output_file, manifest, len(lines), chunk_lines, write, lambda chunk: [key(i) for i in chunk],
-                    finish, progress=progress)
+    _dump_in_chunks(_ChunkedDump(output_file, manifest, len(lines), write, lambda chunk: [key(i) for i in chunk],
+                                 finish), chunk_lines, progress)
 
 
 def dump_sentence_vectors(input_file: str, output_file: str, options_file: str, weight_file: str,

@@ -67,57 +67,65 @@ def _identity(path: str):
     return stat.st_ino, stat.st_mtime_ns
 
 
-def main(argv=None) -> int:
+def _model_arguments(p: argparse.ArgumentParser, vocab: bool = True, out: bool = True) -> None:
+    """The arguments every command takes: the biLM's files, the output, the multi-process runtime."""
+    if vocab:
+        p.add_argument("--vocab", required=True, help="vocabulary file, one token per line")
+    p.add_argument("--options", required=True, help="the biLM's options.json")
+    p.add_argument("--weights", required=True, help="the biLM's hdf5 weight file (or a bilm-tf checkpoint)")
+    if out:
+        p.add_argument("--out", required=True, help="hdf5 file to write (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress report")
+    p.add_argument("--coordinator_address", "--coordinator-address", help="multi-process: HOST:PORT of process 0")
+    p.add_argument("--num_processes", "--num-processes", type=int, help="multi-process: how many processes")
+    p.add_argument("--process_id", "--process-id", type=int, help="multi-process: this process's index")
+
+
+def _chunk_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chunk-lines", type=_positive, default=CHUNK_LINES,
+                   help=f"lines a chunk: what a restart keeps, and a process's unit of work (default {CHUNK_LINES})")
+
+
+def _lines_to_file(commands, name: str, help: str) -> argparse.ArgumentParser:
+    """A command from a text file of sentences to an output file."""
+    p = commands.add_parser(name, help=help)
+    p.add_argument("input_file", help="text file, one whitespace-tokenized sentence per line, none blank")
+    p.add_argument("output_file", help="file to write (atomically)")
+    _model_arguments(p, vocab=False, out=False)
+    p.add_argument("--batch-size", type=_positive, default=64, help="sentences per call (default 64)")
+    return p
+
+
+def _parser() -> _Parser:
     parser = _Parser(prog="python -m elmojax.dump", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    def model(p, vocab=True, out=True):
-        if vocab:
-            p.add_argument("--vocab", required=True, help="vocabulary file, one token per line")
-        p.add_argument("--options", required=True, help="the biLM's options.json")
-        p.add_argument("--weights", required=True, help="the biLM's hdf5 weight file (or a bilm-tf checkpoint)")
-        if out:
-            p.add_argument("--out", required=True, help="hdf5 file to write (atomically)")
-        p.add_argument("--quiet", action="store_true", help="no progress report")
-        p.add_argument("--coordinator_address", "--coordinator-address", help="multi-process: HOST:PORT of process 0")
-        p.add_argument("--num_processes", "--num-processes", type=int, help="multi-process: how many processes")
-        p.add_argument("--process_id", "--process-id", type=int, help="multi-process: this process's index")
-
-    def chunks(p):
-        p.add_argument("--chunk-lines", type=_positive, default=CHUNK_LINES,
-                       help=f"lines a chunk: what a restart keeps, and a process's unit of work (default {CHUNK_LINES})")
-
     tokens = commands.add_parser("tokens", help="char CNN embedding of every vocabulary token")
-    model(tokens)
+    _model_arguments(tokens)
     bilm = commands.add_parser("bilm", help="all biLM layers for every line of a dataset")
-    model(bilm)
+    _model_arguments(bilm)
     bilm.add_argument("--dataset", required=True, help="text file, one whitespace-tokenized sentence per line")
     bilm.add_argument("--batch-size", type=_positive, default=64, help="sentences per call (default 64)")
     bilm.add_argument("--stateful", action="store_true",
                       help="carry LSTM state from line to line, one line at a time, as bilm-tf does")
-    chunks(bilm)
-    def lines_to_file(name, help):
-        p = commands.add_parser(name, help=help)
-        p.add_argument("input_file", help="text file, one whitespace-tokenized sentence per line, none blank")
-        p.add_argument("output_file", help="file to write (atomically)")
-        model(p, vocab=False, out=False)
-        p.add_argument("--batch-size", type=_positive, default=64, help="sentences per call (default 64)")
-        return p
-
-    elmo = lines_to_file("elmo", "AllenNLP's `allennlp elmo`: a dataset per line, and sentence_to_index")
+    _chunk_argument(bilm)
+    elmo = _lines_to_file(commands, "elmo", "AllenNLP's `allennlp elmo`: a dataset per line, and sentence_to_index")
     layers = elmo.add_mutually_exclusive_group(required=True)
     for name, what in (("all", "every layer"), ("top", "the top layer"), ("average", "the layers' average")):
         layers.add_argument(f"--{name}", dest="output_format", action="store_const", const=name, help=what)
     elmo.add_argument("--use-sentence-keys", action="store_true", help="key each dataset by its sentence")
     elmo.add_argument("--forget-sentences", action="store_true", help="no sentence_to_index dataset")
-    chunks(elmo)
-    sentences = lines_to_file("sentences", "one vector per line (dataset sentence_vectors)")
+    _chunk_argument(elmo)
+    sentences = _lines_to_file(commands, "sentences", "one vector per line (dataset sentence_vectors)")
     sentences.add_argument("--layers", type=_layers, default="average", help="average (default), top or a layer K")
     sentences.add_argument("--pooling", choices=["mean", "max"], default="mean")
-    score = lines_to_file("score", "each line's tokens' log-probabilities and perplexity, as JSON lines")
+    score = _lines_to_file(commands, "score", "each line's tokens' log-probabilities and perplexity, as JSON lines")
     score.add_argument("--softmax", required=True, help="the softmax file (softmax/W, softmax/b, vocabulary)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     setup()
     handler = LogHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -54,11 +54,9 @@ def cnn_chunk_size(options: BiLMOptions) -> int:
 # ELMo's size, all steps at once for small models.
 LSTM_INPUT_CHUNK_BYTES = 64 * 2**20
 
-# A model with at least this many bytes of weights gives the memory its call freed back to the
-# kernel after each call (elmojax.process.hostmem). At ELMo's original size (357 MiB; a call of 64
-# sentences takes 2 s) that lowered the peak RSS from 956 to 880 MiB, and what a process holds
-# between calls from about 930 to 700 MiB, at 795 against 808 tokens/s (benchmarks/RESULTS.md);
-# small models' calls need the memory kept.
+# A model with at least this many bytes of weights gives the memory its call freed back to the kernel
+# after each call (elmojax.process.hostmem): a lower peak for large models, while small models' short
+# calls need the memory kept (benchmarks/RESULTS.md).
 GIVE_BACK_MEMORY_BYTES = 256 * 2**20
 
 # Sequence lengths (with <S> and </S>) are padded up to one of these, then to multiples of 512.
@@ -249,7 +247,7 @@ class BidirectionalLanguageModel:
         self.stateful = stateful
         self.model = BiLM(options, use_character_inputs,
                           cnn_chunk_size=cnn_chunk_size(options) if use_character_inputs else None,
-                          compute_dtype=numerics.compute_dtype(compute_dtype),
+                          numerics=numerics.Numerics("highest", compute_dtype),
                           lstm_input_chunk_bytes=LSTM_INPUT_CHUNK_BYTES)
         self.params = params
         self._give_back_memory = sum(x.nbytes for x in jax.tree.leaves(params)) >= GIVE_BACK_MEMORY_BYTES

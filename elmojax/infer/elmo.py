@@ -45,6 +45,7 @@ from elmojax.formats.checks import (check_array, check_bool, check_int, check_ma
 from elmojax.formats.options import BiLMOptions, N_CHARACTERS_TRAIN, load_options
 from elmojax.formats.vocab import BOS, EOS, _check_sentences, check_tokens, spell
 from elmojax.infer.bidirectional_lm import embed_tokens, load_bilm_params
+from elmojax.infer.mix import masked_layer_norm
 from elmojax.model.bilm import BiLM, zero_state
 
 LAYER_NORM_EPSILON = 1e-13  # allennlp.nn.util.tiny_value_of_dtype(torch.float32)
@@ -73,17 +74,8 @@ def scalar_mix(layers: Sequence[jax.Array], mask: jax.Array, weights: jax.Array,
     do_layer_norm = check_bool("do_layer_norm", do_layer_norm)
     normed = jax.nn.softmax(jnp.asarray(weights, jnp.float32))
     if do_layer_norm:
-        m = mask[..., None].astype(layers[0].dtype)
-        n = jnp.sum(m) * layers[0].shape[-1]
-
-        def f(x):
-            mean = jnp.sum(x * m) / n
-            variance = jnp.sum(((x * m - mean) * m) ** 2) / n
-            return (x - mean) / jnp.sqrt(variance + LAYER_NORM_EPSILON)
-    else:
-        def f(x):
-            return x
-    return jnp.reshape(gamma, ()) * sum(normed[k] * f(x) for k, x in enumerate(layers))
+        layers = [masked_layer_norm(x, mask, LAYER_NORM_EPSILON) for x in layers]
+    return jnp.reshape(gamma, ()) * sum(normed[k] * x for k, x in enumerate(layers))
 
 
 def remove_sentence_boundaries(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -137,41 +129,17 @@ class Elmo(nn.Module):
         if char_ids is not None and word_inputs is not None:
             raise ValueError("give Elmo char_ids or word_inputs, not both")
         if word_inputs is not None:
-            if not self.n_cached_tokens:
-                raise ValueError("word_inputs need a module made with vocab_to_cache")
-            word_inputs = check_array("word_inputs", word_inputs, 2, "int", " (batch, time)")
-            if concrete(word_inputs) and word_inputs.size:
-                low, high = int(np.min(word_inputs)), int(np.max(word_inputs))
-                if low < 0 or high >= self.n_cached_tokens:
-                    raise ValueError(f"word_inputs must lie in [0, {self.n_cached_tokens - 1}] (indices into "
-                                     f"vocab_to_cache, 0 = padding); got [{low}, {high}]")
+            word_inputs = _check_word_inputs(word_inputs, self.n_cached_tokens)
             table = self.param("word_embedding", nn.initializers.zeros,
                                (self.n_cached_tokens, self.options.projection_dim))
             # <S> and </S>'s embeddings: fixed, as AllenNLP's (its cached table trains if requires_grad)
             boundaries = jax.lax.stop_gradient(
                 self.param("boundary_embedding", nn.initializers.zeros, (2, self.options.projection_dim)))
-            word_inputs = jnp.asarray(word_inputs)
-            lengths = jnp.sum(word_inputs > 0, axis=1)
-            positions = jnp.arange(word_inputs.shape[1] + 2)[None, :]
-            inner = jnp.take(table, jnp.pad(word_inputs, ((0, 0), (1, 1))), axis=0)
-            embedding = jnp.where((positions == 0)[..., None], boundaries[0],
-                                  jnp.where((positions == lengths[:, None] + 1)[..., None], boundaries[1], inner))
-            mask = positions < lengths[:, None] + 2
-            char_ids = mask[..., None].astype(jnp.int32)  # stands for the char ids: BiLM reads its mask from them
+            embedding, char_ids = _cached_embedding(jnp.asarray(word_inputs), table, boundaries)
         elif char_ids is None:
             raise ValueError("Elmo needs char_ids (Batcher ids) or word_inputs")
         else:
-            width = self.options.char_cnn.max_characters_per_token
-            shape = f" (batch, time, {width}): Batcher's ids"
-            char_ids = check_array("char_ids", char_ids, 3, "int", shape)
-            if char_ids.shape[2] != width or char_ids.shape[1] < 2:
-                raise ValueError(f"char_ids must have shape (batch, time, {width}), time >= 2 (Batcher's ids, <S> and "
-                                 f"</S> included), got {tuple(char_ids.shape)}")
-            if concrete(char_ids) and char_ids.size:
-                low, high = int(np.min(char_ids)), int(np.max(char_ids))
-                if low < 0 or high > N_CHARACTERS_TRAIN:
-                    raise ValueError(f"char_ids must lie in [0, {N_CHARACTERS_TRAIN}] (character ids + 1, 0 = "
-                                     f"padding); got [{low}, {high}]")
+            char_ids = _check_char_ids(char_ids, self.options.char_cnn.max_characters_per_token)
         char_ids = jnp.asarray(char_ids)
         output, _ = bilm(char_ids, zero_state(self.options, char_ids.shape[0]), True, embedding)
         mask = output.mask
@@ -192,6 +160,46 @@ class Elmo(nn.Module):
                 mixed, out_mask = remove_sentence_boundaries(mixed, mask)
             representations.append(Dropout(self.dropout, name=f"dropout_{k}")(mixed, deterministic))
         return {"elmo_representations": representations, "mask": out_mask}
+
+
+def _check_word_inputs(word_inputs, n_cached_tokens: int):
+    """word_inputs, (batch, time) indices into vocab_to_cache with 0 for padding, checked."""
+    if not n_cached_tokens:
+        raise ValueError("word_inputs need a module made with vocab_to_cache")
+    word_inputs = check_array("word_inputs", word_inputs, 2, "int", " (batch, time)")
+    if concrete(word_inputs) and word_inputs.size:
+        low, high = int(np.min(word_inputs)), int(np.max(word_inputs))
+        if low < 0 or high >= n_cached_tokens:
+            raise ValueError(f"word_inputs must lie in [0, {n_cached_tokens - 1}] (indices into "
+                             f"vocab_to_cache, 0 = padding); got [{low}, {high}]")
+    return word_inputs
+
+
+def _cached_embedding(word_inputs: jax.Array, table: jax.Array, boundaries: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The token embeddings of word_inputs from the cached table, <S> and </S> (`boundaries`)
+    added around each row, and what stands for the char ids: ones where a position is real
+    (BiLM reads its mask from them)."""
+    lengths = jnp.sum(word_inputs > 0, axis=1)
+    positions = jnp.arange(word_inputs.shape[1] + 2)[None, :]
+    inner = jnp.take(table, jnp.pad(word_inputs, ((0, 0), (1, 1))), axis=0)
+    embedding = jnp.where((positions == 0)[..., None], boundaries[0],
+                          jnp.where((positions == lengths[:, None] + 1)[..., None], boundaries[1], inner))
+    mask = positions < lengths[:, None] + 2
+    return embedding, mask[..., None].astype(jnp.int32)
+
+
+def _check_char_ids(char_ids, width: int):
+    """char_ids, Batcher's ids (batch, time, width) with <S> and </S>, checked."""
+    char_ids = check_array("char_ids", char_ids, 3, "int", f" (batch, time, {width}): Batcher's ids")
+    if char_ids.shape[2] != width or char_ids.shape[1] < 2:
+        raise ValueError(f"char_ids must have shape (batch, time, {width}), time >= 2 (Batcher's ids, <S> and "
+                         f"</S> included), got {tuple(char_ids.shape)}")
+    if concrete(char_ids) and char_ids.size:
+        low, high = int(np.min(char_ids)), int(np.max(char_ids))
+        if low < 0 or high > N_CHARACTERS_TRAIN:
+            raise ValueError(f"char_ids must lie in [0, {N_CHARACTERS_TRAIN}] (character ids + 1, 0 = "
+                             f"padding); got [{low}, {high}]")
+    return char_ids
 
 
 def _check_mix_parameters(parameters, n_layers: int) -> tuple[float, ...]:

@@ -19,13 +19,14 @@ from elmojax.formats.checks import check_array, check_bool, check_int, check_mas
 LAYER_NORM_EPSILON = 1e-12
 
 
-def _layer_norm(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """(x - mean) / sqrt(var + eps), the statistics over the positions where mask is True."""
+def masked_layer_norm(x: jax.Array, mask: jax.Array, epsilon: float) -> jax.Array:
+    """(x - mean) / sqrt(var + epsilon), the statistics over the positions where mask (x's shape
+    less its last axis) is True: bilm-tf's layer norm (epsilon 1e-12), AllenNLP's (1e-13)."""
     m = mask[..., None].astype(x.dtype)
     n = jnp.sum(m) * x.shape[-1]
     mean = jnp.sum(x * m) / n
     variance = jnp.sum(((x * m - mean) * m) ** 2) / n
-    return (x - mean) * jax.lax.rsqrt(variance + LAYER_NORM_EPSILON)
+    return (x - mean) * jax.lax.rsqrt(variance + epsilon)
 
 
 def weight_layers(lm_embeddings: jax.Array, mask: jax.Array, weights: jax.Array, gamma: jax.Array,
@@ -62,8 +63,8 @@ def weight_layers(lm_embeddings: jax.Array, mask: jax.Array, weights: jax.Array,
     weights = jnp.asarray(weights, lm_embeddings.dtype)
     normed = jax.nn.softmax(weights + 1.0 / n_layers)
     mask = jnp.asarray(mask)
-    mixed = sum(normed[k] * (_layer_norm(lm_embeddings[:, k], mask) if do_layer_norm else lm_embeddings[:, k])
-                for k in range(n_layers))
+    mixed = sum(normed[k] * (masked_layer_norm(lm_embeddings[:, k], mask, LAYER_NORM_EPSILON) if do_layer_norm
+                             else lm_embeddings[:, k]) for k in range(n_layers))
     regularization = l2_coef * jnp.sum(weights ** 2) if l2_coef is not None else jnp.zeros((), weights.dtype)
     return gamma * mixed, regularization
 

@@ -1,10 +1,10 @@
 """Host memory: when malloc keeps freed memory for reuse, and when it gives it back to the kernel.
 
 XLA:CPU allocates a jitted call's buffers anew on every call. With glibc's default settings,
-malloc hands large freed blocks back to the kernel, so the next call page-faults them in again:
-in a small model's training step on the 2-core benchmark machine that was 11k page faults and
-19 ms of system time in a 50 ms step. A pad of freed memory kept at the top of malloc's heaps
-(M_TOP_PAD, 64 MiB) removes those faults; the price is holding those pages once used.
+malloc hands large freed blocks back to the kernel, so the next call page-faults them in again,
+a large share of a small model's training step (benchmarks/RESULTS.md). A pad of freed memory
+kept at the top of malloc's heaps (M_TOP_PAD, 64 MiB) removes those faults; the price is holding
+those pages once used.
 
 Large models want the opposite: their calls take long enough that faulting pages in again costs
 nothing measurable, while the memory kept (several heaps' pads) adds to a peak that is mostly

@@ -23,6 +23,7 @@ from elmojax.model import char_ids as char_ids_lib
 from elmojax.model.bilm import BiLM, CharCNNEmbedder, zero_state
 from elmojax.model.char_ids import distinct_tokens, trim_char_ids
 from elmojax.model.lstm import LSTMLayer
+from elmojax.model.numerics import PARITY
 
 # float32 against float64: tight enough that a wrong gate order, forget bias, clip or
 # reversal (all changing values by >= 1e-3) fails.
@@ -611,7 +612,7 @@ def test_lstm_layer_gradients(projection, cell_clip, proj_clip):
     dim, proj, time = 6, 4, 5
     out_dim = proj if projection else dim
     layer = LSTMLayer(dim=dim, projection_dim=proj if projection else None, cell_clip=cell_clip,
-                      proj_clip=proj_clip, precision="highest")
+                      proj_clip=proj_clip, numerics=PARITY)
     # two directions, each its own mask with holes (the stacked recurrence's backward pass)
     mask = np.array([[[1, 1, 1, 1, 1], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0]],
                      [[1, 1, 0, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]], bool)
@@ -658,7 +659,7 @@ def test_char_cnn_gradients():
     ids = _cnn_ids(rng, (BATCH, 4, MAX_CHARS))
     ids[0, 2, 3:] = 261  # a word followed by padding characters: identical windows
     ids[2, 3, 2:] = 0
-    module = CharCNNEmbedder(options, projection_dim, precision="highest")
+    module = CharCNNEmbedder(options, projection_dim, numerics=PARITY)
     params = init_params(module, 12, jnp.asarray(ids))["params"]
     params = {k: np.asarray(v, np.float64) + 0.3 * rng.standard_normal(v.shape) for k, v in params.items()}
     weights = rng.standard_normal((BATCH, 4, projection_dim))
@@ -735,7 +736,7 @@ def test_char_cnn_on_trimmed_ids():
     # cut as short as allowed: the longest word's widest windows all hold some of its characters
     trimmed, tails = trim_char_ids(ids, options.max_width, multiple=1)
     assert trimmed.shape[1] < n_chars
-    module = CharCNNEmbedder(options, projection_dim, precision="highest", chunk_size=3)
+    module = CharCNNEmbedder(options, projection_dim, numerics=PARITY, chunk_size=3)
     params = init_params(module, 13, jnp.asarray(ids))["params"]
     params = {k: np.asarray(v, np.float64) + 0.3 * rng.standard_normal(v.shape) for k, v in params.items()}
     params["char_embed"][260] *= 4.0  # the padding character (id 261): its windows often win the max

@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 from elmojax.model import softmax
+from elmojax.model.numerics import Numerics
+
+HIGHEST = Numerics(precision="highest")
 
 Z = 5.0  # standard errors allowed in statistical comparisons
 
@@ -200,9 +203,9 @@ def test_sampled_softmax_loss_matches_numpy():
     sampled = np.array([3, 0, 8, 25, 11, 1, 14], np.int32)  # 3 and 0 are accidental hits
     num_tries = 11.0
     for remove, tries in [(True, num_tries), (False, num_tries), (True, float(len(sampled)))]:
-        got = softmax.sampled_softmax_loss(jnp.asarray(W), jnp.asarray(b), jnp.asarray(x), jnp.asarray(y),
-                                           jnp.asarray(sampled), jnp.float32(tries), V,
-                                           remove_accidental_hits=remove, precision="highest")
+        got = softmax.sampled_softmax_loss(softmax.SoftmaxTable(jnp.asarray(W), jnp.asarray(b)), jnp.asarray(x),
+                                           jnp.asarray(y), softmax.Negatives(jnp.asarray(sampled), jnp.float32(tries)),
+                                           V, remove_accidental_hits=remove, numerics=HIGHEST)
         want = np_sampled_softmax_loss(W, b, x, y, sampled, tries, V, remove_hits=remove)
         assert got.shape == (6,)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
@@ -215,7 +218,7 @@ def test_sampled_softmax_loss_matches_numpy():
 
     # jit, labels of shape (N, 1) as bilm-tf passes them, and finite gradients with hits
     fn = jax.jit(lambda W, x: softmax.sampled_softmax_loss(
-        W, b, x, y[:, None], sampled, num_tries, V, precision="highest").sum())
+        softmax.SoftmaxTable(W, b), x, y[:, None], softmax.Negatives(sampled, num_tries), V, numerics=HIGHEST).sum())
     np.testing.assert_allclose(float(fn(W, x)), with_removal.sum(), rtol=1e-5)
     gW, gx = jax.grad(fn, argnums=(0, 1))(jnp.asarray(W), jnp.asarray(x))
     assert np.isfinite(np.asarray(gW)).all() and np.isfinite(np.asarray(gx)).all()
@@ -236,8 +239,8 @@ def test_sampled_softmax_loss_on_the_touched_rows_only():
     for key, ids in [("sampled", sampled), ("labels", y)]:  # positions: where each id is in the rows
         np.testing.assert_array_equal(np.asarray(rows)[np.asarray(positions[key])], ids)
     take = lambda a: jnp.take(jnp.asarray(a), rows, axis=0, mode="fill", fill_value=0)
-    got = softmax.sampled_softmax_loss(take(W), take(b), jnp.asarray(x), positions["labels"], positions["sampled"],
-                                       jnp.float32(11.0), V, row_ids=rows, precision="highest")
+    got = softmax.sampled_softmax_loss(softmax.SoftmaxTable(take(W), take(b), rows), jnp.asarray(x), positions["labels"],
+                                       softmax.Negatives(positions["sampled"], jnp.float32(11.0)), V, numerics=HIGHEST)
     want = np_sampled_softmax_loss(W, b, x, y, sampled, 11.0, V)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     # a table less than 8x the ids: every row, as it is
@@ -247,8 +250,8 @@ def test_sampled_softmax_loss_on_the_touched_rows_only():
 def test_full_softmax_loss_matches_numpy():
     W, b, x = loss_problem(seed=1)
     y = np.array([0, 3, 17, 3, 29, 5], np.int32)
-    got = softmax.full_softmax_loss(jnp.asarray(W), jnp.asarray(b), jnp.asarray(x), jnp.asarray(y),
-                                    precision="highest")
+    got = softmax.full_softmax_loss(softmax.SoftmaxTable(jnp.asarray(W), jnp.asarray(b)), jnp.asarray(x),
+                                    jnp.asarray(y), numerics=HIGHEST)
     logits = x.astype(np.float64) @ W.astype(np.float64).T + b
     m = logits.max(1, keepdims=True)
     log_softmax = logits - m - np.log(np.exp(logits - m).sum(1, keepdims=True))
@@ -293,8 +296,8 @@ def _sampled_grads(keys, override, W, b, x, y, num_sampled):
     def one(key):
         ids, tries = softmax.sample_log_uniform_unique(key, num_sampled, GRAD_V)
         tries = jnp.where(jnp.isnan(override), tries, override)
-        loss = lambda x, W: softmax.sampled_softmax_loss(W, b, x, y, ids, tries, GRAD_V,
-                                                         precision="highest").mean()
+        loss = lambda x, W: softmax.sampled_softmax_loss(softmax.SoftmaxTable(W, b), x, y,
+                                                         softmax.Negatives(ids, tries), GRAD_V, numerics=HIGHEST).mean()
         return jax.grad(loss, argnums=(0, 1))(x, W)
 
     return jax.vmap(one)(keys)

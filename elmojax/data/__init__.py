@@ -30,15 +30,15 @@ The parts, each where its part of bilm-tf's semantics is implemented:
   order.py     shard and sentence order, with the random generator's state for a restore
   pairs.py     one direction's (input, target) pairs of the loaded sentences, in stream order
   windows.py   LMDataset: one direction's rows of sentences cut into unroll_steps windows
-  datasets.py  BidirectionalLMDataset (both directions) and make_dataset (from a config)
+  datasets.py  BidirectionalLMDataset (both directions) and make_dataset (for a run's Streams)
   prefetch.py  BatchPrefetcher: batches read ahead in a thread, each with its data position
   corpus.py    the corpus tool's library: text in, shards and a vocabulary out (python -m elmojax.prepare)
 """
 
-from elmojax.data.datasets import BidirectionalLMDataset, make_dataset
+from elmojax.data.datasets import BidirectionalLMDataset, Streams, make_dataset
 from elmojax.data.prefetch import BatchPrefetcher
 from elmojax.data.shards import count_order_warning, count_tokens, list_shards
 from elmojax.data.windows import Batch, LMDataset, STATE_VERSION
 
 __all__ = ["STATE_VERSION", "Batch", "BatchPrefetcher", "BidirectionalLMDataset", "LMDataset", "count_order_warning",
-           "count_tokens", "list_shards", "make_dataset"]
+           "count_tokens", "list_shards", "make_dataset", "Streams"]

@@ -1,14 +1,16 @@
 """The datasets a run reads: one direction (LMDataset) or both (BidirectionalLMDataset), as a
-config asks for them (make_dataset).
+run's `Streams` ask for them (make_dataset).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
-from elmojax.train import config as config_lib
 from elmojax.data.windows import Batch, Batches, LMDataset, resolve_vocab
+from elmojax.formats.directions import BACKWARD, FORWARD, REVERSE_SUFFIX
 from elmojax.formats.vocab import Vocabulary
+
 
 class BidirectionalLMDataset(Batches):
     """A forward and a backward LMDataset over the same shards, batched together.
@@ -43,23 +45,31 @@ class BidirectionalLMDataset(Batches):
             return None
         batch = dict(forward if forward is not None else self.forward.empty_batch())
         backward = backward if backward is not None else self.backward.empty_batch()
-        batch.update({f"{key}_reverse": value for key, value in backward.items()})
+        batch.update({key + REVERSE_SUFFIX: value for key, value in backward.items()})
         return batch
 
 
     def state_dict(self) -> dict:
-        return {"forward": self.forward.state_dict(), "backward": self.backward.state_dict()}
+        return {FORWARD: self.forward.state_dict(), BACKWARD: self.backward.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.forward.load_state_dict(state["forward"])
-        self.backward.load_state_dict(state["backward"])
+        self.forward.load_state_dict(state[FORWARD])
+        self.backward.load_state_dict(state[BACKWARD])
 
 
-def make_dataset(config, vocab, prefix: str, batch_size: int, unroll_steps: int, test: bool, seed: int = 0,
-                 shard_subset: tuple[int, int] = (0, 1)):
+@dataclasses.dataclass(frozen=True)
+class Streams:
+    """What a run's batches hold: the backward stream too (bidirectional) or the forward one
+    alone, and characters of max_characters_per_token a token or (None) word ids."""
+    bidirectional: bool = True
+    max_characters_per_token: Optional[int] = None
+
+
+def make_dataset(streams: Streams, vocab, prefix: str, batch_size: int, unroll_steps: int, test: bool,
+                 seed: int = 0, shard_subset: tuple[int, int] = (0, 1)):
+    """The dataset of the files `prefix` matches, with the streams a run reads."""
     if not prefix:
         raise ValueError("no data: set --config.data.train_prefix=GLOB (and heldout_prefix for evaluation)")
-    chars = config.model.char_cnn.max_characters_per_token if config_lib.use_character_inputs(config) else None
-    cls = BidirectionalLMDataset if config.model.bidirectional else LMDataset
-    return cls(prefix, vocab, batch_size, unroll_steps, test=test, seed=seed, max_characters_per_token=chars,
-               shard_subset=shard_subset)
+    cls = BidirectionalLMDataset if streams.bidirectional else LMDataset
+    return cls(prefix, vocab, batch_size, unroll_steps, test=test, seed=seed,
+               max_characters_per_token=streams.max_characters_per_token, shard_subset=shard_subset)

@@ -26,14 +26,13 @@ import h5py
 import numpy as np
 
 from elmojax.formats import files
+from elmojax.formats.directions import directions
 from elmojax.formats.options import BiLMOptions, N_CHARACTERS_TRAIN
 
 Params = dict[str, Any]
 # (hdf5 dataset, params path, shape); an LSTM entry's path ends in its direction's index
 # into the stacked param: (..., 'lstm', 'layer_i', 'W_0' | 'B' | 'W_P_0', d)
 Entry = tuple[str, tuple, tuple[int, ...]]
-
-DIRECTIONS = ("forward", "backward")
 
 
 def embedder_layout(options: BiLMOptions) -> list[Entry]:
@@ -86,7 +85,7 @@ def _pieces(path: tuple, shape: tuple[int, ...], options: BiLMOptions) -> list[t
 
 
 def n_directions(options: BiLMOptions) -> int:
-    return len(DIRECTIONS) if options.bidirectional else 1
+    return len(directions(options.bidirectional))
 
 
 def place(params: Params, path: tuple, value: np.ndarray, options: BiLMOptions) -> list[tuple]:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elmojax.formats import hdf5, tf_checkpoint
+from elmojax.formats.directions import BACKWARD, DIRECTIONS, FORWARD
 from elmojax.formats.tf_variables import read_training_checkpoint, vocab_beside
 from elmojax.formats.vocab import BOS, EOS, EOS_CHAR, EOW_CHAR, UNK, Vocabulary
 from elmojax.model import numerics, softmax
@@ -76,14 +77,17 @@ def tokens_of(char_ids: np.ndarray) -> list[list[str]]:
 
 def make_log_prob_fn(model: BiLM) -> Callable:
     """jit((params, W, b, ids, forward_targets, backward_targets) -> (forward, backward) log-probs
-    (batch, time)): each position's top layer scored against its target row."""
+    (batch, time)): each position's top layer scored against its target row, the softmax's
+    products with the model's numerics."""
 
     def fn(params, weights, biases, ids, forward_targets, backward_targets):
         output, _ = model.apply({"params": params}, ids, zero_state(model.options, ids.shape[0]))
 
         def log_probs(top, targets):
             flat = top.reshape(-1, top.shape[-1])
-            return -softmax.full_softmax_loss(weights, biases, flat, targets.reshape(-1)).reshape(targets.shape)
+            losses = softmax.full_softmax_loss(softmax.SoftmaxTable(weights, biases), flat, targets.reshape(-1),
+                                               numerics=model.numerics)
+            return -losses.reshape(targets.shape)
 
         return log_probs(output.forward[-1], forward_targets), log_probs(output.backward[-1], backward_targets)
 
@@ -110,13 +114,13 @@ def score(log_prob_fn: Callable, params, weights, biases, index: dict[str, int],
     forward, backward = jax.device_get(log_prob_fn(params, weights, biases, ids, forward_targets, backward_targets))
     n = len(sentences)
     width = max(1, ids.shape[1] - 2)
-    out = {k: np.zeros((n, width), np.float32) for k in ("forward", "backward")}
+    out = {k: np.zeros((n, width), np.float32) for k in DIRECTIONS}
     out["mask"] = np.zeros((n, width), bool)
     out["forward_end"], out["backward_end"] = np.zeros(n, np.float32), np.zeros(n, np.float32)
     for i, sentence in enumerate(sentences):
         m = len(sentence)
-        out["forward"][i, :m] = forward[i, :m]             # position j - 1 scores w_j
-        out["backward"][i, :m] = backward[i, 2 : m + 2]    # position j + 1 scores w_j
+        out[FORWARD][i, :m] = forward[i, :m]             # position j - 1 scores w_j
+        out[BACKWARD][i, :m] = backward[i, 2 : m + 2]    # position j + 1 scores w_j
         out["mask"][i, :m] = True
         out["forward_end"][i], out["backward_end"][i] = forward[i, m], backward[i, 1]  # </S>, <S>
     return out
@@ -130,18 +134,18 @@ def perplexity(scores: Sequence[dict]) -> float:
         scores = list(scores)
     except TypeError:
         raise TypeError(f"scores must be a list of log_probs' dicts, got {type(scores).__name__}") from None
-    keys = ("forward", "backward", "mask", "forward_end", "backward_end")
+    keys = DIRECTIONS + ("mask", "forward_end", "backward_end")
     for k, s in enumerate(scores):
         if not isinstance(s, dict) or any(key not in s for key in keys):
             raise TypeError(f"scores[{k}] must be a dict of log_probs (with {', '.join(keys)}), got "
                             f"{type(s).__name__}")
     if not scores or not any(len(s["forward_end"]) for s in scores):
         raise ValueError("scores: perplexity needs the scores of at least one sentence")
-    totals = {"forward": 0.0, "backward": 0.0}
+    totals = {direction: 0.0 for direction in DIRECTIONS}
     count = 0
     for s in scores:
         for direction in totals:
             totals[direction] -= float(np.sum(s[direction][s["mask"]], dtype=np.float64)
                                        + np.sum(s[direction + "_end"], dtype=np.float64))
         count += int(s["mask"].sum()) + len(s["forward_end"])
-    return float(np.exp((totals["forward"] + totals["backward"]) / 2 / count))
+    return float(np.exp((totals[FORWARD] + totals[BACKWARD]) / 2 / count))

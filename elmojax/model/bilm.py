@@ -21,7 +21,7 @@ per layer, each of shape (batch, dim) and (batch, output_dim).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -29,9 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from elmojax.formats import directions as directions_lib
+from elmojax.formats.directions import BACKWARD, FORWARD
 from elmojax.formats.options import BiLMOptions, CharCNNOptions, N_CHARACTERS_TRAIN
-from elmojax.model.lstm import DEFAULT_PRECISION, LSTMStack, uniform
-from elmojax.model.numerics import conv1d, einsum
+from elmojax.model.lstm import LSTMStack, uniform
+from elmojax.model.numerics import PARITY, Numerics
 
 Array = jax.Array
 
@@ -90,9 +92,8 @@ class CharCNNEmbedder(nn.Module):
 
     options: CharCNNOptions
     projection_dim: int
-    precision: Any = DEFAULT_PRECISION
+    numerics: Numerics = PARITY
     chunk_size: Optional[int] = None
-    compute_dtype: Any = None  # see elmojax.model.numerics
 
     @nn.compact
     def __call__(self, char_ids: Array, tail_ids: Optional[Array] = None) -> Array:
@@ -118,16 +119,16 @@ class CharCNNEmbedder(nn.Module):
                           self.param("b_proj", nn.initializers.zeros, (self.projection_dim,)))
         activation = jax.nn.relu if o.activation == "relu" else jnp.tanh
         padded_table = _with_padding_row(table)
-        numerics = dict(precision=self.precision, compute_dtype=self.compute_dtype)
+        numerics = self.numerics
 
         def pool(ids: Array, tails: Optional[Array]) -> Array:  # (tokens, chars) -> (tokens, n_filters)
             chars = jnp.take(padded_table, ids, axis=0)
             tail_chars = None if tails is None else jnp.take(padded_table, tails, axis=0)
             pooled = []
             for kernel, bias in convolutions:
-                pooled_conv = max_over_positions(conv1d(chars, kernel[0], **numerics))
+                pooled_conv = max_over_positions(numerics.conv1d(chars, kernel[0]))
                 if tail_chars is not None:  # one window of the tail character, for all those left out
-                    tail_window = einsum("nd,dk->nk", tail_chars, jnp.sum(kernel[0], axis=0), **numerics)
+                    tail_window = numerics.einsum("nd,dk->nk", tail_chars, jnp.sum(kernel[0], axis=0))
                     pooled_conv = jnp.maximum(pooled_conv, tail_window)
                 # max(conv + b) == max(conv) + b exactly, so the bias is added after pooling.
                 pooled.append(activation(pooled_conv + bias))
@@ -149,11 +150,11 @@ class CharCNNEmbedder(nn.Module):
         else:
             x = pool(flat, tails)
         for w_carry, b_carry, w_transform, b_transform in highways:
-            carry = jax.nn.sigmoid(einsum("nk,kd->nd", x, w_carry, **numerics) + b_carry)
-            transform = jax.nn.relu(einsum("nk,kd->nd", x, w_transform, **numerics) + b_transform)
+            carry = jax.nn.sigmoid(numerics.einsum("nk,kd->nd", x, w_carry) + b_carry)
+            transform = jax.nn.relu(numerics.einsum("nk,kd->nd", x, w_transform) + b_transform)
             x = carry * transform + (1.0 - carry) * x
         if projection is not None:
-            x = einsum("nk,kd->nd", x, projection[0], **numerics) + projection[1]
+            x = numerics.einsum("nk,kd->nd", x, projection[0]) + projection[1]
         return x.reshape(batch_shape + (x.shape[-1],))
 
 
@@ -198,7 +199,7 @@ class BiLMOutput(NamedTuple):
 
 def directions(options: BiLMOptions) -> tuple[str, ...]:
     """The LM directions of the model, in the order of the params' direction axis."""
-    return ("forward", "backward") if options.bidirectional else ("forward",)
+    return directions_lib.directions(options.bidirectional)
 
 
 def zero_state(options: BiLMOptions, batch_size: int, dtype=jnp.float32) -> dict:
@@ -223,10 +224,9 @@ class BiLM(nn.Module):
     options: BiLMOptions
     use_character_inputs: bool = True
     dropout_rate: float = 0.0
-    precision: Any = DEFAULT_PRECISION
+    numerics: Numerics = PARITY  # every product's precision and operand dtype (elmojax.model.numerics)
     cnn_chunk_size: Optional[int] = None
     scan_unroll: int = 1
-    compute_dtype: Any = None  # None: float32; jnp.bfloat16 for GPUs (see elmojax.model.numerics)
     lstm_input_chunk_bytes: Optional[int] = None  # inference: see elmojax.model.lstm.chunked_recurrence
 
     def setup(self):
@@ -234,14 +234,14 @@ class BiLM(nn.Module):
         if self.use_character_inputs:
             if o.char_cnn is None:
                 raise ValueError("character inputs need the char_cnn section of the options")
-            self.embedder = CharCNNEmbedder(o.char_cnn, o.projection_dim, precision=self.precision,
-                                            chunk_size=self.cnn_chunk_size, compute_dtype=self.compute_dtype)
+            self.embedder = CharCNNEmbedder(o.char_cnn, o.projection_dim, numerics=self.numerics,
+                                            chunk_size=self.cnn_chunk_size)
         else:
             if o.n_tokens_vocab is None:
                 raise ValueError("token inputs need n_tokens_vocab (the token embedding table's rows)")
             self.embedder = TokenEmbedder(o.n_tokens_vocab, o.projection_dim)
-        self.lstm = LSTMStack(o.lstm, self.dropout_rate, self.precision, self.scan_unroll, self.compute_dtype,
-                              self.lstm_input_chunk_bytes)
+        self.lstm = LSTMStack(o.lstm, self.dropout_rate, numerics=self.numerics, unroll=self.scan_unroll,
+                              input_chunk_bytes=self.lstm_input_chunk_bytes)
 
     def embed(self, ids: Array, tail_ids: Optional[Array] = None) -> Array:
         """Token embeddings; `tail_ids` for char ids cut short (see CharCNNEmbedder)."""
@@ -276,9 +276,9 @@ class BiLM(nn.Module):
         mask = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
         embedding = self.embed(ids) if embedding is None else embedding
         embedding = jnp.where(mask[..., None], embedding, 0.0)
-        inputs, masks = {"forward": embedding}, {"forward": mask}
+        inputs, masks = {FORWARD: embedding}, {FORWARD: mask}
         if self.options.bidirectional:
-            inputs["backward"], masks["backward"] = reverse_sequence(embedding, lengths), mask
+            inputs[BACKWARD], masks[BACKWARD] = reverse_sequence(embedding, lengths), mask
         outputs, new_state = self.contextualize(inputs, masks, state, deterministic)
-        backward = [reverse_sequence(x, lengths) for x in outputs.get("backward", [])]
-        return BiLMOutput(embedding, mask, lengths, outputs["forward"], backward), new_state
+        backward = [reverse_sequence(x, lengths) for x in outputs.get(BACKWARD, [])]
+        return BiLMOutput(embedding, mask, lengths, outputs[FORWARD], backward), new_state

@@ -1,11 +1,9 @@
 """Dropout, with the same masks as flax's nn.Dropout, from random bits computed faster on CPUs.
 
-jax.random's threefry hash is lowered for CPUs as a loop of five iterations over the whole array
-(a compile-time saving), which makes a dropout mask cost several passes over memory: about 0.3 ms
-for one LSTM layer's input at the small char config's size, one after the other before the
-first LSTM loop can start. `random_bits` computes the same bits as jax.random.bits (threefry,
-JAX's default partitionable counters) as one elementwise expression instead: 8x faster there,
-and the masks, so the training runs, do not change.
+jax.random's threefry hash is lowered for CPUs as a loop over the whole array, several passes
+over memory per dropout mask; `random_bits` computes the same bits as jax.random.bits
+(threefry, JAX's default partitionable counters) as one elementwise expression instead, so the
+masks, and the training runs, do not change (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

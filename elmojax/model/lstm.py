@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -19,11 +19,9 @@ from jax import lax
 
 from elmojax.formats.options import LSTMOptions
 from elmojax.model.dropout import Dropout
-from elmojax.model.numerics import einsum
+from elmojax.model.numerics import PARITY, Numerics
 
 Array = jax.Array
-# Inference defaults to full float32 matmuls (TF32 on GPUs would break parity with bilm-tf).
-DEFAULT_PRECISION = "highest"
 # TensorFlow's LSTMCell adds this to the forget gate's pre-activation.
 FORGET_BIAS = 1.0
 
@@ -39,12 +37,11 @@ class RecurrenceSettings:
     """The static settings of `lstm_recurrence`."""
     cell_clip: Optional[float] = None
     proj_clip: Optional[float] = None
-    precision: Any = DEFAULT_PRECISION
+    numerics: Numerics = PARITY
     unroll: int = 1  # time steps per iteration of the scan's loop
-    compute_dtype: Any = None  # see elmojax.model.numerics
 
     def einsum(self, subscripts: str, x: Array, y: Array) -> Array:
-        return einsum(subscripts, x, y, precision=self.precision, compute_dtype=self.compute_dtype)
+        return self.numerics.einsum(subscripts, x, y)
 
 
 def _at(x: Array, t) -> Array:
@@ -127,40 +124,60 @@ def lstm_recurrence(input_gates: Array, mask: Array, state: tuple[Array, Array],
     return outputs, final
 
 
+class _Residuals(NamedTuple):
+    """What the forward scan keeps for the backward pass, direction-major."""
+    mask: Array                       # (directions, time, batch)
+    state: tuple[Array, Array]        # the initial (c, h)
+    weights: tuple                    # (W_h, B, W_P_0 or None)
+    activations: Array                # each step's gate activations i, j, f, o
+    c_seq: Array                      # each step's carry c
+    h_seq: Array                      # each step's carry h
+
+
 def _recurrence_fwd(input_gates, mask, state, weights, settings):
     final, (activations, c_seq, h_seq) = _scan_steps(input_gates, mask, state, weights, settings,
                                                      save_residuals=True)
     outputs = jnp.where(mask[..., None], h_seq, 0.0)
-    return (outputs, final), (mask, state, weights, activations, c_seq, h_seq)
+    return (outputs, final), _Residuals(mask, state, weights, activations, c_seq, h_seq)
 
 
-def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
-    mask, (c0, h0), (w_hidden, _, w_proj), activations, c_seq, h_seq = residuals
-    d_outputs, (dc_final, dh_final) = cotangents
-    c_prev_seq = jnp.concatenate([c0[:, None], c_seq[:, :-1]], axis=1)
-    h_prev_seq = jnp.concatenate([h0[:, None], h_seq[:, :-1]], axis=1)
-    m = mask[..., None]
-    # All that does not depend on the carried gradients is computed for all steps at once, which
-    # leaves the loop few and small operations per step; its products take the weights transposed
-    # once here (a transposed operand in the loop would be slower at every step).
-    i, j, f, o = jnp.split(activations, 4, axis=-1)
-    tanh_c = jnp.tanh(c_seq)
+def _previous(initial: Array, sequence: Array) -> Array:
+    """Each step's incoming carry: the initial one, then the sequence's up to its last step."""
+    return jnp.concatenate([initial[:, None], sequence[:, :-1]], axis=1)
+
+
+def _per_step_factors(settings: RecurrenceSettings, r: _Residuals, d_outputs: Array) -> tuple[dict, Array]:
+    """All of the backward pass that does not depend on the carried gradients, for all steps at
+    once (which leaves the loop few and small operations per step): per step, the values the
+    loop reads, and d (gate pre-activations) / d (c, c, c, unprojected output), zero on masked
+    steps (the buffer the loop overwrites with its gate gradients)."""
+    w_proj = r.weights[2]
+    m = r.mask[..., None]
+    i, j, f, o = jnp.split(r.activations, 4, axis=-1)
+    tanh_c = jnp.tanh(r.c_seq)
     per_step = dict(
         d_out=d_outputs, m=m, f=f,
         dc_dh=o * (1.0 - tanh_c * tanh_c),  # d c / d (unprojected output), through o * tanh(c)
         # where the clips pass gradient (None: everywhere)
-        keep_c=None if settings.cell_clip is None else jnp.abs(c_seq) < settings.cell_clip,
+        keep_c=None if settings.cell_clip is None else jnp.abs(r.c_seq) < settings.cell_clip,
         keep_h=None if w_proj is None else (
-            m if settings.proj_clip is None else m & (jnp.abs(h_seq) < settings.proj_clip)))
-    # d (gate pre-activations) / d (c, c, c, unprojected output), zero on masked steps; the
-    # loop overwrites each step's factors with its gate gradients (no new zero-filled buffer)
-    # (one elementwise pass over (directions, time, batch, gate, dim): the activations'
+            m if settings.proj_clip is None else m & (jnp.abs(r.h_seq) < settings.proj_clip)))
+    # one elementwise pass over (directions, time, batch, gate, dim): the activations'
     # derivatives, sigmoid's a (1 - a) and tanh's (j) 1 - a^2, times what each gate multiplies:
-    # j, i, c_prev, tanh(c))
-    gates = activations.reshape(activations.shape[:3] + (4, -1))
+    # j, i, c_prev, tanh(c)
+    gates = r.activations.reshape(r.activations.shape[:3] + (4, -1))
     derivatives = jnp.where(jnp.arange(4)[:, None] == 1, 1.0 - gates * gates, gates * (1.0 - gates))
-    multipliers = jnp.stack([j, i, c_prev_seq, tanh_c], axis=3)
-    gate_factors = jnp.where(m[..., None], derivatives * multipliers, 0.0).reshape(activations.shape)
+    multipliers = jnp.stack([j, i, _previous(r.state[0], r.c_seq), tanh_c], axis=3)
+    gate_factors = jnp.where(m[..., None], derivatives * multipliers, 0.0).reshape(r.activations.shape)
+    return per_step, gate_factors
+
+
+def _backward_scan(settings: RecurrenceSettings, r: _Residuals, per_step: dict, gate_factors: Array,
+                   final_gradients: tuple[Array, Array]):
+    """The (dc, dh) recurrence backward over time: the initial carry's gradients, every step's
+    gate gradients (in gate_factors' buffer) and the gradients of the projection's outputs."""
+    w_hidden, _, w_proj = r.weights
+    # the weights transposed once here (a transposed operand in the loop is slower at every step)
     w_hidden_t = jnp.swapaxes(w_hidden, 1, 2)
     w_proj_t = None if w_proj is None else jnp.swapaxes(w_proj, 1, 2)
 
@@ -182,9 +199,15 @@ def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
         dc_prev = jnp.where(xs["m"], dc_cell * xs["f"], dc)
         return (dc_prev, dh_prev, lax.dynamic_update_index_in_dim(buffer, d_gates, t, 1)), d_projected
 
-    (dc0, dh0, d_gates), d_projected = lax.scan(step, (dc_final, dh_final, gate_factors), jnp.arange(mask.shape[1]),
-                                                reverse=True, unroll=settings.unroll)
+    return lax.scan(step, (*final_gradients, gate_factors), jnp.arange(r.mask.shape[1]),
+                    reverse=True, unroll=settings.unroll)
+
+
+def _weight_gradients(settings: RecurrenceSettings, r: _Residuals, d_gates: Array, d_projected) -> tuple:
+    """(dW_h, dB, dW_P_0 or None): each one large product over all steps."""
+    w_hidden, _, w_proj = r.weights
     n_directions, dim = w_hidden.shape[0], w_hidden.shape[-1]
+    h_prev_seq = _previous(r.state[1], r.h_seq)
     d_w_hidden = settings.einsum("dmk,dmn->dkn", h_prev_seq.reshape(n_directions, -1, h_prev_seq.shape[-1]),
                                  d_gates.reshape(n_directions, -1, dim))
     d_bias = jnp.sum(d_gates, axis=(1, 2))
@@ -195,11 +218,20 @@ def _recurrence_bwd(settings: RecurrenceSettings, residuals, cotangents):
         # masked steps c_seq holds the carried c, but d_projected is zero there
         # (d_projected, time-major from the scan and small, is the operand transposed for the
         # product, not this one)
-        unprojected = (o * tanh_c).reshape(n_directions, -1, w_proj.shape[1])
+        o = jnp.split(r.activations, 4, axis=-1)[3]
+        unprojected = (o * jnp.tanh(r.c_seq)).reshape(n_directions, -1, w_proj.shape[1])
         d_w_proj = jnp.swapaxes(settings.einsum(
             "dnp,dnk->dpk", jnp.swapaxes(d_projected, 0, 1).reshape(n_directions, -1, w_proj.shape[2]),
             unprojected), 1, 2)
-    return d_gates, None, (dc0, dh0), (d_w_hidden, d_bias, d_w_proj)
+    return d_w_hidden, d_bias, d_w_proj
+
+
+def _recurrence_bwd(settings: RecurrenceSettings, residuals: _Residuals, cotangents):
+    d_outputs, final_gradients = cotangents
+    per_step, gate_factors = _per_step_factors(settings, residuals, d_outputs)
+    (dc0, dh0, d_gates), d_projected = _backward_scan(settings, residuals, per_step, gate_factors,
+                                                      tuple(final_gradients))
+    return d_gates, None, (dc0, dh0), _weight_gradients(settings, residuals, d_gates, d_projected)
 
 
 lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -247,9 +279,8 @@ class LSTMLayer(nn.Module):
     proj_clip: Optional[float] = None
     residual: bool = False
     dropout_rate: float = 0.0
-    precision: Any = DEFAULT_PRECISION
+    numerics: Numerics = PARITY
     unroll: int = 1  # time steps per iteration of the scan's loop
-    compute_dtype: Any = None  # see elmojax.model.numerics
     # inference: the input products of at most this many bytes at a time (`chunked_recurrence`)
     input_chunk_bytes: Optional[int] = None
 
@@ -275,7 +306,7 @@ class LSTMLayer(nn.Module):
             inputs = Dropout(self.dropout_rate)(inputs, deterministic=deterministic)
 
         settings = RecurrenceSettings(self.cell_clip, self.proj_clip if w_proj is not None else None,
-                                      self.precision, self.unroll, self.compute_dtype)
+                                      self.numerics, self.unroll)
         weights = (w_hidden, bias, w_proj)
         time_major = jnp.swapaxes(inputs, 1, 2)  # transposing the small input, not the 4 * dim wide products
         mask_time_major = jnp.swapaxes(mask, 1, 2)
@@ -305,9 +336,8 @@ class LSTMStack(nn.Module):
 
     options: LSTMOptions
     dropout_rate: float = 0.0
-    precision: Any = DEFAULT_PRECISION
+    numerics: Numerics = PARITY
     unroll: int = 1
-    compute_dtype: Any = None
     input_chunk_bytes: Optional[int] = None  # see LSTMLayer
 
     @nn.compact
@@ -325,9 +355,8 @@ class LSTMStack(nn.Module):
                 proj_clip=o.proj_clip if o.use_projection else None,
                 residual=o.use_skip_connections and i > 0,
                 dropout_rate=self.dropout_rate,
-                precision=self.precision,
+                numerics=self.numerics,
                 unroll=self.unroll,
-                compute_dtype=self.compute_dtype,
                 input_chunk_bytes=self.input_chunk_bytes,
                 name=f"layer_{i}",
             )(x, mask, state[i], deterministic)

@@ -20,14 +20,14 @@ comes from explicit PRNG keys.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from elmojax.model.numerics import einsum
+from elmojax.model.numerics import Numerics
 
 Array = jax.Array
 
@@ -58,7 +58,7 @@ def _geometric_failures(key: Array, success_prob: Array) -> Array:
     return jnp.floor(jnp.log(u) / log_fail)
 
 
-def sample_log_uniform_unique(key: Array, num_sampled: int, range_max: int) -> tuple[Array, Array]:
+def sample_log_uniform_unique(key: Array, num_sampled: int, range_max: int) -> Negatives:
     """Draw `num_sampled` distinct ids as TF's unique log-uniform candidate sampler does.
 
     TF draws ids with replacement from log_uniform_probs until it has `num_sampled` distinct
@@ -113,7 +113,7 @@ def sample_log_uniform_unique(key: Array, num_sampled: int, range_max: int) -> t
 
     repeats = _geometric_failures(key_tries, remaining)
     num_tries = jnp.float32(num_sampled) + jnp.sum(repeats)
-    return sampled_ids, num_tries
+    return Negatives(sampled_ids, num_tries)
 
 
 def expected_counts(probs: Array, num_tries: Array) -> Array:
@@ -140,20 +140,33 @@ def _log_expected_counts(ids: Array, num_tries: Array, range_max: int, num_sampl
     return jnp.log(sampler_expected_counts(ids, num_tries, range_max, num_sampled))
 
 
-def sampled_softmax_loss(
-    weights: Array,
-    biases: Array,
-    inputs: Array,
-    labels: Array,
-    sampled_ids: Array,
-    num_tries: Array,
-    range_max: int,
-    remove_accidental_hits: bool = True,
-    *,
-    row_ids: Optional[Array] = None,
-    precision: Optional[lax.PrecisionLike] = None,
-    compute_dtype: Optional[Any] = None,
-) -> Array:
+class SoftmaxTable(NamedTuple):
+    """A softmax's weights (V, D) and biases (V,); `row_ids`, when they hold only some rows of the
+    vocabulary's softmax (see `touched_rows`), the vocabulary id of each."""
+    weights: Array
+    biases: Array
+    row_ids: Optional[Array] = None
+
+    def logits(self, inputs: Array, ids: Optional[Array], subscripts: str, numerics: Numerics) -> Array:
+        """inputs @ W[ids].T + b[ids] (every row for ids None), in float32 or wider."""
+        weights, biases = (self.weights, self.biases) if ids is None else (self.weights[ids], self.biases[ids])
+        out_dtype = jnp.promote_types(jnp.result_type(inputs, self.weights), jnp.float32)
+        return numerics.einsum(subscripts, inputs, weights).astype(out_dtype) + biases.astype(out_dtype)
+
+
+class Negatives(NamedTuple):
+    """A sampled softmax's shared negatives: distinct ids (S,), and the number of draws the
+    sampler took for them (a float32 scalar, for the expected counts)."""
+    ids: Array
+    num_tries: Array
+
+
+def _table(weights, biases, row_ids=None) -> SoftmaxTable:
+    return SoftmaxTable(jnp.asarray(weights), jnp.asarray(biases), row_ids)
+
+
+def sampled_softmax_loss(table: SoftmaxTable, inputs: Array, labels: Array, negatives: Negatives, range_max: int, *,
+                         remove_accidental_hits: bool = True, numerics: Numerics = Numerics()) -> Array:
     """Per-example sampled softmax loss, as tf.nn.sampled_softmax_loss with bilm-tf's settings.
 
     For each example the logits are those of its true class and of the shared sampled classes,
@@ -162,38 +175,28 @@ def sampled_softmax_loss(
     remove_accidental_hits; the loss is the softmax cross-entropy with the true class at index 0.
 
     Args:
-      weights: (V, D) softmax weights.
-      biases: (V,) softmax biases.
+      table: the softmax; with row_ids, labels and the negatives' ids index its rows.
       inputs: (N, D) hidden states.
       labels: (N,) int true class ids ((N, 1) is accepted too).
-      sampled_ids: (S,) int sampled ids, e.g. from sample_log_uniform_unique.
-      num_tries: scalar, number of sampler draws (for the expected counts).
+      negatives: the shared sampled ids, e.g. from sample_log_uniform_unique.
       range_max: size of the sampler's range (static).
       remove_accidental_hits: drop sampled entries equal to the label.
-      row_ids: when weights and biases hold only some rows of the softmax (see `touched_rows`),
-        the vocabulary id of each; labels and sampled_ids then index those rows.
-      precision: lax precision of the matmuls.
-      compute_dtype: the matmuls' operand dtype (see elmojax.model.numerics); None keeps the inputs'.
+      numerics: the products' precision and operand dtype.
 
     Returns:
       (N,) losses in float32 (or wider, if the inputs are).
     """
-    weights, biases, inputs = jnp.asarray(weights), jnp.asarray(biases), jnp.asarray(inputs)
+    table, inputs = _table(*table), jnp.asarray(inputs)
     n = inputs.shape[0]
     labels = jnp.reshape(labels, (n,)).astype(jnp.int32)
-    sampled_ids = jnp.asarray(sampled_ids).astype(jnp.int32)
-    out_dtype = jnp.promote_types(jnp.result_type(inputs, weights), jnp.float32)
+    sampled_ids = jnp.asarray(negatives.ids).astype(jnp.int32)
+    true_logits = table.logits(inputs, labels, "nd,nd->n", numerics)
+    sampled_logits = table.logits(inputs, sampled_ids, "nd,sd->ns", numerics)
+    out_dtype = true_logits.dtype
 
-    true_w = weights[labels]  # (N, D)
-    numerics = dict(precision=precision, compute_dtype=compute_dtype)
-    true_logits = einsum("nd,nd->n", inputs, true_w, **numerics)
-    true_logits = true_logits.astype(out_dtype) + biases[labels].astype(out_dtype)
-    sampled_w = weights[sampled_ids]  # (S, D)
-    sampled_logits = einsum("nd,sd->ns", inputs, sampled_w, **numerics)
-    sampled_logits = sampled_logits.astype(out_dtype) + biases[sampled_ids].astype(out_dtype)
-
+    row_ids = table.row_ids
     label_ids, sampled_vocab_ids = (labels, sampled_ids) if row_ids is None else (row_ids[labels], row_ids[sampled_ids])
-    num_sampled = sampled_ids.shape[0]
+    num_sampled, num_tries = sampled_ids.shape[0], negatives.num_tries
     true_logits = true_logits - _log_expected_counts(label_ids, num_tries, range_max, num_sampled).astype(out_dtype)
     sampled_log_q = _log_expected_counts(sampled_vocab_ids, num_tries, range_max, num_sampled).astype(out_dtype)
     sampled_logits = sampled_logits - sampled_log_q
@@ -206,49 +209,42 @@ def sampled_softmax_loss(
     return jax.nn.logsumexp(logits, axis=1) - true_logits
 
 
-# The row update (see touched_rows) pays where the vocabulary tables are much larger than the
-# rows a step reads. Measured on a 2-core CPU at projection 64 (small char's training step):
-# 5% slower than the dense update with 2.8x as many rows, equal at 11x, 1.2x faster at 28x.
+# The row update (see touched_rows) pays only where the vocabulary tables are much larger than
+# the rows a step reads (benchmarks/RESULTS.md).
 ROW_UPDATE_MIN_RATIO = 8
 
 
-def touched_rows(ids: dict, range_max: int) -> Optional[tuple[Array, dict]]:
+def touched_rows(ids, range_max: int) -> Optional[tuple[Array, Any]]:
     """The rows of the vocabulary tables a sampled-softmax step reads, and so the only ones its
-    gradient and an Adagrad update change: the distinct ids among the arrays of `ids` (a step's
-    labels, sampled ids and, for word inputs, input ids; range_max, past the vocabulary, stands
-    for none), sorted and padded with range_max to their total number. With them, each array's
-    ids as positions in those rows (a dict of the same keys and shapes).
+    gradient and an Adagrad update change: the distinct ids among the arrays of `ids` (a pytree
+    of a step's labels, sampled ids and, for word inputs, input ids; range_max, past the
+    vocabulary, stands for none), sorted and padded with range_max to their total number. With
+    them, each array's ids as positions in those rows (a pytree of the same structure and shapes).
 
     None (every row, as it is) when the vocabulary is less than ROW_UPDATE_MIN_RATIO times the
     number of ids."""
-    arrays = [jnp.asarray(a, jnp.int32) for a in ids.values()]
+    leaves, structure = jax.tree.flatten(ids)
+    arrays = [jnp.asarray(a, jnp.int32) for a in leaves]
     flat = jnp.concatenate([a.ravel() for a in arrays])
     if range_max < ROW_UPDATE_MIN_RATIO * flat.size:
         return None
     # the inverse gives every id's position directly (no search, which is a loop on GPUs)
     rows, inverse = jnp.unique(flat, size=flat.size, fill_value=range_max, return_inverse=True)
     parts = jnp.split(inverse.ravel(), np.cumsum([a.size for a in arrays])[:-1])
-    return rows, {key: part.reshape(a.shape) for key, part, a in zip(ids, parts, arrays)}
+    return rows, jax.tree.unflatten(structure, [part.reshape(a.shape) for part, a in zip(parts, arrays)])
 
 
-def full_softmax_loss(
-    weights: Array,
-    biases: Array,
-    inputs: Array,
-    labels: Array,
-    *,
-    precision: Optional[lax.PrecisionLike] = None,
-    compute_dtype: Optional[Any] = None,
-) -> Array:
-    """Per-example exact cross-entropy over all V classes (evaluation / perplexity).
+def full_softmax_loss(table: SoftmaxTable, inputs: Array, labels: Array, *, numerics: Numerics = Numerics()) -> Array:
+    """Per-example exact cross-entropy over all V classes (evaluation / perplexity), with the
+    products' `numerics`.
 
     Materializes the (N, V) logits, so batch it for very large vocabularies.
     """
-    weights, biases, inputs = jnp.asarray(weights), jnp.asarray(biases), jnp.asarray(inputs)
+    table, inputs = _table(*table), jnp.asarray(inputs)
+    if table.row_ids is not None:
+        raise ValueError("the full softmax needs the whole table, not some of its rows")
     n = inputs.shape[0]
     labels = jnp.reshape(labels, (n,)).astype(jnp.int32)
-    out_dtype = jnp.promote_types(jnp.result_type(inputs, weights), jnp.float32)
-    logits = einsum("nd,vd->nv", inputs, weights, precision=precision, compute_dtype=compute_dtype).astype(out_dtype)
-    logits = logits + biases.astype(out_dtype)
+    logits = table.logits(inputs, None, "nd,vd->nv", numerics)
     true_logits = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
     return jax.nn.logsumexp(logits, axis=1) - true_logits

@@ -2,8 +2,9 @@
 
 The datasets (elmojax.data) yield host batches, dicts of NumPy arrays named as bilm-tf names
 them (`token_ids`, `char_ids`, `next_token_id`, `weights`, with `_reverse` for the backward
-stream). `to_device` turns one into a `Batch` on the devices: each direction's `Stream`, and for
-character inputs the batch's distinct tokens, so that the char CNN runs once per distinct token.
+stream: elmojax.formats.directions). `to_device` turns one into a `Batch` on the devices: each
+direction's `Stream`, and for character inputs the batch's distinct tokens, so that the char CNN
+runs once per distinct token.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from elmojax.formats.directions import DIRECTIONS, FORWARD, host_suffix
 from elmojax.model.char_ids import distinct_tokens, trim_char_ids
-
-# The directions and the suffix of their host batch keys.
-DIRECTIONS = (("forward", ""), ("backward", "_reverse"))
 
 
 class Stream(flax.struct.PyTreeNode):
@@ -36,7 +35,7 @@ class Batch(flax.struct.PyTreeNode):
     distinct_tail_ids: Optional[jax.Array] = None   # see trim_char_ids
 
     def stream(self, direction: str) -> Stream:
-        return self.forward if direction == "forward" else self.backward
+        return self.forward if direction == FORWARD else self.backward
 
 
 def to_device(host: dict, sharding: NamedSharding, max_width: Optional[int] = None) -> Batch:
@@ -52,7 +51,7 @@ def to_device(host: dict, sharding: NamedSharding, max_width: Optional[int] = No
     """
     mesh = sharding.mesh
     n_processes = mesh.devices.size // len(mesh.local_devices)  # does the mesh span other processes?
-    suffixes = {direction: suffix for direction, suffix in DIRECTIONS if "weights" + suffix in host}
+    suffixes = {direction: host_suffix(direction) for direction in DIRECTIONS if "weights" + host_suffix(direction) in host}
     arrays: dict = {}
     if max_width is not None:
         stacked = np.stack([np.asarray(host["char_ids" + s]) for s in suffixes.values()])

@@ -12,17 +12,23 @@
   config.eval   batch_size
   config.init_from / init_softmax_from   start from a checkpoint or an exported weight file
   config.export_after_training, example_sentences   what to do once training ends
+
+The typed values the rest of training takes are built from a config here and nowhere else:
+step_settings (the step and its model), optimizer_settings, numerics and streams (the datasets).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from typing import Optional
+from typing import Any, Optional
 
 import ml_collections
 from ml_collections import config_dict
 
+from elmojax.data.datasets import Streams
 from elmojax.formats.options import BiLMOptions
+from elmojax.model.numerics import Numerics
 
 # options.json's training fields and where they live in the config.
 TRAIN_FIELDS = ("n_epochs", "n_train_tokens", "batch_size", "unroll_steps", "n_negative_samples_batch",
@@ -48,9 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
         sample_softmax=True,            # False: train with the full softmax (bilm-tf's option)
         # Each batch row's carried LSTM state is zeroed with this probability at every step, so that
         # the model also learns to start from the zero state that evaluation and embeddings start
-        # from (without them, 10% to 80% of the seeds of bilm-tf's recipe, bilm-tf's own as much as
-        # elmojax's, blew up from there; benchmarks/TRAINING.md). bilm-tf has no resets: an
-        # options.json config sets 0.
+        # from, where bilm-tf's recipe often blows up (benchmarks/TRAINING.md, benchmarks/RESULTS.md).
+        # bilm-tf has no resets: an options.json config sets 0.
         state_reset_probability=0.05,
         dropout=0.1,
         all_clip_norm_val=10.0,
@@ -78,6 +83,67 @@ def base_config() -> ml_collections.ConfigDict:
 
 def use_character_inputs(config: ml_collections.ConfigDict) -> bool:
     return config.model.get("char_cnn") is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What the training and evaluation steps (elmojax.train.step) and their model need to know
+    of a config; static under jit."""
+    bidirectional: bool
+    use_character_inputs: bool
+    share_embedding_softmax: bool
+    dropout: float
+    unroll_steps: int
+    n_negative_samples_batch: int
+    n_vocab: int
+    sample_softmax: bool = True  # False: train with the full softmax (bilm-tf's sample_softmax option)
+    state_reset_probability: float = 0.0  # each batch row's LSTM carry is zeroed with this probability
+    numerics: Numerics = Numerics()  # every product's precision and operand dtype
+    scan_unroll: int = 1  # the model's LSTM time steps per loop iteration
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """bilm-tf's optimizer: Adagrad at `learning_rate` after clipping the gradients' global norm."""
+    learning_rate: float
+    clip_norm: float
+
+
+def _train_field(config: ml_collections.ConfigDict, name: str) -> Any:
+    """config.train's field, or base_config's where the config has none."""
+    return config.train[name] if name in config.train else base_config().train[name]
+
+
+def numerics(config: ml_collections.ConfigDict) -> Numerics:
+    """The products' numerics a config trains with (train.matmul_precision, train.compute_dtype)."""
+    return Numerics(_train_field(config, "matmul_precision"), _train_field(config, "compute_dtype"))
+
+
+def step_settings(config: ml_collections.ConfigDict, n_vocab: int) -> StepSettings:
+    """The step's settings for a config and a vocabulary of n_vocab tokens."""
+    return StepSettings(
+        bidirectional=bool(config.model.bidirectional),
+        use_character_inputs=use_character_inputs(config),
+        share_embedding_softmax=bool(config.model.share_embedding_softmax),
+        dropout=float(config.train.dropout),
+        unroll_steps=int(config.train.unroll_steps),
+        n_negative_samples_batch=int(config.train.n_negative_samples_batch),
+        n_vocab=n_vocab,
+        sample_softmax=bool(_train_field(config, "sample_softmax")),
+        state_reset_probability=float(_train_field(config, "state_reset_probability")),
+        numerics=numerics(config),
+        scan_unroll=int(_train_field(config, "scan_unroll")),
+    )
+
+
+def optimizer_settings(config: ml_collections.ConfigDict) -> OptimizerSettings:
+    return OptimizerSettings(learning_rate=config.train.learning_rate, clip_norm=config.train.all_clip_norm_val)
+
+
+def streams(config: ml_collections.ConfigDict) -> Streams:
+    """What the datasets of a config's run yield (elmojax.data.make_dataset's first argument)."""
+    chars = config.model.char_cnn.max_characters_per_token if use_character_inputs(config) else None
+    return Streams(bidirectional=bool(config.model.bidirectional), max_characters_per_token=chars)
 
 
 def options_json(config: ml_collections.ConfigDict, n_tokens_vocab: Optional[int] = None) -> dict:

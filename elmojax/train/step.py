@@ -9,19 +9,18 @@ elmojax.train.trainer jits these functions over a mesh.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from elmojax.train import config as config_lib
-from elmojax.model import numerics, softmax
+from elmojax.formats.directions import directions as directions_of
+from elmojax.model import softmax
 from elmojax.model.bilm import BiLM, lookup_tokens
-from elmojax.train.batch import Batch, DIRECTIONS
+from elmojax.train.batch import Batch
+from elmojax.train.config import OptimizerSettings, StepSettings
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -32,105 +31,119 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class LossSettings:
-    """What the loss needs to know; static under jit."""
-    bidirectional: bool
-    use_character_inputs: bool
-    share_embedding_softmax: bool
-    dropout: float
-    unroll_steps: int
-    n_negative_samples_batch: int
-    n_vocab: int
-    sample_softmax: bool = True  # False: train with the full softmax (bilm-tf's sample_softmax option)
-    state_reset_probability: float = 0.0  # each batch row's LSTM carry is zeroed with this probability
-    precision: Any = None
-    compute_dtype: Any = None  # see elmojax.model.numerics
+class StreamIds(NamedTuple):
+    """The vocabulary ids of one direction that a sampled-softmax step reads: its negatives, its
+    targets and, for word inputs, its input ids (n_vocab for padding); or, from touched_rows,
+    where each lies among the rows the step reads."""
+    sampled: jax.Array
+    next_token_id: jax.Array
+    token_ids: Optional[jax.Array] = None
 
 
-def loss_settings(config: ml_collections.ConfigDict, n_vocab: int) -> LossSettings:
-    precision = config.train.matmul_precision
-    return LossSettings(
-        bidirectional=bool(config.model.bidirectional),
-        use_character_inputs=config_lib.use_character_inputs(config),
-        share_embedding_softmax=bool(config.model.share_embedding_softmax),
-        dropout=float(config.train.dropout),
-        unroll_steps=int(config.train.unroll_steps),
-        n_negative_samples_batch=int(config.train.n_negative_samples_batch),
-        n_vocab=n_vocab,
-        sample_softmax=bool(config.train.get("sample_softmax", True)),
-        state_reset_probability=float(config.train.get("state_reset_probability", 0.0)),
-        precision=None if precision == "default" else precision,
-        compute_dtype=numerics.compute_dtype(config.train.get("compute_dtype", "float32")),
-    )
+class SoftmaxRows(NamedTuple):
+    """The vocabulary tables' rows a step reads (softmax.touched_rows), and per direction where
+    its ids lie among them."""
+    row_ids: jax.Array
+    positions: dict  # direction -> StreamIds of positions
 
 
-def directions(settings: LossSettings) -> tuple[str, ...]:
-    names = tuple(direction for direction, _ in DIRECTIONS)
-    return names if settings.bidirectional else names[:1]
+class TrainingDraw(NamedTuple):
+    """What makes a loss a training loss: the dropout key, each direction's sampled softmax
+    negatives (softmax.Negatives, or (ids, number of draws); None for the full softmax), and
+    the rows the vocabulary tables were cut to (None: they are whole)."""
+    dropout_rng: jax.Array
+    samples: Optional[dict] = None
+    rows: Optional[SoftmaxRows] = None
 
 
-def direction_losses(params, batch: Batch, lstm_state: dict, rng: jax.Array, *, model: BiLM,
-                     settings: LossSettings, training: bool, samples: Optional[dict] = None,
-                     rows: Optional[tuple] = None):
-    """Per direction (sum of token losses, number of tokens), and the new LSTM carry.
-
-    Training applies dropout and scores with the sampled softmax on `samples` (see
-    draw_samples), or with the full softmax where settings.sample_softmax is False; evaluation
-    (training False) scores with the full softmax, without dropout. `rows` (from
-    softmax.touched_rows), when given, says that the vocabulary tables (softmax, word
-    embedding) hold only those rows, and where the step's ids are among them.
-    """
-    row_ids, positions = rows if rows is not None else (None, None)
-    bilm_params = params["bilm"]
+def _softmax_table(params, settings: StepSettings, rows: Optional[SoftmaxRows]) -> softmax.SoftmaxTable:
+    """The softmax both directions share (its W the word embedding's, when shared)."""
     if settings.share_embedding_softmax:
-        softmax_w = bilm_params["embedder"]["embedding"]
+        weights = params["bilm"]["embedder"]["embedding"]
     else:
-        softmax_w = params["softmax"]["W"]
-    softmax_b = params["softmax"]["b"]
+        weights = params["softmax"]["W"]
+    return softmax.SoftmaxTable(weights, params["softmax"]["b"], None if rows is None else rows.row_ids)
+
+
+def _lstm_inputs(bilm_params, batch: Batch, model: BiLM, settings: StepSettings,
+                 rows: Optional[SoftmaxRows]) -> tuple[dict, dict]:
+    """Per direction, the LSTM's inputs (the token embeddings) and masks."""
     if settings.use_character_inputs:
         # the char CNN runs once per distinct token of the batch (both streams), see batch.to_device
         token_table = model.apply({"params": bilm_params}, batch.distinct_char_ids, batch.distinct_tail_ids,
                                   method=BiLM.embed)
     inputs, masks = {}, {}
-    for direction in directions(settings):
+    for direction in directions_of(settings.bidirectional):
         stream = batch.stream(direction)
         if settings.use_character_inputs:
             inputs[direction] = jnp.take(token_table, stream.token_index, axis=0)
         else:  # the embedder's lookup, on its table as the step has it (maybe only `rows`)
             token_ids = stream.token_ids
-            if positions is not None:  # ids + 1 (0: padding) -> their rows' positions + 1
-                token_ids = jnp.where(token_ids > 0, positions[direction, "token_ids"] + 1, 0)
+            if rows is not None:  # ids + 1 (0: padding) -> their rows' positions + 1
+                token_ids = jnp.where(token_ids > 0, rows.positions[direction].token_ids + 1, 0)
             inputs[direction] = lookup_tokens(bilm_params["embedder"]["embedding"], token_ids)
         masks[direction] = stream.weights > 0
-    outputs, new_state = model.apply({"params": bilm_params}, inputs, masks, lstm_state, not training, training,
+    return inputs, masks
+
+
+def _token_losses(table: softmax.SoftmaxTable, top: jax.Array, direction: str, batch: Batch,
+                  settings: StepSettings, draw: Optional[TrainingDraw]) -> jax.Array:
+    """A direction's loss at each position: sampled softmax when training with samples, else full."""
+    targets = batch.stream(direction).next_token_id.reshape(-1)
+    if draw is None or not settings.sample_softmax:
+        return softmax.full_softmax_loss(table, top, targets, numerics=settings.numerics)
+    negatives = softmax.Negatives(*draw.samples[direction])
+    if draw.rows is not None:  # ids -> their rows' positions
+        positions = draw.rows.positions[direction]
+        targets, negatives = positions.next_token_id.reshape(-1), negatives._replace(ids=positions.sampled)
+    return softmax.sampled_softmax_loss(table, top, targets, negatives, settings.n_vocab,
+                                        numerics=settings.numerics)
+
+
+def direction_losses(params, batch: Batch, lstm_state: dict, *, model: BiLM, settings: StepSettings,
+                     draw: Optional[TrainingDraw] = None):
+    """Per direction (sum of token losses, number of tokens), and the new LSTM carry.
+
+    Training (a `draw`) applies dropout and scores with the sampled softmax on the draw's
+    samples (see draw_samples), or with the full softmax where settings.sample_softmax is False;
+    evaluation (no draw) scores with the full softmax, without dropout. The draw's rows, when
+    given, say that the vocabulary tables (softmax, word embedding) hold only those rows.
+    """
+    training = draw is not None
+    rows = draw.rows if training else None
+    inputs, masks = _lstm_inputs(params["bilm"], batch, model, settings, rows)
+    rng = draw.dropout_rng if training else jax.random.PRNGKey(0)
+    outputs, new_state = model.apply({"params": params["bilm"]}, inputs, masks, lstm_state, not training, training,
                                      rngs={"dropout": rng}, method=BiLM.contextualize)
+    table = _softmax_table(params, settings, rows)
     sums = {}
-    for direction in directions(settings):
-        stream = batch.stream(direction)
+    for direction in directions_of(settings.bidirectional):
         top = outputs[direction][-1]
-        top = top.reshape(-1, top.shape[-1])
-        targets = stream.next_token_id.reshape(-1)
-        if training and settings.sample_softmax:
-            sampled, num_tries = samples[direction]
-            if positions is not None:  # ids -> their rows' positions
-                targets, sampled = positions[direction, "next_token_id"].reshape(-1), positions[direction, "sampled"]
-            losses = softmax.sampled_softmax_loss(softmax_w, softmax_b, top, targets, sampled, num_tries,
-                                                  settings.n_vocab, row_ids=row_ids, precision=settings.precision,
-                                                  compute_dtype=settings.compute_dtype)
-        else:
-            losses = softmax.full_softmax_loss(softmax_w, softmax_b, top, targets,
-                                               compute_dtype=settings.compute_dtype)
-        token_weights = stream.weights.reshape(-1)
+        losses = _token_losses(table, top.reshape(-1, top.shape[-1]), direction, batch, settings, draw)
+        token_weights = batch.stream(direction).weights.reshape(-1)
         sums[direction] = (jnp.sum(losses * token_weights), jnp.sum(token_weights))
     return sums, new_state
 
 
-def draw_samples(rng: jax.Array, settings: LossSettings) -> dict:
-    """Each direction's sampled softmax negatives for a step: (sampled ids, number of draws)."""
-    keys = jax.random.split(rng, len(directions(settings)))
+def draw_samples(rng: jax.Array, settings: StepSettings) -> dict:
+    """Each direction's sampled softmax negatives for a step (softmax.Negatives)."""
+    names = directions_of(settings.bidirectional)
+    keys = jax.random.split(rng, len(names))
     return {direction: softmax.sample_log_uniform_unique(key, settings.n_negative_samples_batch, settings.n_vocab)
-            for direction, key in zip(directions(settings), keys)}
+            for direction, key in zip(names, keys)}
+
+
+def _softmax_rows(batch: Batch, samples: dict, settings: StepSettings) -> Optional[SoftmaxRows]:
+    """The rows of the vocabulary tables a sampled-softmax step reads (None: all of them)."""
+    ids = {}
+    for direction in directions_of(settings.bidirectional):
+        stream = batch.stream(direction)
+        token_ids = None
+        if not settings.use_character_inputs:  # input ids are ids + 1, with 0 (padding) for none: n_vocab
+            token_ids = jnp.where(stream.token_ids > 0, stream.token_ids - 1, settings.n_vocab)
+        ids[direction] = StreamIds(softmax.Negatives(*samples[direction]).ids, stream.next_token_id, token_ids)
+    found = softmax.touched_rows(ids, settings.n_vocab)
+    return None if found is None else SoftmaxRows(*found)
 
 
 def _is_vocab_table(path) -> bool:
@@ -153,18 +166,23 @@ def _put_rows(tree, part, rows: jax.Array):
 
 
 def training_loss(params, batch: Batch, lstm_state: dict, rng: jax.Array, samples: Optional[dict], *,
-                  model: BiLM, settings: LossSettings, rows: Optional[tuple] = None):
+                  model: BiLM, settings: StepSettings):
     """What a train step differentiates: bilm-tf's loss (the mean of the directions' mean token
     losses) times unroll_steps, as bilm-tf scales it before its gradients (a per-window sum, in
-    effect); with the loss itself and the new LSTM carry as aux."""
-    sums, new_lstm_state = direction_losses(params, batch, lstm_state, rng, model=model, settings=settings,
-                                            training=True, samples=samples, rows=rows)
+    effect); with the loss itself and the new LSTM carry as aux. `rng` is dropout's, `samples`
+    the negatives (None for the full softmax)."""
+    return _drawn_loss(params, batch, lstm_state, TrainingDraw(rng, samples), model=model, settings=settings)
+
+
+def _drawn_loss(params, batch: Batch, lstm_state: dict, draw: TrainingDraw, *, model: BiLM, settings: StepSettings):
+    """training_loss, for a whole draw (the tables maybe cut to its rows)."""
+    sums, new_lstm_state = direction_losses(params, batch, lstm_state, model=model, settings=settings, draw=draw)
     loss = sum(total / count for total, count in sums.values()) / len(sums)
     return loss * settings.unroll_steps, (loss, new_lstm_state)
 
 
 def train_step(state: TrainState, batch: Batch, *, model: BiLM, tx: optax.GradientTransformation,
-               settings: LossSettings, samples: Optional[dict] = None) -> tuple[TrainState, dict]:
+               settings: StepSettings, samples: Optional[dict] = None) -> tuple[TrainState, dict]:
     """One Adagrad step on `training_loss`. `samples` stands for the step's own draw of the
     sampled softmax's negatives (draw_samples), e.g. to replay another run's.
 
@@ -176,32 +194,25 @@ def train_step(state: TrainState, batch: Batch, *, model: BiLM, tx: optax.Gradie
     the global norm either), without passes over the tables. (The full softmax reads them all.)
     """
     rng, loss_rng, sample_rng = jax.random.split(state.rng, 3)
-    rows = None  # (row ids, each id's position), or None: all rows
+    rows = None
     if settings.sample_softmax:
         if samples is None:
             samples = draw_samples(sample_rng, settings)
-        ids = {}
-        for direction in directions(settings):
-            stream = batch.stream(direction)
-            ids[direction, "sampled"] = samples[direction][0]
-            ids[direction, "next_token_id"] = stream.next_token_id
-            if not settings.use_character_inputs:  # input ids are ids + 1, with 0 (padding) for none: n_vocab
-                ids[direction, "token_ids"] = jnp.where(stream.token_ids > 0, stream.token_ids - 1, settings.n_vocab)
-        rows = softmax.touched_rows(ids, settings.n_vocab)
+        rows = _softmax_rows(batch, samples, settings)
     params, opt_state = state.params, state.opt_state
     if rows is not None:
-        row_ids = rows[0]
-        params, opt_state = _take_rows(params, row_ids), _take_rows(opt_state, row_ids)
+        params, opt_state = _take_rows(params, rows.row_ids), _take_rows(opt_state, rows.row_ids)
 
     lstm_state = state.lstm_state
     if settings.state_reset_probability > 0:
         lstm_state = reset_rows(lstm_state, jax.random.fold_in(sample_rng, 1), settings.state_reset_probability)
-    grads, (loss, new_lstm_state) = jax.grad(training_loss, has_aux=True)(
-        params, batch, lstm_state, loss_rng, samples, model=model, settings=settings, rows=rows)
+    grads, (loss, new_lstm_state) = jax.grad(_drawn_loss, has_aux=True)(
+        params, batch, lstm_state, TrainingDraw(loss_rng, samples, rows), model=model, settings=settings)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     if rows is not None:
-        params, opt_state = _put_rows(state.params, params, row_ids), _put_rows(state.opt_state, opt_state, row_ids)
+        params = _put_rows(state.params, params, rows.row_ids)
+        opt_state = _put_rows(state.opt_state, opt_state, rows.row_ids)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, lstm_state=new_lstm_state,
                               rng=rng)
     return new_state, {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
@@ -214,20 +225,19 @@ def reset_rows(lstm_state: dict, rng: jax.Array, probability: float) -> dict:
     return jax.tree.map(lambda x: jnp.where(keep, x, 0.0), lstm_state)
 
 
-def eval_step(params, lstm_state: dict, batch: Batch, *, model: BiLM, settings: LossSettings):
-    sums, new_lstm_state = direction_losses(params, batch, lstm_state, jax.random.PRNGKey(0), model=model,
-                                            settings=settings, training=False)
+def eval_step(params, lstm_state: dict, batch: Batch, *, model: BiLM, settings: StepSettings):
+    sums, new_lstm_state = direction_losses(params, batch, lstm_state, model=model, settings=settings)
     return new_lstm_state, sums
 
 
 INITIAL_ACCUMULATOR = 1.0  # bilm-tf's Adagrad (initial_accumulator_value)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(settings: OptimizerSettings) -> optax.GradientTransformation:
     # TensorFlow's Adagrad: accumulator starts at 1.0, no epsilon.
     return optax.chain(
-        optax.clip_by_global_norm(config.train.all_clip_norm_val),
-        optax.adagrad(config.train.learning_rate, initial_accumulator_value=INITIAL_ACCUMULATOR, eps=0.0),
+        optax.clip_by_global_norm(settings.clip_norm),
+        optax.adagrad(settings.learning_rate, initial_accumulator_value=INITIAL_ACCUMULATOR, eps=0.0),
     )
 
 

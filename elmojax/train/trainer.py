@@ -23,7 +23,7 @@ from elmojax.formats.options import BiLMOptions
 from elmojax.model import numerics
 from elmojax.model.bilm import BiLM, zero_state
 from elmojax.train.batch import Batch, to_device
-from elmojax.train.step import TrainState, eval_step, loss_settings, make_optimizer, train_step, with_accumulators
+from elmojax.train.step import TrainState, eval_step, make_optimizer, train_step, with_accumulators
 
 
 class Trainer:
@@ -35,14 +35,13 @@ class Trainer:
         if self.options.char_cnn is not None and config.model.share_embedding_softmax:
             raise ValueError("share_embedding_softmax needs word inputs: a char CNN has no softmax-sized "
                              "embedding table to share (as in bilm-tf)")
-        self.settings = loss_settings(config, n_vocab)
+        self.settings = config_lib.step_settings(config, n_vocab)
         if self.settings.n_negative_samples_batch > n_vocab:
             raise ValueError(f"train.n_negative_samples_batch ({self.settings.n_negative_samples_batch}) exceeds "
                              f"the vocabulary ({n_vocab} tokens): the sampler draws distinct ids")
         self.model = BiLM(self.options, self.settings.use_character_inputs, dropout_rate=self.settings.dropout,
-                          precision=self.settings.precision, scan_unroll=config.train.get("scan_unroll", 1),
-                          compute_dtype=self.settings.compute_dtype)
-        self.tx = make_optimizer(config)
+                          numerics=self.settings.numerics, scan_unroll=self.settings.scan_unroll)
+        self.tx = make_optimizer(config_lib.optimizer_settings(config))
         self.mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
         self.replicated = NamedSharding(self.mesh, P())
         self.sharded = NamedSharding(self.mesh, P("data"))

@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
 
     from elmojax import data
     from elmojax.train.config import base_config
-    from elmojax.train import trained_models, trainer as trainer_lib
+    from elmojax.train import config as config_lib, trained_models, trainer as trainer_lib
 
     c = CONFIGS[args.config]
     batch_size = args.batch or c["batch"]
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
                        vocab_file=padded_vocab(vocab_size))
     vocab = trained_models.load_vocab(config)
     trainer = trainer_lib.Trainer(config, vocab.size)
-    dataset = data.make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size, args.unroll, test=False)
+    dataset = data.make_dataset(config_lib.streams(config), vocab, config.data.train_prefix, trainer.batch_size, args.unroll, test=False)
     batches = dataset.iter_batches()
     device_batches = [trainer.put_batch(next(batches)) for _ in range(args.runs + 1)]
     state = trainer.create_state(jax.random.PRNGKey(0))

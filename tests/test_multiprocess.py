@@ -23,7 +23,7 @@ import tempfile
 import tiny
 from conftest import padded_vocab_file
 from elmojax import data
-from elmojax.train import trained_models, trainer as trainer_lib
+from elmojax.train import config as config_lib, trained_models, trainer as trainer_lib
 GLOBAL_BATCH = 4
 config = tiny.get_config("chars")
 config.train.batch_size = GLOBAL_BATCH // jax.device_count()
@@ -35,7 +35,7 @@ trainer = trainer_lib.Trainer(config, vocab.size)
 assert trainer.batch_size == GLOBAL_BATCH and jax.device_count() == n_processes
 state = trainer.create_state(jax.random.PRNGKey(0))
 # every process reads the same global batches and feeds its own rows
-dataset = data.make_dataset(config, vocab, config.data.train_prefix, GLOBAL_BATCH, 2, test=False)
+dataset = data.make_dataset(config_lib.streams(config), vocab, config.data.train_prefix, GLOBAL_BATCH, 2, test=False)
 batches = dataset.iter_batches()
 rows = slice(pid * GLOBAL_BATCH // n_processes, (pid + 1) * GLOBAL_BATCH // n_processes)
 for _ in range(3):

@@ -17,7 +17,7 @@ from elmojax.formats.options import BiLMOptions
 from elmojax.infer.bidirectional_lm import make_embed_fn
 from elmojax.model import softmax
 from elmojax.model.bilm import BiLM, zero_state
-from elmojax.train import evaluation, loop, step, trained_models
+from elmojax.train import config as config_lib, evaluation, loop, step, trained_models
 from elmojax.train import trainer as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,7 +141,7 @@ sys.path[:0] = ["configs", "tests"]
 import tiny
 from conftest import padded_vocab_file
 from elmojax import data
-from elmojax.train import trained_models, trainer as trainer_lib
+from elmojax.train import config as config_lib, trained_models, trainer as trainer_lib
 assert jax.device_count() == 4
 results = []
 for n_devices in (4, 1):
@@ -153,7 +153,7 @@ for n_devices in (4, 1):
     vocab = trained_models.load_vocab(config)
     trainer = trainer_lib.Trainer(config, vocab.size, Mesh(np.array(jax.devices()[:n_devices]), ("data",)))
     state = trainer.create_state(jax.random.PRNGKey(0))
-    dataset = data.make_dataset(config, vocab, config.data.train_prefix, 4, config.train.unroll_steps, test=False)
+    dataset = data.make_dataset(config_lib.streams(config), vocab, config.data.train_prefix, 4, config.train.unroll_steps, test=False)
     batches = dataset.iter_batches()
     for _ in range(2):
         state, metrics = trainer.train_step(state, trainer.put_batch(next(batches)))
@@ -235,7 +235,7 @@ def test_vocabulary_row_update_equals_the_dense_update(inputs, shared, tmp_path)
     assert 256 >= softmax.ROW_UPDATE_MIN_RATIO * n_ids  # the step does take rows
     vocab = trained_models.load_vocab(config)
     trainer = trainer_lib.Trainer(config, vocab.size)
-    dataset = data.make_dataset(config, vocab, config.data.train_prefix, 1, 3, test=False)
+    dataset = data.make_dataset(config_lib.streams(config), vocab, config.data.train_prefix, 1, 3, test=False)
     batch = trainer.put_batch(next(dataset.iter_batches()))
     before = jax.device_get(trainer.create_state(jax.random.PRNGKey(1)))
     settings = trainer.settings
@@ -245,8 +245,8 @@ def test_vocabulary_row_update_equals_the_dense_update(inputs, shared, tmp_path)
     samples = step.draw_samples(sample_rng, settings)
 
     def loss_fn(params):
-        sums, _ = step.direction_losses(params, batch, before.lstm_state, loss_rng, model=trainer.model,
-                                         settings=settings, training=True, samples=samples)
+        sums, _ = step.direction_losses(params, batch, before.lstm_state, model=trainer.model, settings=settings,
+                                        draw=step.TrainingDraw(loss_rng, samples))
         return sum(total / count for total, count in sums.values()) / len(sums) * settings.unroll_steps
 
     grads = jax.jit(jax.grad(loss_fn))(before.params)  # (jitted: op by op, the char CNN's grad takes a minute)
@@ -275,7 +275,7 @@ def test_bfloat16_compute_trains_like_float32():
         config = _config(compute_dtype=dtype)
         vocab = trained_models.load_vocab(config)
         trainer = trainer_lib.Trainer(config, vocab.size)
-        dataset = data.make_dataset(config, vocab, config.data.train_prefix, trainer.batch_size,
+        dataset = data.make_dataset(config_lib.streams(config), vocab, config.data.train_prefix, trainer.batch_size,
                                      config.train.unroll_steps, test=True)
         batch = trainer.put_batch(next(dataset.iter_batches()))
         state = trainer.create_state(jax.random.PRNGKey(0))
@@ -372,7 +372,7 @@ def test_state_reset_zeroes_whole_rows():
 
 def test_state_reset_probability_one_trains_from_the_zero_state():
     config = _config()
-    dataset = data.make_dataset(config, trained_models.load_vocab(config), config.data.train_prefix, 2, 10, test=False)
+    dataset = data.make_dataset(config_lib.streams(config), trained_models.load_vocab(config), config.data.train_prefix, 2, 10, test=False)
     batch = next(dataset.iter_batches())
     losses = []
     for probability, carry in ((1.0, 0.5), (0.0, 0.0)):  # a carried state reset == no state at all

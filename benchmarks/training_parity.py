@@ -312,7 +312,7 @@ def heldout_perplexities(record: Record, trainer, runs: dict, corpus: str) -> di
     for name, v in variables.items():
         trained = trained_models.Trained(tf_variables.params_from_tf(v, trainer.options, share), options, tokens,
                                       config.data.vocab_file, name)
-        r = evaluation.evaluate(config, corpus, trained, diagnosed=False)
+        r = evaluation.evaluate(config, corpus, trained, diagnosed=False).heldout.to_json()
         out[name] = {k: r[k] for k in ("perplexity", "forward_perplexity", "backward_perplexity")}
     return out
 

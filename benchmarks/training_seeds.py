@@ -68,16 +68,18 @@ def evaluate(config, corpus: str, params: dict, options: dict, carry: dict) -> d
     both (blown_up: "broken")."""
     from elmojax.train import config as config_lib
     from elmojax.train import evaluation, trained_models
+    from elmojax.train.trainer import Trainer, local_mesh
 
     model_config = config_lib.config_from_options_json(options, source=corpus)
     vocab = trained_models.load_vocab(model_config, config.data.vocab_file)
-    evaluator = evaluation.Evaluator(model_config, vocab, config.data.heldout_prefix, config.eval.batch_size,
-                                     config.eval.unroll_steps, config.data.train_prefix)
-    result = evaluator(params)
+    evaluator = evaluation.heldout_evaluator(config, vocab, Trainer(model_config, vocab.size, local_mesh()))
+    zero = evaluator(params)
     from_carry = evaluator.carry_check(params, carry)
-    result.update({f"carry_{k}": from_carry[k] for k in ("perplexity", "forward_perplexity", "backward_perplexity")})
-    health = evaluation.diagnose(result, from_carry, config.train.state_reset_probability)
-    result.update(trap_ratio=from_carry["trap_ratio"], health=health.verdict, blown_up=health.verdict == "broken")
+    result = zero.to_json()
+    result.update({f"carry_{k}": getattr(from_carry, k) for k in ("perplexity", "forward_perplexity",
+                                                                   "backward_perplexity")})
+    health = evaluation.diagnose(zero, from_carry, config.train.state_reset_probability)
+    result.update(trap_ratio=from_carry.trap_ratio, health=health.verdict, blown_up=health.verdict == "broken")
     return result
 
 

@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
             vocab = trained_models.load_vocab(config)
             result = training_seeds.evaluate(config, args.corpus, params, config_lib.options_json(config, vocab.size),
                                              jax.device_get(state.lstm_state))
-            alone = evaluation.diagnose(result)
+            alone = evaluation.diagnose(evaluation.HeldoutResult.from_json(result))
             record = {"options": os.path.basename(args.options), "corpus": os.path.basename(args.corpus.rstrip("/")),
                       "set": sorted(args.elmojax), "seed": seed, "step": step,
                       **{k: result[k] for k in ("perplexity", "forward_perplexity", "backward_perplexity",

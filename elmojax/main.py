@@ -29,6 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import elmojax
+from elmojax.after_training import after_training
 from elmojax.train import config as config_lib
 from elmojax.train.config import base_config
 from elmojax.process import runtime
@@ -92,23 +93,22 @@ _AFTER_STOP = {"train": "the run's checkpoints are as they were saved: run the s
 def _run(model: str) -> None:
     config = _config(_WORKDIR.value if _MODE.value == "train" else model)
     if _MODE.value == "train":
-        state = loop.train(config, _WORKDIR.value)
-        for line in loop.after_training(config, _WORKDIR.value, state):
+        run = loop.run_training(config, _WORKDIR.value)
+        for line in after_training(run):
             print(line)
     elif jax.process_index() != 0:
         return  # evaluation and export run in process 0
     elif _MODE.value == "evaluate":
         result = evaluation.evaluate(config_lib.validate(config), model)
-        log.info("%s", evaluation.summary(result))
-        line = result.pop("health_line")
-        if line:
-            print(line, file=sys.stderr)
-        print(metrics.dumps(result))
+        log.info("%s", evaluation.summary(result.heldout))
+        if result.health.line:
+            print(result.health.line, file=sys.stderr)
+        print(metrics.dumps(result.to_json()))
     else:
         if not _OUTPUT.value:
             raise ValueError("--mode=export needs --output=FILE.hdf5")
         written = trained_models.export(model, _OUTPUT.value)
-        print(json.dumps(written))
+        print(json.dumps(written.to_json()))
 
 
 def _config(path: str) -> ml_collections.ConfigDict:

@@ -38,7 +38,7 @@ def test_old_checkpoint_exports_as_the_old_code_did(tmp_path):
     assert sorted(old) == sorted(new) and any("RNN_1" in name for name in new)
     for name in old:
         np.testing.assert_array_equal(new[name], old[name], err_msg=name)
-    softmax = _datasets(exported["softmax"])
+    softmax = _datasets(exported.softmax)
     assert softmax["softmax/W"].shape[0] == len(softmax["vocab"])
 
 

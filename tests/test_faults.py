@@ -173,7 +173,7 @@ def test_a_finished_run_can_be_evaluated_and_exported_from_a_read_only_workdir(t
             os.chmod(work, 0o555)
         try:
             config = _config(max_steps=2)
-            assert evaluation.evaluate(config, str(work))["tokens"] > 0
+            assert evaluation.evaluate(config, str(work)).heldout.tokens > 0
             trained_models.export(str(work), str(tmp_path / "out" / "elmo.hdf5"))
             with pytest.raises(ValueError, match="not writable"):
                 loop.train(_config(max_steps=4), str(work))

@@ -159,14 +159,14 @@ def test_a_trained_model_by_url_brings_its_files_along(tmp_path, monkeypatch, pu
     served.mkdir()
     names = (["elmo_tiny_weights.hdf5", "elmo_tiny_options.json", "elmo_tiny_softmax_weights.hdf5", "vocab.txt"]
              if published else ["weights.hdf5", "options.json", "weights_softmax.hdf5", "vocab.txt"])
-    for name, source in zip(names, [export["weights"], export["options"], export["softmax"], export["vocab"]]):
+    for name, source in zip(names, [export.weights, export.options, export.softmax, export.vocab]):
         shutil.copy(source, served / name)
     server = Server(str(served))
     try:
         by_url = trained_models.load_trained(f"{server.url}/{names[0]}")
     finally:
         server.httpd.shutdown()
-    local = trained_models.load_trained(export["weights"])
+    local = trained_models.load_trained(export.weights)
     jax.tree.map(np.testing.assert_array_equal, by_url.params, local.params)
     assert by_url.vocab == local.vocab and by_url.options == local.options
 

@@ -31,14 +31,14 @@ def _log_softmax64(x, w, b):
 
 
 def test_log_probs_are_the_full_softmax_of_the_top_layers(exported):
-    bilm = BidirectionalLanguageModel(exported["options"], exported["weights"], softmax_file=exported["softmax"])
-    ids = Batcher(exported["vocab"], 50).batch_sentences(SENTENCES)
+    bilm = BidirectionalLanguageModel(exported.options, exported.weights, softmax_file=exported.softmax)
+    ids = Batcher(exported.vocab, 50).batch_sentences(SENTENCES)
     got = bilm.log_probs(ids)
 
     output, _ = BiLM(bilm.options).apply({"params": bilm.params}, jnp.asarray(ids), zero_state(bilm.options, 3))
-    with h5py.File(exported["softmax"], "r") as f:
+    with h5py.File(exported.softmax, "r") as f:
         w, b = f["softmax/W"][...], f["softmax/b"][...].astype(np.float64)
-    vocab = [t.rstrip("\n") for t in open(exported["vocab"], encoding="utf-8")]
+    vocab = [t.rstrip("\n") for t in open(exported.vocab, encoding="utf-8")]
     row = {t: i for i, t in enumerate(vocab)}
     forward = _log_softmax64(np.asarray(output.forward[-1]), w, b)
     backward = _log_softmax64(np.asarray(output.backward[-1]), w, b)
@@ -63,9 +63,9 @@ def test_log_probs_are_the_full_softmax_of_the_top_layers(exported):
 
 
 def test_log_probs_need_the_softmax(exported):
-    bilm = BidirectionalLanguageModel(exported["options"], exported["weights"])
+    bilm = BidirectionalLanguageModel(exported.options, exported.weights)
     with pytest.raises(ValueError, match="softmax_file"):
-        bilm.log_probs(Batcher(exported["vocab"], 50).batch_sentences([["a"]]))
+        bilm.log_probs(Batcher(exported.vocab, 50).batch_sentences([["a"]]))
 
 
 def test_the_score_command_writes_a_json_line_per_sentence(exported, tmp_path):
@@ -76,11 +76,11 @@ def test_the_score_command_writes_a_json_line_per_sentence(exported, tmp_path):
     dataset.write_text("".join(" ".join(s) + "\n" for s in SENTENCES), encoding="utf-8")
     out = tmp_path / "scores.jsonl"
     result = subprocess.run([sys.executable, "-m", "elmojax.dump", "score", str(dataset), str(out), "--options",
-                             exported["options"], "--weights", exported["weights"], "--softmax", exported["softmax"]],
+                             exported.options, "--weights", exported.weights, "--softmax", exported.softmax],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    bilm = BidirectionalLanguageModel(exported["options"], exported["weights"], softmax_file=exported["softmax"])
+    bilm = BidirectionalLanguageModel(exported.options, exported.weights, softmax_file=exported.softmax)
     assert [r["line"] for r in records] == [1, 2, 3] and [r["tokens"] for r in records] == SENTENCES
     for record, sentence in zip(records, SENTENCES):
         np.testing.assert_allclose(record["perplexity"], bilm.perplexity([sentence]), rtol=1e-5)

@@ -125,14 +125,14 @@ def test_export_is_what_dump_weights_writes(checkpoint_dir, tmp_path):
         for name in names:
             assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
             assert got[name][...].tobytes() == want[name][...].tobytes(), name
-    with open(written["options"]) as f:
+    with open(written.options) as f:
         options = json.load(f)
     assert options["char_cnn"]["n_characters"] == 262
     reference = _reference()
-    with h5py.File(written["softmax"], "r") as f:
+    with h5py.File(written.softmax, "r") as f:
         np.testing.assert_array_equal(f["softmax/W"][...], reference["lm/softmax/W"])
         np.testing.assert_array_equal(f["softmax/b"][...], reference["lm/softmax/b"])
-    with open(written["vocab"]) as f, open(os.path.join(FIXTURE, "vocab.txt")) as g:
+    with open(written.vocab) as f, open(os.path.join(FIXTURE, "vocab.txt")) as g:
         assert f.read() == g.read()
 
 
@@ -149,8 +149,8 @@ def test_embeddings_and_perplexity_equal_the_exports(checkpoint_dir, tmp_path):
     written = trained_models.export(checkpoint_dir, output)
     from elmojax.formats.vocab import Batcher
     ids = Batcher(os.path.join(checkpoint_dir, "vocab.txt"), 50).batch_sentences(SENTENCES)
-    from_export = BidirectionalLanguageModel(written["options"], output)(ids)
-    from_checkpoint = BidirectionalLanguageModel(written["options"], checkpoint_dir)(ids)
+    from_export = BidirectionalLanguageModel(written.options, output)(ids)
+    from_checkpoint = BidirectionalLanguageModel(written.options, checkpoint_dir)(ids)
     np.testing.assert_array_equal(from_checkpoint["lm_embeddings"], from_export["lm_embeddings"])
     # the training options beside the checkpoint (n_characters 261) work as well
     training_options = BidirectionalLanguageModel(os.path.join(checkpoint_dir, "options.json"), checkpoint_dir)(ids)
@@ -164,7 +164,7 @@ def test_embeddings_and_perplexity_equal_the_exports(checkpoint_dir, tmp_path):
     config.eval.batch_size = 8
     config.eval.unroll_steps = 10
     got, want = evaluate(config, checkpoint_dir), evaluate(config, output)
-    assert got["perplexity"] == want["perplexity"] and np.isfinite(got["perplexity"])
+    assert got.heldout.perplexity == want.heldout.perplexity and np.isfinite(got.heldout.perplexity)
 
 
 def _fine_tuning(checkpoint_dir, vocab_file):
@@ -254,9 +254,9 @@ def test_the_published_weights_and_softmax_files_fine_tune_with_adagrad_afresh(c
     export = trained_models.export(checkpoint_dir, str(tmp_path / "export.hdf5"))
     published = tmp_path / "published"
     published.mkdir()
-    shutil.copy(export["weights"], published / "elmo_tiny_weights.hdf5")
-    shutil.copy(export["options"], published / "elmo_tiny_options.json")
-    shutil.copy(export["vocab"], published / "vocab-2016-09-10.txt")
+    shutil.copy(export.weights, published / "elmo_tiny_weights.hdf5")
+    shutil.copy(export.options, published / "elmo_tiny_options.json")
+    shutil.copy(export.vocab, published / "vocab-2016-09-10.txt")
     reference = _reference()
     with h5py.File(published / "elmo_tiny_softmax_weights.hdf5", "w") as f:
         f["softmax/W"], f["softmax/b"] = reference["lm/softmax/W"], reference["lm/softmax/b"]

@@ -44,11 +44,11 @@ def test_heldout_perplexity_below_20(case, tmp_path):
         config.model.lstm.use_skip_connections = True
     loop.train(config, str(tmp_path))
     result = evaluation.evaluate(config, str(tmp_path))
-    assert result["tokens"] == 139  # 134 words + one </S> target per sentence, each counted once
-    assert result["perplexity"] < 20.0, result
+    assert result.heldout.tokens == 139  # 134 words + one </S> target per sentence, each counted once
+    assert result.heldout.perplexity < 20.0, result
     if case == "words_unidirectional":
-        assert result["backward_perplexity"] is None
-        assert result["perplexity"] == result["forward_perplexity"]
+        assert result.heldout.backward_perplexity is None
+        assert result.heldout.perplexity == result.heldout.forward_perplexity
 
 
 def test_char_inputs_with_shared_softmax_raise(tmp_path):
@@ -81,28 +81,28 @@ def test_export_embeds_like_the_training_params(tmp_path):
     state = loop.train(config, str(tmp_path / "work"))
     output = str(tmp_path / "export" / "elmo.hdf5")
     exported = trained_models.export(str(tmp_path / "work"), output)
-    with open(exported["options"], encoding="utf-8") as f:
+    with open(exported.options, encoding="utf-8") as f:
         assert json.load(f)["char_cnn"]["n_characters"] == 262
 
     sentences = [["neural", "language", "models", "use", "continuous", "representations"], ["these", "models"]]
-    ids = Batcher(exported["vocab"], 10).batch_sentences(sentences)
-    from_file = BidirectionalLanguageModel(exported["options"], output)(ids)
+    ids = Batcher(exported.vocab, 10).batch_sentences(sentences)
+    from_file = BidirectionalLanguageModel(exported.options, output)(ids)
 
-    options = BiLMOptions.from_dict(json.load(open(exported["options"], encoding="utf-8")))
+    options = BiLMOptions.from_dict(json.load(open(exported.options, encoding="utf-8")))
     embed_fn = make_embed_fn(BiLM(options))
     direct, _ = embed_fn(jax.device_get(state.params["bilm"]), ids.astype(np.int32), zero_state(options, 2))
     assert np.max(np.abs(from_file["lm_embeddings"] - np.asarray(direct["lm_embeddings"]))) <= 1e-6
     assert np.abs(from_file["lm_embeddings"]).max() > 0.01
 
     # the softmax file holds the trained softmax and the vocabulary it indexes
-    softmax_w, softmax_b, vocab = hdf5.load_softmax(exported["softmax"])
+    softmax_w, softmax_b, vocab = hdf5.load_softmax(exported.softmax)
     np.testing.assert_array_equal(softmax_w, np.asarray(state.params["softmax"]["W"]))
     assert vocab[:3] == ["<S>", "</S>", "<UNK>"] and len(vocab) == softmax_w.shape[0] == 32
 
     # an export can be evaluated, and gives the workdir's perplexity
     by_export = evaluation.evaluate(config, output)
     by_workdir = evaluation.evaluate(config, str(tmp_path / "work"))
-    assert by_export["perplexity"] == pytest.approx(by_workdir["perplexity"], rel=1e-5)
+    assert by_export.heldout.perplexity == pytest.approx(by_workdir.heldout.perplexity, rel=1e-5)
 
 
 def test_fine_tune_on_a_new_vocabulary(tmp_path):
@@ -210,11 +210,11 @@ def test_word_input_export_is_its_own_embedding_file(tmp_path):
     state = loop.train(_config("words", max_steps=5), str(tmp_path / "work"))
     output = str(tmp_path / "export" / "elmo.hdf5")
     exported = trained_models.export(str(tmp_path / "work"), output)
-    bilm = BidirectionalLanguageModel(exported["options"], output, use_character_inputs=False,
+    bilm = BidirectionalLanguageModel(exported.options, output, use_character_inputs=False,
                                       embedding_weight_file=output)
-    ids = TokenBatcher(exported["vocab"]).batch_sentences([["these", "models", "use", "words"], ["the"]])
+    ids = TokenBatcher(exported.vocab).batch_sentences([["these", "models", "use", "words"], ["the"]])
     from_file = bilm(ids)
-    options = BiLMOptions.from_dict(json.load(open(exported["options"], encoding="utf-8")))
+    options = BiLMOptions.from_dict(json.load(open(exported.options, encoding="utf-8")))
     direct, _ = make_embed_fn(BiLM(options, use_character_inputs=False))(
         jax.device_get(state.params["bilm"]), ids.astype(np.int32), zero_state(options, 2))
     assert np.max(np.abs(from_file["lm_embeddings"] - np.asarray(direct["lm_embeddings"]))) <= 1e-6
@@ -300,8 +300,9 @@ def test_every_blown_up_seed_run_is_called_broken_and_no_healthy_one():
         runs = [json.loads(line) for line in f]
     assert len(runs) == 160 and sum(r["blown_up"] for r in runs) == 47
     for run in runs:
-        result = {**run, "unigram_perplexity": None, "vocab_size": 5000 if run["corpus"] == "kjv5k" else 13657}
-        carry = {f"{d}_perplexity": run[f"carry_{d}_perplexity"] for d in ("forward", "backward")}
+        vocab_size = 5000 if run["corpus"] == "kjv5k" else 13657
+        result = _heldout(run["forward_perplexity"], run["backward_perplexity"], vocab_size=vocab_size)
+        carry = _heldout(run["carry_forward_perplexity"], run["carry_backward_perplexity"], vocab_size=vocab_size)
         health = evaluation.diagnose(result, carry, state_resets=0.0)
         assert health.verdict == ("broken" if run["blown_up"] else "healthy"), run
         alone = evaluation.diagnose(result)
@@ -310,33 +311,43 @@ def test_every_blown_up_seed_run_is_called_broken_and_no_healthy_one():
         assert alone.verdict == ("broken" if far else "suspect" if run["blown_up"] else "healthy"), run
 
 
+def _heldout(forward_perplexity, backward_perplexity=None, unigram_perplexity=None, vocab_size=5000):
+    """A HeldoutResult with these perplexities (what diagnose reads)."""
+    directions = [p for p in (forward_perplexity, backward_perplexity) if p is not None]
+    return evaluation.HeldoutResult(float(np.exp(np.mean(np.log(directions)))), forward_perplexity,
+                                    backward_perplexity, tokens=0, heldout_files=(), vocab_size=vocab_size,
+                                    unigram_perplexity=unigram_perplexity)
+
+
 def test_health_lines_say_what_is_true():
     healthy = {"forward_perplexity": 110.0, "backward_perplexity": 112.0, "unigram_perplexity": 250.0,
                "vocab_size": 5000}
-    assert evaluation.diagnose(healthy) == evaluation.Health("healthy")
-    assert evaluation.diagnose({**healthy, "backward_perplexity": None}).verdict == "healthy"  # forward only
+    assert evaluation.diagnose(_heldout(**healthy)) == evaluation.Health("healthy")
+    forward_only = _heldout(**{**healthy, "backward_perplexity": None})
+    assert evaluation.diagnose(forward_only).verdict == "healthy"
     # young: not yet better than the training data's unigram model, both directions alike, from the carry too
     young = {**healthy, "forward_perplexity": 265.0, "backward_perplexity": 273.0}
+    young = _heldout(**young)
     for health in (evaluation.diagnose(young), evaluation.diagnose(young, young, 0.05)):
         assert health.verdict == "undertrained" and not health.line.startswith("warning")
         assert "train it longer" in health.line and "broken" not in health.line
     # the zero-state trap, proven by the carry; the advice fits the run's resets
     trapped = {**healthy, "forward_perplexity": 178.6}
     carry = {**healthy, "forward_perplexity": 105.5}
-    line = evaluation.diagnose(trapped, carry, state_resets=0.0).line
+    line = evaluation.diagnose(_heldout(**trapped), _heldout(**carry), state_resets=0.0).line
     assert line.startswith("warning: the forward LM is broken: heldout perplexity 178.6 from the zero LSTM state")
     assert "but 105.5 from the state training ended in" in line and "state_reset_probability=0.05" in line
-    line = evaluation.diagnose(trapped, carry, state_resets=0.05).line
+    line = evaluation.diagnose(_heldout(**trapped), _heldout(**carry), state_resets=0.05).line
     assert "reset the state with probability 0.05" in line and "state_reset_probability=0.05" not in line
     # without a carry: orders of magnitude off is broken, a gap of 1.6 only a note
-    assert evaluation.diagnose({**healthy, "forward_perplexity": 5e7}).verdict == "broken"
-    assert evaluation.diagnose({**healthy, "backward_perplexity": 10_001.0, "forward_perplexity": 10_500.0}
-                               ).verdict == "broken"  # worse than twice a uniform guess over 5,000 tokens
-    note = evaluation.diagnose({**healthy, "backward_perplexity": 1.6 * 110.0})
+    assert evaluation.diagnose(_heldout(**{**healthy, "forward_perplexity": 5e7})).verdict == "broken"
+    worse = _heldout(**{**healthy, "backward_perplexity": 10_001.0, "forward_perplexity": 10_500.0})
+    assert evaluation.diagnose(worse).verdict == "broken"  # worse than twice a uniform guess over 5,000 tokens
+    note = evaluation.diagnose(_heldout(**{**healthy, "backward_perplexity": 1.6 * 110.0}))
     assert note.verdict == "suspect" and note.line.startswith("note:") and note.needs_carry
     # a carry as broken as the zero state: not the trap, a model that did not learn
     far = {**healthy, "forward_perplexity": 5e7}
-    assert "it has not learnt" in evaluation.diagnose(far, far, 0.0).line
+    assert "it has not learnt" in evaluation.diagnose(_heldout(**far), _heldout(**far), 0.0).line
 
 
 def test_a_broken_model_is_reported_by_evaluate(tmp_path):
@@ -347,7 +358,7 @@ def test_a_broken_model_is_reported_by_evaluate(tmp_path):
     loop.train(_config(max_steps=5), str(tmp_path / "work"))
     output = str(tmp_path / "export" / "elmo.hdf5")
     exported = trained_models.export(str(tmp_path / "work"), output)
-    with h5py.File(exported["softmax"], "r+") as f:
+    with h5py.File(exported.softmax, "r+") as f:
         f["softmax/b"][5] = 60.0  # every position's mass on one token
     command = [sys.executable, "-m", "elmojax.main", "--mode=evaluate", f"--model={output}",
                "--config=configs/tiny.py"]

@@ -128,14 +128,14 @@ def test_a_bilm_tf_checkpoint_without_a_vocabulary(tmp_path):
     vocab.parent.mkdir()
     shutil.copy(os.path.join(source, "vocab.txt"), vocab)
     written = trained_models.export(str(ckpt), str(tmp_path / "out" / "elmo.hdf5"))
-    assert "vocab" not in written and sorted(os.listdir(tmp_path / "out")) == [
+    assert written.vocab is None and sorted(os.listdir(tmp_path / "out")) == [
         "elmo.hdf5", "elmo_softmax.hdf5", "options.json"]
-    with h5py.File(written["weights"], "r") as f, h5py.File(os.path.join(source, "dump_weights.hdf5"), "r") as g:
+    with h5py.File(written.weights, "r") as f, h5py.File(os.path.join(source, "dump_weights.hdf5"), "r") as g:
         names = []
         g.visit(lambda name: names.append(name) if isinstance(g[name], h5py.Dataset) else None)
         for name in names:
             np.testing.assert_array_equal(f[name][...], g[name][...], err_msg=name)
-    with h5py.File(written["softmax"], "r") as f:
+    with h5py.File(written.softmax, "r") as f:
         assert "vocab" not in f
 
     config = config_lib.base_config()
@@ -145,11 +145,11 @@ def test_a_bilm_tf_checkpoint_without_a_vocabulary(tmp_path):
         evaluation.evaluate(config_lib.base_config(), str(ckpt))
     got = evaluation.evaluate(config, str(ckpt))
     want = evaluation.evaluate(config, os.path.join(FIXTURES, "bilm_tf_checkpoint"))
-    assert got["perplexity"] == want["perplexity"] and got["tokens"] == want["tokens"] == 139
+    assert got.heldout.perplexity == want.heldout.perplexity and got.heldout.tokens == want.heldout.tokens == 139
     code, out, err = _main("--mode=evaluate", f"--model={ckpt}", f"--config.data.vocab_file={vocab}",
                            f"--config.data.heldout_prefix={TINY_DATA}", "--config.eval.batch_size=4",
                            "--config.eval.unroll_steps=5")
-    assert code == 0 and json.loads(out.strip().splitlines()[-1])["perplexity"] == pytest.approx(got["perplexity"])
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["perplexity"] == pytest.approx(got.heldout.perplexity)
     assert f"no vocabulary beside the checkpoint; using {vocab} (--config.data.vocab_file) as its vocabulary" in err
 
 

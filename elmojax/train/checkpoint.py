@@ -19,6 +19,7 @@ params) are restored in their own layout and stacked as they are read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -37,6 +38,29 @@ DAMAGED_PREFIX = "damaged-"  # a damaged step's directory is renamed so, out of 
 SAVE_MARGIN_BYTES = 256 << 10  # a checkpoint's metadata beyond its arrays, about
 PARAMS_LAYOUT = "lstm-directions-stacked"  # meta's params_layout; absent: one LSTM stack per direction
 _PER_DIRECTION = ("forward_lstm", "backward_lstm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Meta:
+    """A checkpoint's metadata: the run's config (as JSON text), its options.json, the global
+    batch size it trained with, and the params' layout (None: one LSTM stack per direction)."""
+    config: str
+    options: dict
+    global_batch_size: int
+    params_layout: Optional[str] = PARAMS_LAYOUT
+    data: Optional[dict] = None  # older checkpoints kept the data position here, not in their data item
+
+    def to_json(self) -> dict:
+        out = {"config": self.config, "options": self.options, "global_batch_size": self.global_batch_size,
+               "params_layout": self.params_layout}
+        return out if self.data is None else {**out, "data": self.data}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Meta":
+        """The metadata a checkpoint holds; a ValueError if it holds none that reads."""
+        if not isinstance(d, dict) or "config" not in d:
+            raise ValueError("its metadata has no config")
+        return cls(d["config"], d.get("options", {}), d.get("global_batch_size"), d.get("params_layout"), d.get("data"))
 
 
 class CheckpointError(ValueError):
@@ -107,7 +131,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             self._remove_unfinished()  # a save cut short by a kill
 
-    def save(self, step: int, state: Any, meta: dict, data_position: dict) -> None:
+    def save(self, step: int, state: Any, meta: Meta, data_position: dict) -> None:
         """Writes the step; on failure (a full disk, say) removes what it wrote and raises a
         CheckpointError, the earlier steps untouched."""
         needed = int(1.1 * sum(x.nbytes for x in jax.tree.leaves(state))) + SAVE_MARGIN_BYTES
@@ -121,7 +145,7 @@ class Checkpointer:
         absl_log.setLevel(logging.CRITICAL)
         try:
             self._manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "params_layout": PARAMS_LAYOUT}),
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta.to_json()),
                 data=ocp.args.JsonSave(data_position)), force=True)
             self._manager.wait_until_finished()
         except Exception as e:  # tensorstore reports I/O failures as ValueError, the rest as OSError
@@ -199,7 +223,7 @@ def _mismatch(manager: ocp.CheckpointManager, step: int, abstract: Any) -> Optio
     return None
 
 
-def read_meta(workdir: str) -> Optional[dict]:
+def read_meta(workdir: str) -> Optional[Meta]:
     """The metadata (config, options.json, global batch size) of the workdir's newest checkpoint
     whose metadata reads; None if there is none. Reads no arrays."""
     found = steps(workdir)
@@ -209,18 +233,20 @@ def read_meta(workdir: str) -> Optional[dict]:
     try:
         for step in reversed(found):
             try:
-                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                return _read_meta(manager, step)
             except Exception:  # a damaged step: the one before it may do
                 continue
-            if isinstance(meta, dict) and "config" in meta:
-                return meta
     finally:
         manager.close()
     return None
 
 
-def restore(workdir: str, abstract_state: Callable[[dict], Any], on_damaged: Optional[Callable[[int], str]] = None
-            ) -> tuple[int, Any, dict, Optional[dict]]:
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> Meta:
+    return Meta.from_json(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+
+def restore(workdir: str, abstract_state: Callable[[Meta], Any], on_damaged: Optional[Callable[[int], str]] = None
+            ) -> tuple[int, Any, Meta, Optional[dict]]:
     """(step, state, meta, this process's data position) of the newest checkpoint that reads.
 
     `abstract_state(meta)` gives the structure, shapes and shardings to restore the state into
@@ -239,11 +265,9 @@ def restore(workdir: str, abstract_state: Callable[[dict], Any], on_damaged: Opt
     try:
         for step in reversed(found):
             try:
-                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-                if not isinstance(meta, dict) or "config" not in meta:
-                    raise ValueError("its metadata has no config")
+                meta = _read_meta(manager, step)
                 abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state(meta))
-                per_direction = meta.get("params_layout") != PARAMS_LAYOUT
+                per_direction = meta.params_layout != PARAMS_LAYOUT
                 if per_direction:
                     abstract = split_directions(abstract)
                 mismatch = _mismatch(manager, step, abstract)
@@ -264,7 +288,7 @@ def restore(workdir: str, abstract_state: Callable[[dict], Any], on_damaged: Opt
                 moved = on_damaged(damaged) if on_damaged is not None else None
                 log.warning("warning: checkpoint step %d in %s cannot be read (%s)%s; using step %d", damaged,
                             checkpoint_dir(workdir), reason, f"; set aside as {moved}" if moved else "", step)
-            data_position = restored.data if has_data else meta.get("data")
+            data_position = restored.data if has_data else meta.data
             state = stack_directions(restored.state) if per_direction else restored.state
             if per_direction:
                 log.info("checkpoint step %d in %s has one LSTM param tree per direction (elmojax before "

@@ -68,55 +68,93 @@ def unigram_perplexity(train_counts: np.ndarray, heldout_counts: np.ndarray) -> 
     return float(np.exp(-np.dot(heldout_counts, log_p) / heldout_counts.sum()))
 
 
+@dataclasses.dataclass(frozen=True)
+class HeldoutResult:
+    """A model's heldout perplexity with the full softmax, overall (the exp of the mean of the
+    directions' mean token losses) and by direction; the heldout targets and files scored; the
+    training data's unigram perplexity on the same targets and the files it was counted on
+    (None and none without training data); and, from carry_check, each direction's perplexity
+    from zero state over its perplexity from the carry (trap_ratio)."""
+    perplexity: float
+    forward_perplexity: float
+    backward_perplexity: Optional[float]  # None: a forward-only model
+    tokens: int
+    heldout_files: tuple[str, ...]
+    vocab_size: int
+    unigram_perplexity: Optional[float] = None
+    unigram_files: tuple[str, ...] = ()
+    trap_ratio: Optional[dict[str, float]] = None
+
+    def by_direction(self) -> dict[str, float]:
+        """{direction: perplexity} of the model's directions."""
+        both = {"forward": self.forward_perplexity, "backward": self.backward_perplexity}
+        return {d: p for d, p in both.items() if p is not None}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "HeldoutResult":
+        """The result that to_json wrote (other fields beside its own, as in a record, are left)."""
+        fields = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        return cls(**{**fields, "heldout_files": tuple(d["heldout_files"]),
+                      "unigram_files": tuple(d.get("unigram_files", ()))})
+
+    def to_json(self) -> dict:
+        """Its fields as the JSON of --mode=evaluate names them (trap_ratio only where measured)."""
+        out = {"perplexity": self.perplexity, "forward_perplexity": self.forward_perplexity,
+               "backward_perplexity": self.backward_perplexity, "tokens": self.tokens,
+               "heldout_files": list(self.heldout_files), "vocab_size": self.vocab_size,
+               "unigram_perplexity": self.unigram_perplexity, "unigram_files": list(self.unigram_files)}
+        return out if self.trap_ratio is None else {**out, "trap_ratio": dict(self.trap_ratio)}
+
+
 class Evaluator:
     """Heldout perplexity of one model's params with the full softmax, every heldout token
-    counted once, the LSTM state carried from batch to batch; its eval step compiles once for
-    all the evaluations of a run. `config` is the model's, `vocab` its vocabulary;
-    `train_prefix` the training data the unigram baseline is counted on ("" for none)."""
+    counted once, the LSTM state carried from batch to batch, on `trainer`'s eval step (a run's
+    own trainer: its evaluations compile that step once, for all of them). `vocab` is the
+    model's vocabulary; `train_prefix` the training data the unigram baseline is counted on
+    ("" for none)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, vocab, heldout_prefix: str, batch_size: int,
-                 unroll_steps: int, train_prefix: str = ""):
+    def __init__(self, trainer: Trainer, vocab, heldout_prefix: str, batch_size: int, unroll_steps: int,
+                 train_prefix: str = ""):
         if not heldout_prefix:
             raise ValueError("no heldout data: set --config.data.heldout_prefix=GLOB")
-        self.config, self.vocab, self.heldout_prefix, self.unroll_steps = config, vocab, heldout_prefix, unroll_steps
+        self.trainer, self.config, self.vocab = trainer, trainer.config, vocab
+        self.heldout_prefix, self.unroll_steps = heldout_prefix, unroll_steps
         self.heldout_files = data.list_shards(heldout_prefix)
-        self.trainer = Trainer(config, vocab.size, local_mesh())
         self.batch_size = -(-batch_size // self.trainer.n_devices) * self.trainer.n_devices
         self.baseline = training_unigram(train_prefix, vocab)
 
-    def __call__(self, params, initial_state: Optional[dict] = None) -> dict:
-        """The result for `params`: perplexity overall and by direction, the heldout files and
-        tokens scored, and the training data's unigram baseline. The LSTMs start from zero
-        state (as embeddings do), or from `initial_state`, a carry whose batch size is then the
-        evaluation's (e.g. where training left the LSTMs)."""
+    def __call__(self, params, initial_state: Optional[dict] = None) -> HeldoutResult:
+        """The result for `params`. The LSTMs start from zero state (as embeddings do), or from
+        `initial_state`, a carry whose batch size is then the evaluation's (e.g. where training
+        left the LSTMs)."""
         return self._result(*self._score(params, initial_state))
 
-    def _result(self, batches: list[dict], target_counts: np.ndarray) -> dict:
+    def _result(self, batches: list[dict], target_counts: np.ndarray, trap_ratio: Optional[dict] = None
+                ) -> HeldoutResult:
         totals = _totals(batches)
         mean_losses = {d: s / n for d, (s, n) in totals.items()}
-        result = {"perplexity": float(np.exp(np.mean(list(mean_losses.values())))),
-                  "forward_perplexity": float(np.exp(mean_losses["forward"])),
-                  "backward_perplexity": float(np.exp(mean_losses["backward"])) if "backward" in mean_losses else None,
-                  "tokens": int(totals["forward"][1]), "heldout_files": self.heldout_files,
-                  "vocab_size": self.vocab.size, "unigram_perplexity": None, "unigram_files": []}
+        unigram, unigram_files = None, ()
         if self.baseline is not None:
-            result["unigram_perplexity"] = unigram_perplexity(self.baseline[0], target_counts)
-            result["unigram_files"] = self.baseline[1]
-        return result
+            unigram, unigram_files = unigram_perplexity(self.baseline[0], target_counts), tuple(self.baseline[1])
+        return HeldoutResult(
+            perplexity=float(np.exp(np.mean(list(mean_losses.values())))),
+            forward_perplexity=float(np.exp(mean_losses["forward"])),
+            backward_perplexity=float(np.exp(mean_losses["backward"])) if "backward" in mean_losses else None,
+            tokens=int(totals["forward"][1]), heldout_files=tuple(self.heldout_files), vocab_size=self.vocab.size,
+            unigram_perplexity=unigram, unigram_files=unigram_files, trap_ratio=trap_ratio)
 
-    def carry_check(self, params, carry: dict) -> dict:
+    def carry_check(self, params, carry: dict) -> HeldoutResult:
         """The result from `carry` (the LSTM state training ended in), with `trap_ratio`: for
         each direction, its perplexity from zero state over its perplexity from the carry, in
         the same batches, leaving out the first quarter of the stream (at least one batch),
         where a model trained on a carried state pays for a cold start; what stays is the
         zero-state trap, which lasts."""
         warm_batches, target_counts = self._score(params, carry)
-        warm = self._result(warm_batches, target_counts)
         cold_batches, _ = self._score(params, None, jax.tree.leaves(carry)[0].shape[0])
         skip = max(1, len(warm_batches) // 4) if len(warm_batches) > 1 else 0
         cold, hot = _totals(cold_batches[skip:]), _totals(warm_batches[skip:])
-        warm["trap_ratio"] = {d: float(np.exp(cold[d][0] / cold[d][1] - hot[d][0] / hot[d][1])) for d in hot}
-        return warm
+        ratio = {d: float(np.exp(cold[d][0] / cold[d][1] - hot[d][0] / hot[d][1])) for d in hot}
+        return self._result(warm_batches, target_counts, ratio)
 
     def _score(self, params, initial_state: Optional[dict], batch_size: Optional[int] = None
                ) -> tuple[list[dict], np.ndarray]:
@@ -147,14 +185,39 @@ def _totals(batches: list[dict]) -> dict[str, tuple[float, float]]:
     return {d: (sum(b[d][0] for b in batches), sum(b[d][1] for b in batches)) for d in batches[0]}
 
 
+def heldout_evaluator(config: ml_collections.ConfigDict, vocab, trainer: Trainer) -> Evaluator:
+    """The Evaluator of config.data.heldout_prefix (with config.eval's batch size and unroll,
+    and config.data.train_prefix's baseline) on `trainer`'s eval step, or, where its mesh spans
+    other processes' devices, on a trainer of its own over this process's (evaluation runs on
+    process 0 alone)."""
+    if trainer.mesh.devices.size != len(trainer.mesh.local_devices):
+        trainer = Trainer(trainer.config, vocab.size, local_mesh())
+    return Evaluator(trainer, vocab, config.data.heldout_prefix, config.eval.batch_size, config.eval.unroll_steps,
+                     config.data.train_prefix)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` says of a model: where it is (`model`, a workdir's checkpoint `step`), its
+    heldout result, and its Health (None where not diagnosed)."""
+    model: str
+    step: Optional[int]
+    heldout: HeldoutResult
+    health: Optional[Health] = None
+
+    def to_json(self) -> dict:
+        """The JSON --mode=evaluate prints (the health's line goes to stderr instead)."""
+        out = {"model": self.model, "step": self.step, **self.heldout.to_json()}
+        return out if self.health is None else {**out, **self.health.fields()}
+
+
 def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[Trained] = None,
-             initial_state: Optional[dict] = None, diagnosed: bool = True) -> dict:
-    """The Evaluator's result for the model in `path` (a workdir, an exported weight file or a
-    bilm-tf checkpoint, whose vocabulary is config.data.vocab_file where none lies beside it)
-    on config.data.heldout_prefix, with `model` (and `step` for a workdir); `trained` stands
-    for what `path` holds, if given. Unless `initial_state` is given, the result is
-    `diagnose`d too (a workdir's model scored again from its checkpoint's carry if it does not
-    look healthy), with `health`, `blown_up` and the line to print (`health_line`)."""
+             initial_state: Optional[dict] = None, diagnosed: bool = True) -> Evaluation:
+    """The Evaluation of the model in `path` (a workdir, an exported weight file or a bilm-tf
+    checkpoint, whose vocabulary is config.data.vocab_file where none lies beside it) on
+    config.data.heldout_prefix; `trained` stands for what `path` holds, if given. Unless
+    `initial_state` is given, the result is `diagnose`d too (a workdir's model scored again
+    from its checkpoint's carry if it does not look healthy)."""
     path = local_model(path)
     if trained is None:
         trained = load_trained(path, config.init_softmax_from, vocab_file=config.data.vocab_file,
@@ -166,17 +229,23 @@ def evaluate(config: ml_collections.ConfigDict, path: str, trained: Optional[Tra
     vocab = load_vocab(model_config, trained.vocab_file)
     if vocab_tokens(vocab) != trained.vocab:
         raise ValueError(f"{trained.vocab_file}: not the vocabulary of {path}'s softmax")
-    log.info("evaluating %s%s on %s", path, f" (step {trained.step})" if trained.step is not None else "",
-             config.data.heldout_prefix)
-    evaluator = Evaluator(model_config, vocab, config.data.heldout_prefix, config.eval.batch_size,
-                          config.eval.unroll_steps, config.data.train_prefix)
-    result = {"model": path, "step": trained.step, **evaluator(trained.params, initial_state)}
+    evaluator = heldout_evaluator(config, vocab, Trainer(model_config, vocab.size, local_mesh()))
+    return evaluate_trained(evaluator, trained, path, initial_state, diagnosed, _resets(path))
+
+
+def evaluate_trained(evaluator: Evaluator, trained: Trained, model: str, initial_state: Optional[dict] = None,
+                     diagnosed: bool = True, state_resets: Optional[float] = None) -> Evaluation:
+    """`evaluate` of a model already read (`trained`, from `model`) with an Evaluator already
+    built; `state_resets` is the probability its training reset the carry with (None: unknown)."""
+    log.info("evaluating %s%s on %s", model, f" (step {trained.step})" if trained.step is not None else "",
+             evaluator.heldout_prefix)
+    heldout = evaluator(trained.params, initial_state)
+    health = None
     if initial_state is None and diagnosed:
-        health = diagnose(result)
+        health = diagnose(heldout)
         if health.needs_carry and trained.carry is not None:
-            health = diagnose(result, evaluator.carry_check(trained.params, trained.carry), _resets(path))
-        result.update(health.fields())
-    return result
+            health = diagnose(heldout, evaluator.carry_check(trained.params, trained.carry), state_resets)
+    return Evaluation(model, trained.step, heldout, health)
 
 
 def _resets(path: str) -> Optional[float]:
@@ -185,17 +254,16 @@ def _resets(path: str) -> Optional[float]:
     return None if stored is None else float(stored.train.get("state_reset_probability", 0.0))
 
 
-def summary(result: dict) -> str:
+def summary(result: HeldoutResult) -> str:
     """An evaluation's result as one line."""
-    backward = result["backward_perplexity"]
-    baseline = result.get("unigram_perplexity")
-    return (f"heldout perplexity {result['perplexity']:.2f} (forward {result['forward_perplexity']:.2f}"
+    backward, baseline = result.backward_perplexity, result.unigram_perplexity
+    return (f"heldout perplexity {result.perplexity:.2f} (forward {result.forward_perplexity:.2f}"
             + (f", backward {backward:.2f}" if backward is not None else "")
-            + f") over {result['tokens']} tokens of {_files(result['heldout_files'])}"
+            + f") over {result.tokens} tokens of {_files(result.heldout_files)}"
             + (f"; unigram baseline of the training data {baseline:.2f}" if baseline is not None else ""))
 
 
-def _files(paths: list[str]) -> str:
+def _files(paths: tuple[str, ...]) -> str:
     return paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]} ... {paths[-1]})"
 
 
@@ -212,7 +280,7 @@ SUSPECT_RATIO = 1.2     # without a carry: one direction this many times the oth
 REFERENCE = 'README, "When a model blows up"'
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Health:
     """What an evaluation says of a model: `verdict` (healthy, undertrained, suspect, broken),
     the line to print (None when healthy), whether scoring it from its training carry would
@@ -220,18 +288,15 @@ class Health:
     verdict: str
     line: Optional[str] = None
     needs_carry: bool = False
-    from_carry: Optional[dict] = None
+    from_carry: Optional[HeldoutResult] = None
 
     def fields(self) -> dict:
-        """The result's fields for it."""
-        out = {"health": self.verdict, "blown_up": self.verdict == "broken", "health_line": self.line}
+        """Its fields in the JSON of --mode=evaluate (not the line, which goes to stderr)."""
+        out = {"health": self.verdict, "blown_up": self.verdict == "broken"}
         if self.from_carry is not None:
-            out.update({f"carry_{d}_perplexity": self.from_carry.get(f"{d}_perplexity") for d in ("forward", "backward")})
+            carried = self.from_carry.by_direction()
+            out.update({f"carry_{d}_perplexity": carried.get(d) for d in ("forward", "backward")})
         return out
-
-
-def _directions(result: dict) -> dict[str, float]:
-    return {d: result[f"{d}_perplexity"] for d in ("forward", "backward") if result.get(f"{d}_perplexity") is not None}
 
 
 def _far_off(scores: dict[str, float], vocab_size: int) -> Optional[str]:
@@ -245,23 +310,24 @@ def _far_off(scores: dict[str, float], vocab_size: int) -> Optional[str]:
     return None
 
 
-def diagnose(result: dict, from_carry: Optional[dict] = None, state_resets: Optional[float] = None) -> Health:
+def diagnose(result: HeldoutResult, from_carry: Optional[HeldoutResult] = None,
+             state_resets: Optional[float] = None) -> Health:
     """The Health of an evaluation's result (see the module docstring). `from_carry` is the same
     model's evaluation from the LSTM state training ended in, if there is one; `state_resets`
     the probability its training reset the carry with (None: unknown), for the advice."""
-    scores = _directions(result)
+    scores = result.by_direction()
     worst = max(scores, key=scores.get)
     listed = ", ".join(f"{d} {p:.6g}" for d, p in scores.items())
     if from_carry is not None:
-        carried = _directions(from_carry)
-        far = _far_off(carried, result["vocab_size"])
+        carried = from_carry.by_direction()
+        far = _far_off(carried, result.vocab_size)
         if far:
             bad = max(carried, key=carried.get)
             return Health("broken", f"warning: the {bad} LM is broken: heldout perplexity {carried[bad]:.6g} from the "
                           f"LSTM state training ended in, {far} (from zero state: {listed}): it has not learnt. Do not "
                           f"use it: train it again, with a smaller --config.train.learning_rate or another seed.",
                           from_carry=from_carry)
-        ratios = from_carry.get("trap_ratio") or {d: scores[d] / carried[d] for d in scores}
+        ratios = from_carry.trap_ratio or {d: scores[d] / carried[d] for d in scores}
         trapped = {d: r for d, r in ratios.items() if r >= TRAP_RATIO}
         if trapped:
             bad = max(trapped, key=trapped.get)
@@ -271,13 +337,13 @@ def diagnose(result: dict, from_carry: Optional[dict] = None, state_resets: Opti
                           f"the state from batch to batch, never visits ({REFERENCE}). {_trap_advice(state_resets)}",
                           from_carry=from_carry)
     else:
-        far = _far_off(scores, result["vocab_size"])
+        far = _far_off(scores, result.vocab_size)
         if far:
             return Health("broken", f"warning: the {worst} LM is broken: heldout perplexity {scores[worst]:.6g}, "
                           f"{far} ({listed}). Do not use it. A direction this far off has fallen into the zero-state "
                           f"trap ({REFERENCE}) or has not learnt; evaluating the workdir it was trained in, whose "
                           f"checkpoints hold the state training ended in, tells which.", needs_carry=True)
-        baseline = result.get("unigram_perplexity")
+        baseline = result.unigram_perplexity
         learnt = baseline is None or min(scores.values()) < baseline  # (young models' directions differ more)
         if len(scores) == 2 and scores[worst] > SUSPECT_RATIO * min(scores.values()) and learnt:
             other = min(scores, key=scores.get)
@@ -285,7 +351,7 @@ def diagnose(result: dict, from_carry: Optional[dict] = None, state_resets: Opti
                           f"times the {other} LM ({listed}); in a trained model that is a sign of the zero-state trap "
                           f"({REFERENCE}), which evaluating the workdir it was trained in (its checkpoints hold the "
                           f"state training ended in) confirms or rules out.", needs_carry=True)
-    baseline = result.get("unigram_perplexity")
+    baseline = result.unigram_perplexity
     if baseline is not None and scores[worst] > baseline:
         return Health("undertrained", f"note: the {worst} LM does not yet beat a unigram model of the training data "
                       f"(heldout perplexity {scores[worst]:.6g} against {baseline:.6g}): train it longer.",

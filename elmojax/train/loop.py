@@ -12,7 +12,7 @@
 
 A non-finite loss or gradient norm stops the run with `Diverged`, before anything of it is
 saved; SIGTERM or SIGINT end it with `Interrupted` once the current step is saved.
-after_training(config, workdir, state) then does what the config asks for at the end.
+`run_training` returns the Run, what it built included, for elmojax.after_training.
 """
 
 from __future__ import annotations
@@ -36,12 +36,10 @@ import numpy as np
 from elmojax import data
 from elmojax.train import config as config_lib
 from elmojax.formats import files
-from elmojax.formats.options import BiLMOptions
 from elmojax.train import checkpoint, runconfig
-from elmojax.train.evaluation import Evaluator, diagnose, evaluate, summary
+from elmojax.train.evaluation import Evaluator, diagnose, heldout_evaluator, summary
 from elmojax.train.metrics import MetricsWriter
-from elmojax.train.trained_models import (VOCAB_FILE, Trained, architecture_difference, export, init_from, load_vocab,
-                                 vocab_tokens)
+from elmojax.train.trained_models import VOCAB_FILE, architecture_difference, init_from, load_vocab, vocab_tokens
 from elmojax.formats.locks import locked
 from elmojax.formats.vocab import Vocabulary
 from elmojax.train.step import TrainState
@@ -133,12 +131,30 @@ def plan(config: ml_collections.ConfigDict, global_batch_size: int) -> Plan:
     return Plan(total_steps, steps_per_epoch, n_train_tokens, tokens_per_step)
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A finished run, for the work after training (elmojax.after_training): its config, workdir,
+    vocabulary and final state, and the trainer and heldout Evaluator it built (None where it
+    evaluated nothing), to be used again rather than built and compiled anew."""
+    config: ml_collections.ConfigDict
+    workdir: str
+    vocab: Vocabulary
+    state: TrainState
+    trainer: Trainer
+    evaluator: Optional[Evaluator] = None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains, resuming from the workdir's newest checkpoint if there is one."""
+    """Trains, resuming from the workdir's newest checkpoint if there is one; the final state."""
+    return run_training(config, workdir).state
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """train, returning the whole Run."""
     config_lib.validate(config)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"{workdir}: the workdir is a file, not a directory")
-    vocab = load_vocab(config)
+    vocab = load_vocab(config)  # the run's one read of it: handed down from here
     _check_run(workdir, config, vocab)
     trainer = Trainer(config, vocab.size)
     run_plan = plan(config, trainer.batch_size)
@@ -154,7 +170,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             checkpointer = checkpoint.Checkpointer(workdir, config.train.keep_checkpoints)
             try:
                 state = _start(config, workdir, trainer, vocab, dataset, checkpointer)
-                return Loop(config, workdir, trainer, dataset, checkpointer, run_plan, stop).run(state)
+                training = Loop(config, workdir, trainer, dataset, checkpointer, run_plan, stop)
+                state = training.run(state)
+                return Run(config, workdir, vocab, state, trainer, training.evaluator)
             finally:
                 checkpointer.close()
     except OSError as e:
@@ -189,12 +207,12 @@ def _start(config, workdir: str, trainer: Trainer, vocab, dataset, checkpointer)
     if jax.process_index() == 0:
         runconfig.save(workdir, config)
     if checkpoint.steps(workdir):
-        def abstract_state(meta: dict):
-            if meta["global_batch_size"] != trainer.batch_size:
+        def abstract_state(meta: checkpoint.Meta):
+            if meta.global_batch_size != trainer.batch_size:
                 raise checkpoint.CheckpointError(
-                    f"{workdir}: the checkpoint was trained with a global batch of {meta['global_batch_size']}, "
+                    f"{workdir}: the checkpoint was trained with a global batch of {meta.global_batch_size}, "
                     f"this run has {trainer.batch_size}")
-            difference = architecture_difference(meta["options"], ours)
+            difference = architecture_difference(meta.options, ours)
             if difference:
                 raise checkpoint.CheckpointError(f"{workdir}: the checkpoint's model differs from the config's: "
                                                  f"{difference}")
@@ -230,8 +248,8 @@ class Loop:
         self.config, self.workdir, self.trainer, self.dataset = config, workdir, trainer, dataset
         self.checkpointer, self.plan, self.stop = checkpointer, run_plan, stop
         self.writer = MetricsWriter(workdir) if jax.process_index() == 0 else None
-        self.meta = {"config": config.to_json(), "options": config_lib.options_json(config, dataset.vocab.size),
-                     "global_batch_size": trainer.batch_size}
+        self.meta = checkpoint.Meta(config.to_json(), config_lib.options_json(config, dataset.vocab.size),
+                                    trainer.batch_size)
         self.data_position: Optional[dict] = None   # the dataset's position after the last batch trained on
         self.unchecked: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked for finiteness
         self.interval: list[tuple[float, float]] = []  # (loss, grad norm) of the steps since the last log
@@ -315,12 +333,10 @@ class Loop:
         if jax.process_index() != 0 or not self.config.data.heldout_prefix:
             return  # process 0 evaluates on its own devices
         self.check()
-        if self.evaluator is None:
-            ec = self.config.eval
-            self.evaluator = Evaluator(self.config, self.dataset.vocab, self.config.data.heldout_prefix,
-                                       ec.batch_size, ec.unroll_steps, self.config.data.train_prefix)
+        if self.evaluator is None:  # the run's trainer's eval step, compiled once for all evaluations
+            self.evaluator = heldout_evaluator(self.config, self.dataset.vocab, self.trainer)
         started = time.monotonic()
-        params = _local_params(state)
+        params = local_params(state)
         result = self.evaluator(params)
         health = diagnose(result)
         if health.needs_carry and jax.process_count() == 1:  # (with several, the carry's rows are spread out)
@@ -328,9 +344,9 @@ class Loop:
                               self.config.train.state_reset_probability)
         self._exclude_from_timing(time.monotonic() - started)
         log.info("step %d  %s", step, summary(result))
-        self.writer.scalars(step, {f"heldout/{name}": result[name] for name in
-                                   ("perplexity", "forward_perplexity", "backward_perplexity")
-                                   if result[name] is not None})
+        self.writer.scalars(step, {f"heldout/{name}": value for name, value in (
+            ("perplexity", result.perplexity), ("forward_perplexity", result.forward_perplexity),
+            ("backward_perplexity", result.backward_perplexity)) if value is not None})
         if health.line:
             (log.warning if health.verdict == "broken" else log.info)("step %d  %s", step, health.line)
 
@@ -349,7 +365,7 @@ class Loop:
             self.interval_start += seconds
 
 
-def _local_params(state: TrainState):
+def local_params(state: TrainState):
     """The params as host arrays (replicated: this process's copy)."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
 
@@ -357,49 +373,3 @@ def _local_params(state: TrainState):
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def after_training(config: ml_collections.ConfigDict, workdir: str, state: TrainState) -> list[str]:
-    """What the config asks for once training ends: heldout evaluation, export, and embedding
-    the example sentences with the exported model, all from the final `state`. Returns lines to
-    print."""
-    lines = []
-    if jax.process_index() != 0:  # process 0 evaluates and exports on its own devices
-        return lines
-    vocab_file = os.path.join(workdir, VOCAB_FILE)
-    # (with several processes, the carry's rows are spread over them: no carry to check against)
-    carry = jax.device_get(state.lstm_state) if jax.process_count() == 1 else None
-    tokens = vocab_tokens(Vocabulary(vocab_file))
-    trained = Trained(_local_params(state), config_lib.options_json(config, len(tokens)), tokens, vocab_file, workdir,
-                      int(state.step), carry)
-    if config.data.heldout_prefix:
-        result = evaluate(config, workdir, trained)
-        lines.append(summary(result))
-        if result["health_line"]:
-            lines.append(result["health_line"])
-    if config.export_after_training:
-        output = os.path.join(workdir, config.export_after_training)
-        exported = export(workdir, output, trained)
-        lines.append(f"exported {exported['weights']} with {exported['options']} and {exported['softmax']}")
-        if config.example_sentences and config.model.bidirectional and config_lib.use_character_inputs(config):
-            lines.extend(_embed_examples(exported, list(config.example_sentences)))
-    return lines
-
-
-def _embed_examples(exported: dict, sentences: list[str]) -> list[str]:
-    from elmojax.formats.vocab import Batcher
-    from elmojax.infer.bidirectional_lm import BidirectionalLanguageModel
-
-    options = BiLMOptions.from_dict(files.read_json(exported["options"]))
-    bilm = BidirectionalLanguageModel(exported["options"], exported["weights"])
-    batcher = Batcher(exported["vocab"], options.char_cnn.max_characters_per_token)
-    tokens = [s.split() for s in sentences]
-    out = bilm(batcher.batch_sentences(tokens))
-    lines = [f"embedded {len(tokens)} example sentences: lm_embeddings {out['lm_embeddings'].shape}"]
-    # mean-pooled top layer: how alike the sentences look to the model
-    pooled = [out["lm_embeddings"][i, -1, : len(t)].mean(axis=0) for i, t in enumerate(tokens)]
-    unit = [p / np.linalg.norm(p) for p in pooled]
-    for i in range(len(unit)):
-        for j in range(i + 1, len(unit)):
-            lines.append(f"  cosine(sentence {i}, sentence {j}) = {float(unit[i] @ unit[j]):.3f}")
-    return lines

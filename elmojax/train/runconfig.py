@@ -98,7 +98,7 @@ def stored(workdir: str) -> Optional[ml_collections.ConfigDict]:
     meta = checkpoint.read_meta(workdir) if os.path.isdir(checkpoint.checkpoint_dir(workdir)) else None
     if meta is None:
         return None
-    return from_dict(json.loads(meta["config"]), f"{checkpoint.checkpoint_dir(workdir)} (its metadata)")
+    return from_dict(json.loads(meta.config), f"{checkpoint.checkpoint_dir(workdir)} (its metadata)")
 
 
 def save(workdir: str, config: ml_collections.ConfigDict) -> None:

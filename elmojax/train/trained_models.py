@@ -15,21 +15,25 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import SingleDeviceSharding
 
 from elmojax.train import config as config_lib
 from elmojax.formats import files, hdf5, remote, tf_checkpoint, tf_variables
 from elmojax.formats.dicts import flatten
 from elmojax.formats.options import BiLMOptions, N_CHARACTERS_PREDICT
 from elmojax.formats.vocab import UnicodeCharsVocabulary, Vocabulary
+from elmojax.model.bilm import BiLM, zero_state
 from elmojax.train import checkpoint
-from elmojax.train.step import INITIAL_ACCUMULATOR
-from elmojax.train.trainer import Trainer
+from elmojax.train.step import INITIAL_ACCUMULATOR, TrainState, make_optimizer
+
+if TYPE_CHECKING:
+    from elmojax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +64,30 @@ def remap_rows(old: np.ndarray, old_vocab: list[str], new: np.ndarray, new_vocab
     return out, len(shared)
 
 
-def exported_files(weight_file: str, softmax_file: str = "") -> dict:
+@dataclasses.dataclass(frozen=True)
+class ModelFiles:
+    """A trained model's files in bilm-tf's format: the weights (hdf5), options.json, the softmax
+    (hdf5) and the vocabulary (None: an export of a bilm-tf checkpoint without one)."""
+    weights: str
+    options: str
+    softmax: str
+    vocab: Optional[str]
+
+    def to_json(self) -> dict:
+        """The files as --mode=export prints them (no "vocab" where there is none)."""
+        out = {"weights": self.weights, "options": self.options, "softmax": self.softmax, "vocab": self.vocab}
+        return out if self.vocab is not None else {k: v for k, v in out.items() if k != "vocab"}
+
+
+def exported_files(weight_file: str, softmax_file: str = "") -> ModelFiles:
     """The files an export writes beside its weight file."""
     stem, _ = os.path.splitext(weight_file)
     directory = os.path.dirname(os.path.abspath(weight_file))
-    return {"weights": weight_file, "options": os.path.join(directory, "options.json"),
-            "softmax": softmax_file or f"{stem}_softmax.hdf5", "vocab": os.path.join(directory, VOCAB_FILE)}
+    return ModelFiles(weight_file, os.path.join(directory, "options.json"), softmax_file or f"{stem}_softmax.hdf5",
+                      os.path.join(directory, VOCAB_FILE))
 
 
-def files_beside(weight_file: str, softmax_file: str = "") -> dict:
+def files_beside(weight_file: str, softmax_file: str = "") -> ModelFiles:
     """The files that go with a weight file: an export's (exported_files), or AllenNLP's
     published names (X_weights.hdf5 with X_options.json and X_softmax_weights.hdf5) and a
     vocabulary as the only vocab*.txt beside it, where an export's are not there."""
@@ -76,12 +95,13 @@ def files_beside(weight_file: str, softmax_file: str = "") -> dict:
     stem = os.path.splitext(weight_file)[0]
     if stem.endswith("_weights"):
         published = stem[:-len("_weights")]
-        if not os.path.isfile(found["options"]):
-            found["options"] = published + "_options.json"
-        if not softmax_file and not os.path.isfile(found["softmax"]):
-            found["softmax"] = published + "_softmax_weights.hdf5"
-    if not os.path.isfile(found["vocab"]):
-        found["vocab"] = tf_variables.vocab_beside(os.path.dirname(os.path.abspath(weight_file))) or found["vocab"]
+        if not os.path.isfile(found.options):
+            found = dataclasses.replace(found, options=published + "_options.json")
+        if not softmax_file and not os.path.isfile(found.softmax):
+            found = dataclasses.replace(found, softmax=published + "_softmax_weights.hdf5")
+    if not os.path.isfile(found.vocab):
+        beside = tf_variables.vocab_beside(os.path.dirname(os.path.abspath(weight_file)))
+        found = dataclasses.replace(found, vocab=beside or found.vocab)
     return found
 
 
@@ -97,7 +117,7 @@ def trained_vocab_file(path: str) -> str:
     if is_tf_checkpoint(path):
         directory = os.path.dirname(tf_checkpoint.resolve_prefix(path)) or "."
         return tf_variables.vocab_beside(directory) or os.path.join(directory, VOCAB_FILE)
-    return os.path.join(path, VOCAB_FILE) if os.path.isdir(path) else files_beside(path)["vocab"]
+    return os.path.join(path, VOCAB_FILE) if os.path.isdir(path) else files_beside(path).vocab
 
 
 @dataclasses.dataclass
@@ -162,40 +182,70 @@ def load_trained(path: str, softmax_file: str = "", vocab_file: str = "", need_v
         trained, tokens = load_tf_checkpoint(path, vocab_file, need_vocab)
         return Trained(trained.params, trained.options, tokens, trained.vocab_file, trained.prefix, trained.global_step)
     if os.path.isdir(path):
-        if not checkpoint.steps(path):
-            raise ValueError(f"{path}: no checkpoint in this workdir yet ({checkpoint.checkpoint_dir(path)}); a run "
-                             f"saves one every --config.train.checkpoint_every steps and when it ends")
-        vocab = Vocabulary(trained_vocab_file(path))
-
-        def abstract_state(meta: dict):
-            config = ml_collections.ConfigDict(json.loads(meta["config"]))
-            trainer = Trainer(config, vocab.size, Mesh(np.array(jax.local_devices()[:1]), ("data",)))
-            return trainer.abstract_state(meta["global_batch_size"])  # the carry as saved
-
-        step, state, meta, _ = checkpoint.restore(path, abstract_state)
-        carry = jax.device_get(state.lstm_state) if with_carry else None
-        return Trained(jax.device_get(state.params), meta["options"], vocab_tokens(vocab), vocab.filename, path, step,
-                       carry)
+        return _load_workdir(path, with_carry)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: neither a workdir with checkpoints, an exported weight file nor a TensorFlow "
                          f"checkpoint")
+    return _load_export(path, softmax_file)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, n_vocab: int, batch_size: int) -> TrainState:
+    """The shapes and dtypes of a TrainState of `config`'s model and optimizer over `n_vocab`
+    tokens, with a carry of `batch_size` rows, on this process's first device: what a
+    workdir's checkpoint is read into for its params (no trainer, mesh or compilation)."""
+    options = config_lib.bilm_options(config, n_vocab)
+    chars = config_lib.use_character_inputs(config)
+    model = BiLM(options, chars)
+
+    def fresh() -> TrainState:
+        ids = jnp.ones((1, 1, options.char_cnn.max_characters_per_token) if chars else (1, 1), jnp.int32)
+        params = {"bilm": model.init(jax.random.PRNGKey(0), ids, zero_state(options, 1))["params"],
+                  "softmax": {"b": jnp.zeros((n_vocab,), jnp.float32)}}
+        if not config.model.share_embedding_softmax:
+            params["softmax"]["W"] = jnp.zeros((n_vocab, options.projection_dim), jnp.float32)
+        opt_state = make_optimizer(config_lib.optimizer_settings(config)).init(params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                          lstm_state=zero_state(options, batch_size), rng=jax.random.PRNGKey(0))
+
+    device = SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), jax.eval_shape(fresh))
+
+
+def _load_workdir(path: str, with_carry: bool) -> Trained:
+    """The model of a workdir's latest readable checkpoint (with its carry, `with_carry`)."""
+    if not checkpoint.steps(path):
+        raise ValueError(f"{path}: no checkpoint in this workdir yet ({checkpoint.checkpoint_dir(path)}); a run "
+                         f"saves one every --config.train.checkpoint_every steps and when it ends")
+    vocab = Vocabulary(trained_vocab_file(path))
+
+    def abstract_state(meta: checkpoint.Meta) -> TrainState:  # the carry as saved
+        config = ml_collections.ConfigDict(json.loads(meta.config))
+        return abstract_train_state(config, vocab.size, meta.global_batch_size)
+
+    step, state, meta, _ = checkpoint.restore(path, abstract_state)
+    carry = jax.device_get(state.lstm_state) if with_carry else None
+    return Trained(jax.device_get(state.params), meta.options, vocab_tokens(vocab), vocab.filename, path, step, carry)
+
+
+def _load_export(path: str, softmax_file: str) -> Trained:
+    """The model of an exported (or AllenNLP's published) weight file and the files beside it."""
     exported = files_beside(path, softmax_file)
-    if not os.path.isfile(exported["options"]):
-        raise ValueError(f"{path}: no options.json beside it ({exported['options']})")
-    options_d = files.read_json(exported["options"])
-    options = BiLMOptions.from_dict(options_d, source=exported["options"])
-    if not os.path.isfile(exported["softmax"]):
-        raise ValueError(f"{path}: no softmax file {exported['softmax']} (give --config.init_softmax_from=FILE)")
-    softmax_w, softmax_b, vocab = hdf5.load_softmax(exported["softmax"])
-    vocab_file = exported["vocab"] if os.path.isfile(exported["vocab"]) else None
+    if not os.path.isfile(exported.options):
+        raise ValueError(f"{path}: no options.json beside it ({exported.options})")
+    options_d = files.read_json(exported.options)
+    options = BiLMOptions.from_dict(options_d, source=exported.options)
+    if not os.path.isfile(exported.softmax):
+        raise ValueError(f"{path}: no softmax file {exported.softmax} (give --config.init_softmax_from=FILE)")
+    softmax_w, softmax_b, vocab = hdf5.load_softmax(exported.softmax)
+    vocab_file = exported.vocab if os.path.isfile(exported.vocab) else None
     if vocab is None:  # (AllenNLP's published softmax file holds none)
-        if not os.path.isfile(exported["vocab"]):
-            raise ValueError(f"{exported['softmax']}: holds no vocabulary, and there is no {VOCAB_FILE} (nor a single "
+        if not os.path.isfile(exported.vocab):
+            raise ValueError(f"{exported.softmax}: holds no vocabulary, and there is no {VOCAB_FILE} (nor a single "
                              f"vocab*.txt) beside {path}; put the vocabulary of the softmax's rows there")
-        vocab = vocab_tokens(Vocabulary(exported["vocab"], validate_file=True))
+        vocab = vocab_tokens(Vocabulary(exported.vocab, validate_file=True))
     if len(vocab) != softmax_w.shape[0]:
-        raise ValueError(f"{exported['vocab']}: {len(vocab)} tokens for the {softmax_w.shape[0]} rows of "
-                         f"{exported['softmax']}; not the softmax's vocabulary")
+        raise ValueError(f"{exported.vocab}: {len(vocab)} tokens for the {softmax_w.shape[0]} rows of "
+                         f"{exported.softmax}; not the softmax's vocabulary")
     if options.char_cnn is None:
         options = dataclasses.replace(options, n_tokens_vocab=softmax_w.shape[0])
     params = {"bilm": hdf5.load_weights(path, options), "softmax": {"W": softmax_w, "b": softmax_b}}
@@ -278,7 +328,7 @@ def init_from(trainer: Trainer, fresh: dict, path: str, softmax_file: str,
     return out, accumulators
 
 
-def export(path: str, output: str, trained: Optional[Trained] = None) -> dict:
+def export(path: str, output: str, trained: Optional[Trained] = None) -> ModelFiles:
     """Writes a trained model as bilm-tf files: weights (hdf5), options.json (n_characters 262)
     beside them, the softmax (softmax/W, softmax/b, and the vocabulary) and vocab.txt (a bilm-tf
     checkpoint without a vocabulary: the softmax without one, and no vocab.txt, as bilm-tf's
@@ -298,14 +348,14 @@ def export(path: str, output: str, trained: Optional[Trained] = None) -> dict:
         softmax_w = params["bilm"]["embedder"]["embedding"]
     contents = {
         output: hdf5.weights_image(params["bilm"], options, output),
-        exported["options"]: (json.dumps(prediction_options, indent=2) + "\n").encode("utf-8"),
-        exported["softmax"]: hdf5.softmax_image(softmax_w, params["softmax"]["b"], exported["softmax"], tokens),
+        exported.options: (json.dumps(prediction_options, indent=2) + "\n").encode("utf-8"),
+        exported.softmax: hdf5.softmax_image(softmax_w, params["softmax"]["b"], exported.softmax, tokens),
     }
     if tokens is None:
         log.info("%s: no vocabulary beside it, so the export has none (no %s; its softmax's rows are the "
                  "vocabulary it was trained with: put that beside the export as %s)", path, VOCAB_FILE, VOCAB_FILE)
-        del exported["vocab"]
+        exported = dataclasses.replace(exported, vocab=None)
     else:
-        contents[exported["vocab"]] = "".join(t + "\n" for t in tokens).encode("utf-8")
+        contents[exported.vocab] = "".join(t + "\n" for t in tokens).encode("utf-8")
     files.write_bytes(contents)
     return exported

@@ -34,7 +34,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # noqa: E402
-import training_parity  # noqa: E402  (beside this file)
+from elmojax.train.replay import carry_from_arrays  # noqa: E402
 
 IMPLEMENTATIONS = ("bilm-tf", "elmojax")
 
@@ -119,7 +119,7 @@ def run_bilm_tf(options: dict, corpus: str, seed: int, tf_python: str) -> dict:
         with np.load(out, allow_pickle=False) as f:
             variables = {k[len("trained/"):]: f[k] for k in f.files if k.startswith("trained/")}
             facts = json.loads(str(f["result"]))
-            carry = training_parity.carry_from_arrays(f, "lstm_state", options)
+            carry = carry_from_arrays(f, "lstm_state", options)
     share = bool(options.get("share_embedding_softmax", False))
     params = tf_variables.params_from_tf(variables, BiLMOptions.from_dict(options), share, source=f"bilm-tf seed {seed}")
     result = evaluate(corpus_config(options, corpus, seed, "options"), corpus, params, options, carry)

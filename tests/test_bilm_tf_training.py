@@ -1,5 +1,5 @@
-"""Training steps pinned to bilm-tf's own: replays of runs bilm-tf recorded (tests/fixtures/
-bilm_tf_training/, made by its make_fixtures.sh with benchmarks/bilm_tf_training.py).
+"""Training steps pinned to bilm-tf's own: replays (elmojax.train.replay) of runs bilm-tf recorded
+(tests/fixtures/bilm_tf_training/, made by its make_fixtures.sh with benchmarks/bilm_tf_training.py).
 
 Each record holds bilm-tf's initial variables, 20 batches of the bundled KJV sample and what its
 training graph computed: the loss and global gradient norm at every step, the first step's
@@ -13,16 +13,14 @@ dropout (tanh CNN; word inputs sharing the softmax with the embedding).
 """
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import training_parity  # noqa: E402
+from conftest import FIXTURES
+from elmojax.train import replay
 
-RECORDS = os.path.join(ROOT, "tests", "fixtures", "bilm_tf_training")
+RECORDS = os.path.join(FIXTURES, "bilm_tf_training")
 NAMES = ["chars", "words", "chars_sampled", "words_sampled"]
 ONE_STEP = 1e-5     # float32 agreement, relative to each variable's largest entry
 TWENTY_STEPS = 5e-5
@@ -30,17 +28,17 @@ TWENTY_STEPS = 5e-5
 
 @pytest.fixture(scope="module", params=NAMES)
 def replayed(request):
-    record = training_parity.Record(os.path.join(RECORDS, request.param + ".npz"))
-    trainer = training_parity.trainer_for(record)
-    losses, norms, snapshots = training_parity.replay(record, trainer=trainer)
-    grads = training_parity.first_step_gradients(trainer, record)
+    record = replay.Record(os.path.join(RECORDS, request.param + ".npz"))
+    trainer = replay.trainer_for(record)
+    losses, norms, snapshots = replay.replay(record, trainer=trainer)
+    grads = replay.first_step_gradients(trainer, record)
     return record, losses, norms, snapshots, grads
 
 
 def _assert_variables_close(got: dict, want: dict, tolerance: float, what: str):
     assert set(got) == set(want), what
     for name in sorted(want):
-        difference = training_parity.relative_difference(got[name], want[name])
+        difference = replay.relative_difference(got[name], want[name])
         assert difference < tolerance, f"{what}: {name} differs by {difference:.2e} (relative)"
 
 
@@ -76,32 +74,32 @@ def test_the_records_tell_a_changed_recipe_apart(name, change, monkeypatch):
     no longer matches (so the records have the clips in play, and so on)."""
     from elmojax.model import lstm
 
-    record = training_parity.Record(os.path.join(RECORDS, name + ".npz"))
+    record = replay.Record(os.path.join(RECORDS, name + ".npz"))
     if change in ("cell_clip", "proj_clip"):
         record.options = {**record.options, "lstm": {**record.options["lstm"], change: None}}
     elif change == "all_clip_norm_val":
         record.options = {**record.options, change: 1e9}
     else:
         monkeypatch.setattr(lstm, "FORGET_BIAS", 0.0)
-    _, _, snapshots = training_parity.replay(record, steps=1)
+    _, _, snapshots = replay.replay(record, steps=1)
     want = record.variables("after_1")
-    worst = max(training_parity.relative_difference(snapshots[1][k], want[k]) for k in want)
+    worst = max(replay.relative_difference(snapshots[1][k], want[k]) for k in want)
     assert worst > 100 * ONE_STEP, worst
 
 
 def test_sampler_expected_counts_are_tensorflows():
     """The negatives' expected counts elmojax computes from the number of draws it recovers
     equal those TensorFlow's sampler reported."""
-    record = training_parity.Record(os.path.join(RECORDS, "chars_sampled.npz"))
-    assert training_parity.expected_count_difference(record) < 1e-5
+    record = replay.Record(os.path.join(RECORDS, "chars_sampled.npz"))
+    assert replay.expected_count_difference(record) < 1e-5
 
 
 def test_tf_variable_names_and_errors():
     from elmojax.formats import tf_variables
     from elmojax.formats.options import BiLMOptions
 
-    record = training_parity.Record(os.path.join(RECORDS, "chars.npz"))
-    trainer = training_parity.trainer_for(record)
+    record = replay.Record(os.path.join(RECORDS, "chars.npz"))
+    trainer = replay.trainer_for(record)
     variables = record.variables("init")
     names = {name for name, _, _ in tf_variables.tf_layout(trainer.options)}
     assert names == {k for k in variables if not k.endswith("/Adagrad")}  # every variable bilm-tf made

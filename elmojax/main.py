@@ -135,7 +135,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         _usage_error(f"--config={config_file}: no such config file")
     try:
         _CONFIG = config_flags.DEFINE_config_file("config", _QUICKSTART, "a config file (configs/*.py)",
-                                                  lock_config=True)
+                                                  lock_config=True, sys_argv=argv)
         return flags.FLAGS(argv)
     except Exception as e:  # config_flags raises whatever loading or overriding raised
         text = str(e)
@@ -152,6 +152,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         if "Traceback" in text:  # raised by the config file's get_config: its last line says what
             _usage_error(f"--config={config_file}: {text.strip().splitlines()[-1]}")
         _usage_error(" ".join(text.split()))
+
+
+def run(argv: list[str]) -> None:
+    """The command line with `argv` (argv[0] the program's name) in this process: its flags
+    parsed afresh, so that it can run more than once (the tests' bad command lines)."""
+    flags.FLAGS.unparse_flags()
+    for name in [name for name in flags.FLAGS if name == "config" or name.startswith("config.")]:
+        delattr(flags.FLAGS, name)  # --config and its overrides: parse_flags defines them for this argv
+    main(parse_flags(argv))
 
 
 def _usage_error(message: str) -> None:

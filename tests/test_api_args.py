@@ -15,8 +15,8 @@ from elmojax.formats.vocab import Batcher, TokenBatcher, batch_char_ids
 from elmojax.infer.bidirectional_lm import embed_tokens
 from elmojax.infer.elmo import Elmo, load_elmo, remove_sentence_boundaries, scalar_mix, word_ids
 from elmojax.infer.scoring import perplexity, tokens_of
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "tests", "fixtures", "model")
 OPTIONS, WEIGHTS, VOCAB = (os.path.join(MODEL, name) for name in ("options.json", "lm_weights.hdf5", "vocab_test.txt"))
 CHECKPOINT = os.path.join(ROOT, "tests", "fixtures", "bilm_tf_checkpoint")  # a biLM with its softmax

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import h5py
 import jax
@@ -16,11 +15,10 @@ from elmojax.formats.vocab import Vocabulary
 from elmojax.train import checkpoint, loop, trained_models
 from elmojax.train.trainer import Trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import tiny  # noqa: E402
+import tiny
+from conftest import FIXTURES
 
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "orbax_per_direction")
+FIXTURE = os.path.join(FIXTURES, "orbax_per_direction")
 OLD_EXPORT = os.path.join(FIXTURE, "export_144c12b.hdf5")
 OLD_ACCUMULATORS = os.path.join(FIXTURE, "accumulators_144c12b.npz")
 

@@ -3,15 +3,12 @@ options.json is honoured field by field, and command-line overrides work."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from conftest import ROOT
 from elmojax.train import config as config_lib
 from elmojax.formats.options import BiLMOptions
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name, arg=None):
@@ -90,12 +87,12 @@ def test_n_train_tokens_unset_is_counted_from_the_data():
 
 
 def test_command_line_overrides():
-    code = ("from absl import flags; from ml_collections import config_flags; import sys\n"
-            "c = config_flags.DEFINE_config_file('config')\n"
-            "flags.FLAGS(sys.argv)\n"
-            "print(c.value.train.batch_size, c.value.model.lstm.dim, c.value.data.vocab_file)")
-    result = subprocess.run([sys.executable, "-c", code, "--config=configs/quickstart.py",
-                             "--config.train.batch_size=64", "--config.model.lstm.dim=128",
-                             "--config.data.vocab_file=v.txt"], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["64", "128", "v.txt"]
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["main", f"--config={ROOT}/configs/quickstart.py", "--config.train.batch_size=64",
+            "--config.model.lstm.dim=128", "--config.data.vocab_file=v.txt"]
+    flag_values = flags.FlagValues()  # of its own: the process's flags stay as they are
+    c = config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    assert [c.value.train.batch_size, c.value.model.lstm.dim, c.value.data.vocab_file] == [64, 128, "v.txt"]

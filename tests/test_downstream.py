@@ -17,8 +17,8 @@ import elmojax
 from elmojax.formats.vocab import Batcher
 from elmojax.infer.elmo import load_elmo, word_ids
 from elmojax.model.bilm import BiLM, zero_state
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "tests", "fixtures", "model")
 OPTIONS, WEIGHTS = os.path.join(MODEL, "options.json"), os.path.join(MODEL, "lm_weights.hdf5")
 ALLENNLP = os.path.join(ROOT, "tests", "fixtures", "allennlp_elmo")

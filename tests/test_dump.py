@@ -9,11 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE
+from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE, in_process, run_python
 from elmojax import Batcher, BidirectionalLanguageModel, dump_bilm_embeddings
 from elmojax.formats import hdf5
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_lines(path, lines):
@@ -67,6 +65,7 @@ def test_bad_dataset_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt", "elmo.hdf5"]
 
 
+@pytest.mark.slow
 def test_commands(tmp_path, fixture_sentences):
     sentences, _ = fixture_sentences
     dataset = _write_lines(tmp_path / "data.txt", [sentences[1][2], sentences[2][2]])
@@ -134,6 +133,7 @@ def test_allennlp_elmo_dump_refuses_what_it_cannot_key(tmp_path, fixture_sentenc
     assert not (tmp_path / "out.hdf5").exists() and not (tmp_path / "all.hdf5").exists()
 
 
+@pytest.mark.slow
 def test_sentence_vectors_pool_the_layers_over_real_tokens(tmp_path, fixture_sentences):
     sentences, _ = fixture_sentences
     batch = [sentences[0][3], sentences[1][0], sentences[2][4]]
@@ -161,7 +161,6 @@ def test_sentence_vectors_pool_the_layers_over_real_tokens(tmp_path, fixture_sen
 
 FOUR_DEVICES = r"""
 import json, sys
-sys.path.insert(0, "tests")
 import jax, numpy as np
 from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE
 from elmojax import Batcher, BidirectionalLanguageModel, dump_bilm_embeddings
@@ -178,6 +177,7 @@ dump_bilm_embeddings(VOCAB_FILE, dataset, OPTIONS_FILE, WEIGHT_FILE, out, batch_
 """
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one(tmp_path, fixture_sentences):
     """Each batch split over 4 (forced host) devices: stateful calls and a dump give one device's numbers."""
     import json
@@ -186,9 +186,7 @@ def test_four_devices_equal_one(tmp_path, fixture_sentences):
     lines = [s for row in sentences for s in row][:23]
     dataset = _write_lines(tmp_path / "data.txt", lines)
     out = str(tmp_path / "four.hdf5")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", FOUR_DEVICES, json.dumps(lines),
-                             dataset, out], cwd=ROOT, env=env, capture_output=True, text=True)
+    result = run_python(FOUR_DEVICES, json.dumps(lines), dataset, out, devices=4)
     assert result.returncode == 0, result.stderr[-3000:]
     one = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=3, stateful=True,
                                      devices=jax.local_devices()[:1])
@@ -222,6 +220,7 @@ def _assert_same_datasets(path, reference):
             assert f[key][...].tobytes() == g[key][...].tobytes(), key
 
 
+@pytest.mark.slow
 def test_a_dump_killed_midway_resumes_where_it_stopped(tmp_path):
     """kill -9 once the first chunks are written; the same command again keeps them, computes
     the rest and writes what an uninterrupted run writes, byte for byte."""
@@ -288,8 +287,8 @@ def test_a_work_directory_left_by_another_command_is_refused(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"left by another dump \(input.mtime_ns: \d+ then, \d+ now; "
                                          r"input.size: \d+ then, \d+ now; n_lines: 10 then, 11 now\)"):
         dump_elmo(dataset, out, "top", OPTIONS_FILE, WEIGHT_FILE, chunk_lines=4)
-    result = subprocess.run([sys.executable, "-m", "elmojax.dump", "elmo", dataset, out, "--top", "--options",
-                             OPTIONS_FILE, "--weights", WEIGHT_FILE, "--chunk-lines", "5"], capture_output=True, text=True)
+    result = in_process("dump", "elmo", dataset, out, "--top", "--options", OPTIONS_FILE, "--weights", WEIGHT_FILE,
+                        "--chunk-lines", "5")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "chunk_lines: 4 then, 5 now" in result.stderr
     assert sorted(os.listdir(out + ".parts")) == left and not os.path.exists(out)  # nothing changed

@@ -18,14 +18,12 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE, short_lines
+from conftest import OPTIONS_FILE, ROOT, VOCAB_FILE, WEIGHT_FILE, dead_pid, short_lines
 from test_dump import _interrupted
 from elmojax import dump_bilm_embeddings
 from elmojax.infer import dump_parts
 from elmojax.infer.dumps import dump_elmo
 from elmojax.process import runtime
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "bilm_tf_checkpoint")
 
 # A dump in a process of its own, with two stand-ins a test may ask for in the environment: a
@@ -133,6 +131,7 @@ def _dump(dataset, out):
     dump_elmo(dataset, str(out), "all", OPTIONS_FILE, WEIGHT_FILE, batch_size=10, chunk_lines=10, progress=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_a_chunk_or_merging_is_one_line_and_keeps_the_finished_chunks(
         tmp_path, monkeypatch, corpus):
     """On a real small tmpfs: the disk fills in a chunk (one line naming it, the finished chunks
@@ -282,6 +281,7 @@ def _wait_for(condition, process, timeout=120.0):
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_stop_a_dump_in_one_line_and_it_resumes(tmp_path, corpus):
     """SIGTERM as soon as the dump has its work directory (while it compiles, as often as not),
     then SIGINT once chunks are done: exit 143 and 130, one line each saying what is done, the
@@ -319,6 +319,7 @@ def test_sigterm_and_sigint_stop_a_dump_in_one_line_and_it_resumes(tmp_path, cor
     _assert_same(out, reference)
 
 
+@pytest.mark.slow
 def test_a_stopped_single_file_dump_leaves_nothing(tmp_path):
     """score writes its file as it goes: SIGTERM midway leaves neither it nor its temporary file.
     (Should the run end before the signal, on a starved machine, it is tried again.)"""
@@ -340,6 +341,7 @@ def test_a_stopped_single_file_dump_leaves_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["lines.txt"]
 
 
+@pytest.mark.slow
 def test_a_second_dump_into_the_same_output_is_refused_naming_the_first(tmp_path, caplog, corpus):
     """While a dump runs (held still with SIGSTOP once it has its lock), the same command again
     is refused in one line naming its process; the first then finishes undisturbed. A lock
@@ -362,17 +364,15 @@ def test_a_second_dump_into_the_same_output_is_refused_naming_the_first(tmp_path
     _assert_same(out, reference)
     os.remove(out)
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = dead_pid()
     os.makedirs(work)
     with open(os.path.join(work, dump_parts.LOCK), "w") as f:
-        json.dump({"host": os.uname().nodename, "pid": int(dead.stdout)}, f)
+        json.dump({"host": os.uname().nodename, "pid": dead}, f)
     with caplog.at_level(logging.WARNING):
         _dump(dataset, out)
-    assert f"taking over the lock of process {int(dead.stdout)}, which no longer runs" in caplog.text
+    assert f"taking over the lock of process {dead}, which no longer runs" in caplog.text
     assert sorted(os.listdir(tmp_path)) == ["out.hdf5"]
     _assert_same(out, reference)
-
-
 
 
 def _flip(path, offset):
@@ -562,6 +562,7 @@ def test_bad_command_lines_get_one_line(bad_files, capfd):
         assert sorted(os.listdir(bad_files)) == ["a_dir", "a_file", "bad.hdf5", "bad.json", "in.txt"], argv
 
 
+@pytest.mark.slow
 def test_an_unwritable_output_directory_is_one_line(tmp_path):
     dataset = short_lines(tmp_path / "lines.txt", 5)
     target = tmp_path / "ro"

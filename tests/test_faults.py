@@ -21,11 +21,8 @@ from elmojax.formats import locks as workdir_lib
 from elmojax.train import checkpoint, evaluation, loop, metrics, trained_models
 from elmojax.train.tensorboard import SummaryWriter
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import tiny  # noqa: E402
-from conftest import padded_vocab_file  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import tiny
+from conftest import ROOT, dead_pid, in_process, padded_vocab_file
 
 
 def _config(**train):
@@ -117,9 +114,8 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, c
         with pytest.raises(ValueError, match="in use by another trainer"):
             loop.train(_config(max_steps=2), work)
     assert not os.path.exists(os.path.join(work, workdir_lib.LOCK_FILE))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     with open(os.path.join(work, workdir_lib.LOCK_FILE), "w") as f:
-        json.dump({"host": os.uname().nodename, "pid": int(dead.stdout)}, f)
+        json.dump({"host": os.uname().nodename, "pid": dead_pid()}, f)
     with caplog.at_level(logging.WARNING), workdir_lib.locked(work):
         pass
     assert "taking over the lock of process" in caplog.text
@@ -232,6 +228,7 @@ def _wait_for_step(work, step: int, process, timeout: float = 120.0) -> int:
     raise TimeoutError(f"step {step} not reached")
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_save_and_stop_and_kill_9_loses_at_most_one_interval(tmp_path):
     work = str(tmp_path / "work")
     run = _start(work, "--config.train.max_steps=100000")
@@ -283,8 +280,16 @@ def test_sigterm_and_sigint_save_and_stop_and_kill_9_loses_at_most_one_interval(
     (["--mode=export", "--output=tests"], "error: --output=tests: a directory; give the weight file to write"),
 ])
 def test_bad_command_lines_get_one_line(args, message):
-    command = [sys.executable, "-m", "elmojax.main", "--config=configs/tiny.py", *args]
-    run = subprocess.run(command, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
+    run = in_process("main", "--config=configs/tiny.py", *args)
     assert run.returncode != 0
     assert run.stderr.strip().splitlines() == [message] or run.stderr.strip().startswith(message), run.stderr
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+@pytest.mark.slow
+def test_a_bad_command_line_is_one_line_as_a_user_runs_it():
+    """One of them in a process of its own: one line, no traceback, exit status 1."""
+    command = [sys.executable, "-m", "elmojax.main", "--config=configs/tiny.py", "--config.train.dropout=1.5"]
+    run = subprocess.run(command, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr == "error: config: train.dropout must be a number from 0 up to (not including) 1, got 1.5\n"

@@ -15,10 +15,9 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import dead_pid, run_python, start_python
 from elmojax.formats import files
 from elmojax.train.metrics import MetricsWriter
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A writer in its own process: writes TARGET(s) the way argv[1] says, inside stop_on_signals,
 # printing "writing" once it is mid-write; a Stopped is reported on stdout and exits 3.
@@ -61,8 +60,7 @@ WRITER = textwrap.dedent("""
 
 
 def start_writer(how, *targets):
-    return subprocess.Popen([sys.executable, "-c", WRITER, how, *map(str, targets)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_python("-c", WRITER, how, *map(str, targets))
 
 
 def wait_mid_write(process):
@@ -75,6 +73,7 @@ def read(path):
         return f.read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["atomic_output", "write_bytes"])
 def test_sigterm_mid_write_leaves_the_old_file_and_no_temporary(tmp_path, how):
     targets = [tmp_path / "out.bin", tmp_path / "other.bin"][: 1 if how == "atomic_output" else 2]
@@ -90,6 +89,7 @@ def test_sigterm_mid_write_leaves_the_old_file_and_no_temporary(tmp_path, how):
     assert all(read(t) == b"old" for t in targets)
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_renames_waits_for_all_of_them(tmp_path):
     """write_bytes writes all its files or none: a SIGTERM between two renames is handled after both."""
     targets = [tmp_path / "a.bin", tmp_path / "b.bin"]
@@ -102,6 +102,7 @@ def test_a_signal_during_the_renames_waits_for_all_of_them(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.bin"]
 
 
+@pytest.mark.slow
 def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path, caplog):
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
@@ -144,17 +145,16 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path, caplo
 
 def test_a_directory_swept_of_dead_writers_leftovers(tmp_path):
     """remove_leftovers(None, directory): every file's leftovers of dead writers there, and only those."""
-    dead = subprocess.Popen(["true"])
-    dead.wait()
+    dead = dead_pid()
     host = os.path.basename(files.temporary_path("x")).split(".")[3].split("-")[0]  # .x.<pid>.<host>-<random>.tmp
-    names = {f".chunk-000001.hdf5.{dead.pid}.{host}-{'1' * 16}.tmp": False,  # removed
-             f".manifest.json.{dead.pid}.{host}-{'2' * 16}.tmp": False,
+    names = {f".chunk-000001.hdf5.{dead}.{host}-{'1' * 16}.tmp": False,  # removed
+             f".manifest.json.{dead}.{host}-{'2' * 16}.tmp": False,
              f".manifest.json.{os.getpid()}.{host}-{'3' * 16}.tmp": True,  # a running writer's: kept
-             f".out.{dead.pid}.{host}-{'4' * 16}.old": True,  # not a temporary file: kept
+             f".out.{dead}.{host}-{'4' * 16}.old": True,  # not a temporary file: kept
              "chunk-000002.hdf5": True}
     for name in names:
         (tmp_path / name).write_bytes(b"")
-    os.mkdir(tmp_path / f".dir.{dead.pid}.{host}-{'5' * 16}.tmp")  # a directory too
+    os.mkdir(tmp_path / f".dir.{dead}.{host}-{'5' * 16}.tmp")  # a directory too
     files.remove_leftovers(None, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted(name for name, kept in names.items() if kept)
 
@@ -216,6 +216,7 @@ def test_uninterrupted_restores_the_handlers(tmp_path):
         signal.signal(signal.SIGTERM, before)
 
 
+@pytest.mark.slow
 def test_a_handler_set_outside_python_is_kept(tmp_path):
     """A SIGTERM handler that Python does not know (JAX's preemption service sets one in C++) is
     still there after a write: here SIGTERM ignored through libc, then sent after the write."""
@@ -229,7 +230,7 @@ def test_a_handler_set_outside_python_is_kept(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
         print("still here")
     """)
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    run = run_python(code, timeout=60)
     assert run.returncode == 0 and run.stdout == "still here\n", (run.returncode, run.stderr)
 
 

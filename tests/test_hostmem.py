@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's M_TOP_PAD is glibc's")
+pytestmark = [pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's M_TOP_PAD is glibc's"),
+              pytest.mark.slow]
 
 # Repeated calls of a jitted function whose temporaries (several MiB) are allocated anew on every
 # call, after `elmojax.setup()`: calls(n) makes n of them.

@@ -9,13 +9,14 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+
 LOCAL = os.path.join(ROOT, "launch", "local.sh")
 SLURM = os.path.join(ROOT, "launch", "slurm.sbatch")
 TRAIN = os.path.join(ROOT, "tests", "fixtures", "train")
 
 BASH = shutil.which("bash")
-pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
+pytestmark = [pytest.mark.skipif(BASH is None, reason="needs bash"), pytest.mark.slow]
 
 # prints its arguments one per line to $ARGS_DIR/task-$SLURM_PROCID (0 outside srun)
 FAKE_PYTHON = """#!/usr/bin/env bash

@@ -8,8 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, python_env
+
+pytestmark = pytest.mark.slow
 
 WORKER = r"""
 import sys
@@ -18,7 +21,6 @@ pid, n_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], s
 if n_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n_processes, process_id=pid)
-sys.path[:0] = ["configs", "tests"]
 import tempfile
 import tiny
 from conftest import padded_vocab_file
@@ -54,13 +56,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-
-
 def _run_processes(commands, timeout=240):
-    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in commands]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=python_env(XLA_FLAGS=""), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in commands]
     results = []
     for p in procs:
         try:
@@ -115,8 +113,8 @@ def test_command_line_as_two_processes_stops_together_at_sigterm_and_resumes(tmp
                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
                 for i in range(2)]
 
-    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in commands(100000)]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=python_env(XLA_FLAGS=""), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in commands(100000)]
     try:
         metrics_file = os.path.join(workdir, "metrics.jsonl")
         deadline = time.monotonic() + 180

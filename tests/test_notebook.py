@@ -4,7 +4,9 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from conftest import ROOT
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -22,6 +24,7 @@ def test_notebook_is_committed_without_outputs():
             f"clear the notebook's outputs before committing (cell: {''.join(cell['source'])[:60]!r})"
 
 
+@pytest.mark.slow
 def test_notebook_runs(tmp_path, monkeypatch):
     import nbformat
     from jupyter_client.kernelspec import KernelSpecManager

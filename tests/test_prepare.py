@@ -148,6 +148,7 @@ def test_output_directory_rules(corpus, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["corpus.txt", "out"]
 
 
+@pytest.mark.slow
 def test_command_line(corpus, tmp_path):
     path, _ = corpus
     out = tmp_path / "out"
@@ -174,6 +175,7 @@ def test_command_line(corpus, tmp_path):
     assert not os.path.exists(tmp_path / "never")
 
 
+@pytest.mark.slow  # the notes come once a process: this one has given them
 def test_byte_order_mark_and_crlf_read_as_plain_text(corpus, tmp_path):
     """A corpus with a UTF-8 byte-order mark and Windows line ends (plain or .gz) prepares as its plain twin."""
     path, _ = corpus
@@ -228,6 +230,7 @@ def slow_prepare(how, *args):
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_leaves_the_output_as_it_was(corpus, tmp_path, sig):
     path, _ = corpus
@@ -245,6 +248,7 @@ def test_a_signal_leaves_the_output_as_it_was(corpus, tmp_path, sig):
     assert sorted(os.listdir(tmp_path)) == ["corpus.txt", "out"] and tree(out) == first
 
 
+@pytest.mark.slow
 def test_a_kill_while_replacing_the_output_is_undone_by_the_next_run(corpus, tmp_path):
     path, _ = corpus
     out = tmp_path / "out"

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 
 
 def _python_blocks():
@@ -19,6 +19,7 @@ def test_readme_has_examples():
     assert len(_python_blocks()) >= 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
 def test_readme_example(index, tmp_path, monkeypatch):
     code = _python_blocks()[index]

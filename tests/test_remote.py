@@ -17,8 +17,8 @@ import pytest
 from elmojax import BidirectionalLanguageModel, pretrained
 from elmojax.formats import remote
 from elmojax.formats.vocab import Batcher
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "tests", "fixtures", "model")
 
 

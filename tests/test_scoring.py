@@ -13,8 +13,8 @@ from elmojax import BidirectionalLanguageModel
 from elmojax.formats.vocab import Batcher
 from elmojax.model.bilm import BiLM, zero_state
 from elmojax.train import trained_models
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "tests", "fixtures", "bilm_tf_checkpoint")
 SENTENCES = [["In", "the", "beginning", "God", "created", "the", "heaven"], ["And", "Zerubbabel", "said"], ["Amen"]]
 
@@ -68,6 +68,7 @@ def test_log_probs_need_the_softmax(exported):
         bilm.log_probs(Batcher(exported.vocab, 50).batch_sentences([["a"]]))
 
 
+@pytest.mark.slow
 def test_the_score_command_writes_a_json_line_per_sentence(exported, tmp_path):
     import json
     import subprocess

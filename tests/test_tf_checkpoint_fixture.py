@@ -26,8 +26,8 @@ from elmojax.train import trained_models
 from elmojax.train.evaluation import evaluate
 from elmojax.train.step import training_loss
 from elmojax.train.trainer import Trainer
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "bilm_tf_checkpoint")
 SAMPLE = os.path.join(ROOT, "elmojax", "resources", "kjv_sample")
 SENTENCES = [["In", "the", "beginning", "God", "created", "the", "heaven"], ["And", "the", "earth"], ["Amen", "."]]
@@ -136,6 +136,7 @@ def test_export_is_what_dump_weights_writes(checkpoint_dir, tmp_path):
         assert f.read() == g.read()
 
 
+@pytest.mark.slow
 def test_export_on_the_command_line(checkpoint_dir, tmp_path):
     output = tmp_path / "cli.hdf5"
     result = subprocess.run([sys.executable, "-m", "elmojax.main", "--mode=export", f"--model={checkpoint_dir}",

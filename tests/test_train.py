@@ -20,10 +20,8 @@ from elmojax.model.bilm import BiLM, zero_state
 from elmojax.train import config as config_lib, evaluation, loop, step, trained_models
 from elmojax.train import trainer as trainer_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import tiny  # noqa: E402
-from conftest import padded_vocab_file  # noqa: E402
+import tiny
+from conftest import ROOT, padded_vocab_file, run_python
 
 
 def _config(inputs="chars", **train_overrides):
@@ -32,6 +30,7 @@ def _config(inputs="chars", **train_overrides):
     return config
 
 
+@pytest.mark.slow  # 50 epochs each
 @pytest.mark.parametrize("case", ["words_unidirectional", "chars_bidirectional", "shared_softmax", "skip_connections"])
 def test_heldout_perplexity_below_20(case, tmp_path):
     """bilm-tf's tests: 50 epochs on the toy corpus, then perplexity < 20 on it."""
@@ -137,7 +136,6 @@ MULTI_DEVICE = r"""
 import json, sys, tempfile
 import jax, numpy as np
 from jax.sharding import Mesh
-sys.path[:0] = ["configs", "tests"]
 import tiny
 from conftest import padded_vocab_file
 from elmojax import data
@@ -165,15 +163,16 @@ print(json.dumps({"max_diff": max(diffs), "moved": moved}))
 """
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", MULTI_DEVICE], cwd=ROOT, env=env, capture_output=True, text=True)
+    result = run_python(MULTI_DEVICE, devices=4)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["moved"] > 1e-3
     assert out["max_diff"] < 1e-5, out
 
 
+@pytest.mark.slow
 def test_quickstart_command_end_to_end(tmp_path):
     """The main command wires training, evaluation, export and embedding (a few steps here;
     the full quickstart runs the same code for longer)."""
@@ -350,6 +349,7 @@ def test_health_lines_say_what_is_true():
     assert "it has not learnt" in evaluation.diagnose(_heldout(**far), _heldout(**far), 0.0).line
 
 
+@pytest.mark.slow
 def test_a_broken_model_is_reported_by_evaluate(tmp_path):
     """--mode=evaluate on a model that puts its mass on one token prints a warning line with the
     perplexity (stderr) and says so in its JSON."""

@@ -103,6 +103,7 @@ def test_vocab_not_utf8_names_file_and_line(tmp_path):
         Vocabulary(str(path))
 
 
+@pytest.mark.slow
 def test_utf8_whatever_the_locale(vocab_file):
     """Under an ASCII locale (no UTF-8 mode) files still read as UTF-8."""
     code = textwrap.dedent(f"""

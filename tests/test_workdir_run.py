@@ -12,10 +12,9 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import ROOT, in_process
 from elmojax.train import config as config_lib
 from elmojax.train import checkpoint, evaluation, runconfig, trained_models
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 TINY_DATA = os.path.join(FIXTURES, "train", "data.txt")
 
@@ -41,6 +40,7 @@ def run(tmp_path_factory):
     return work, out, err
 
 
+@pytest.mark.slow
 def test_a_run_stores_its_config_and_a_young_model_is_not_called_broken(run):
     work, out, err = run
     stored = runconfig.stored(work)
@@ -54,6 +54,7 @@ def test_a_run_stores_its_config_and_a_young_model_is_not_called_broken(run):
     assert "train it longer" in out
 
 
+@pytest.mark.slow
 def test_a_rerun_without_config_goes_on_with_the_runs_own(run, tmp_path):
     work = str(tmp_path / "work")
     shutil.copytree(run[0], work)
@@ -64,6 +65,7 @@ def test_a_rerun_without_config_goes_on_with_the_runs_own(run, tmp_path):
     assert checkpoint.steps(work)[-1] == 6 and runconfig.stored(work).train.learning_rate == 0.1
 
 
+@pytest.mark.slow
 def test_another_config_stops_before_any_checkpoint_is_read(run, tmp_path):
     work = str(tmp_path / "work")
     shutil.copytree(run[0], work)
@@ -79,6 +81,7 @@ def test_another_config_stops_before_any_checkpoint_is_read(run, tmp_path):
     assert code == 1 and "train.unroll_steps: 10 in the run, 5 now" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_evaluate_without_config_scores_the_runs_heldout_and_says_what(run):
     work = run[0]
     code, out, err = _main("--mode=evaluate", f"--workdir={work}")
@@ -94,12 +97,14 @@ def test_evaluate_and_export_of_a_workdir_without_checkpoints_say_so(tmp_path):
     work = tmp_path / "empty"
     work.mkdir()
     for mode in ("evaluate", "export"):
-        code, out, err = _main(f"--mode={mode}", f"--workdir={work}", f"--output={tmp_path / 'x.hdf5'}",
-                               "--config.data.heldout_prefix=" + TINY_DATA)
+        result = in_process("main", f"--mode={mode}", f"--workdir={work}", f"--output={tmp_path / 'x.hdf5'}",
+                            "--config.data.heldout_prefix=" + TINY_DATA)
+        code, err = result.returncode, result.stderr
         assert code == 1 and err == f"error: {work}: no checkpoint in this workdir yet ({work}/checkpoints); a run " \
                                     f"saves one every --config.train.checkpoint_every steps and when it ends\n", err
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_named_set_aside_and_quiet(run, tmp_path):
     work = str(tmp_path / "work")
     shutil.copytree(run[0], work)
@@ -118,6 +123,7 @@ def test_a_damaged_checkpoint_is_named_set_aside_and_quiet(run, tmp_path):
     assert checkpoint.steps(work) == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_a_bilm_tf_checkpoint_without_a_vocabulary(tmp_path):
     """Exported as bilm-tf's dump_weights does (no vocabulary needed); evaluated with
     --config.data.vocab_file standing for it, said in a log line, as with the vocabulary beside it."""
@@ -166,6 +172,7 @@ runpy.run_module("elmojax.main", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_an_export_stopped_midway_leaves_the_earlier_one_and_no_temporary_file(run, tmp_path, how):
     import signal

@@ -36,7 +36,7 @@ def after_training(run: Run) -> list[str]:
     if config.data.heldout_prefix:
         evaluator = run.evaluator or evaluation.heldout_evaluator(config, run.vocab, run.trainer)
         result = evaluation.evaluate_trained(evaluator, trained, workdir,
-                                             state_resets=float(config.train.get("state_reset_probability", 0.0)))
+                                             state_resets=float(config.train.state_reset_probability))
         lines.append(evaluation.summary(result.heldout))
         if result.health.line:
             lines.append(result.health.line)

@@ -8,9 +8,10 @@
 Any config field can be overridden: --config.train.batch_size=64. Without --config, a workdir
 that holds a run uses the run's own config (WORKDIR/config.json, with any overrides); a new run
 uses the bundled quickstart config; evaluating or exporting a model file uses the defaults of
-elmojax.train.config.base_config (name the heldout data with --config.data.heldout_prefix). Several processes (hosts) train together when launched with
---coordinator_address, --num_processes and --process_id, or as the tasks of a SLURM job step
-(see launch/README.md).
+elmojax.config.base_config (name the heldout data with --config.data.heldout_prefix). Several
+processes (hosts) train together when launched with --coordinator_address, --num_processes and
+--process_id, or as the tasks of a SLURM job step (see launch/README.md). After training, the
+config's end-of-run work follows (elmojax.after_training).
 """
 
 from __future__ import annotations
@@ -30,11 +31,10 @@ from ml_collections import config_flags
 
 import elmojax
 from elmojax.after_training import after_training
-from elmojax.train import config as config_lib
-from elmojax.train.config import base_config
 from elmojax.process import runtime
-from elmojax.train import evaluation, loop, metrics, runconfig, trained_models
+from elmojax.train import config as config_lib, evaluation, loop, metrics, runconfig, trained_models
 from elmojax.train.checkpoint import CheckpointError
+from elmojax.train.config import base_config
 
 log = logging.getLogger(__name__)
 

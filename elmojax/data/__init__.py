@@ -38,7 +38,7 @@ The parts, each where its part of bilm-tf's semantics is implemented:
 from elmojax.data.datasets import BidirectionalLMDataset, Streams, make_dataset
 from elmojax.data.prefetch import BatchPrefetcher
 from elmojax.data.shards import count_order_warning, count_tokens, list_shards
-from elmojax.data.windows import Batch, LMDataset, STATE_VERSION
+from elmojax.data.windows import HostBatch, LMDataset, STATE_VERSION
 
-__all__ = ["STATE_VERSION", "Batch", "BatchPrefetcher", "BidirectionalLMDataset", "LMDataset", "count_order_warning",
+__all__ = ["STATE_VERSION", "HostBatch", "BatchPrefetcher", "BidirectionalLMDataset", "LMDataset", "count_order_warning",
            "count_tokens", "list_shards", "make_dataset", "Streams"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
-from elmojax.data.windows import Batch, Batches, LMDataset, resolve_vocab
+from elmojax.data.windows import Batches, HostBatch, LMDataset, resolve_vocab
 from elmojax.formats.directions import BACKWARD, FORWARD, REVERSE_SUFFIX
 from elmojax.formats.vocab import Vocabulary
 
@@ -39,7 +39,7 @@ class BidirectionalLMDataset(Batches):
         self.use_chars = self.forward.use_chars
         self.max_characters_per_token = self.forward.max_characters_per_token
 
-    def next_batch(self) -> Optional[Batch]:
+    def next_batch(self) -> Optional[HostBatch]:
         forward, backward = self.forward.next_batch(), self.backward.next_batch()
         if forward is None and backward is None:
             return None

@@ -28,7 +28,7 @@ from elmojax.formats.vocab import UnicodeCharsVocabulary, Vocabulary
 
 STATE_VERSION = 1
 
-Batch = dict[str, np.ndarray]  # a host batch: bilm-tf's arrays by name (elmojax.train.batch.to_device sends it)
+HostBatch = dict[str, np.ndarray]  # a host batch: bilm-tf's arrays by name (elmojax.train.batch.to_device sends it)
 
 
 class Run(NamedTuple):
@@ -63,10 +63,10 @@ def resolve_vocab(vocab: Union[str, Vocabulary], max_characters_per_token: Optio
 class Batches:
     """Iteration over `next_batch()`, which returns None once an evaluation stream has ended."""
 
-    def next_batch(self) -> Optional[Batch]:
+    def next_batch(self) -> Optional[HostBatch]:
         raise NotImplementedError
 
-    def iter_batches(self) -> Iterator[Batch]:
+    def iter_batches(self) -> Iterator[HostBatch]:
         """Batches from the current position: forever when training, to the end when testing."""
         while True:
             batch = self.next_batch()
@@ -151,7 +151,7 @@ class LMDataset(Batches):
 
     # --- batches -------------------------------------------------------------------------
 
-    def empty_batch(self) -> Batch:
+    def empty_batch(self) -> HostBatch:
         """An all-padding batch (zeros, weights 0)."""
         shape = (self.batch_size, self.unroll_steps)
         batch = {"token_ids": np.zeros(shape, np.int32)}
@@ -249,7 +249,7 @@ class LMDataset(Batches):
                 self._row_stream[i] = stream
         return draw_start, drawn, new_pos, new_end
 
-    def next_batch(self) -> Optional[Batch]:
+    def next_batch(self) -> Optional[HostBatch]:
         """The next batch, or None once an evaluation stream has given its last token."""
         if self._ended:
             return None

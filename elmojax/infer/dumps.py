@@ -18,8 +18,8 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
 import logging
+import os
 from typing import Callable, Optional
 
 import h5py
@@ -28,6 +28,7 @@ import numpy as np
 
 from elmojax.formats import files, hdf5, remote, tf_checkpoint
 from elmojax.formats.checks import check_int
+from elmojax.formats.directions import DIRECTIONS
 from elmojax.formats.options import load_options
 from elmojax.formats.progress import Progress
 from elmojax.formats.vocab import UnicodeCharsVocabulary, batch_char_ids
@@ -432,8 +433,7 @@ def dump_scores(input_file: str, output_file: str, options_file: str, weight_fil
             for k, tokens in enumerate(part):
                 one = {name: scores[name][k:k + 1] for name in scores}
                 record = {"line": lines[start + k][0], "tokens": tokens,
-                          "forward": scores["forward"][k, :len(tokens)].tolist(),
-                          "backward": scores["backward"][k, :len(tokens)].tolist(),
+                          **{d: scores[d][k, :len(tokens)].tolist() for d in DIRECTIONS},
                           "forward_end": float(scores["forward_end"][k]),
                           "backward_end": float(scores["backward_end"][k]),
                           "perplexity": scoring.perplexity([one])}

@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
         sample_softmax=True,            # False: train with the full softmax (bilm-tf's option)
         # Each batch row's carried LSTM state is zeroed with this probability at every step, so that
         # the model also learns to start from the zero state that evaluation and embeddings start
-        # from, where bilm-tf's recipe often blows up (benchmarks/TRAINING.md, benchmarks/RESULTS.md).
+        # from, where bilm-tf's recipe often blows up (benchmarks/TRAINING.md).
         # bilm-tf has no resets: an options.json config sets 0.
         state_reset_probability=0.05,
         dropout=0.1,

@@ -31,9 +31,9 @@ import ml_collections
 import numpy as np
 
 from elmojax import data
-from elmojax.train import config as config_lib
 from elmojax.data.shards import encode_shard
-from elmojax.train import runconfig
+from elmojax.formats.directions import BACKWARD, DIRECTIONS, FORWARD
+from elmojax.train import config as config_lib, runconfig
 from elmojax.train.trained_models import Trained, load_trained, load_vocab, local_model, trained_vocab_file, vocab_tokens
 from elmojax.train.trainer import Trainer, local_mesh
 
@@ -87,7 +87,7 @@ class HeldoutResult:
 
     def by_direction(self) -> dict[str, float]:
         """{direction: perplexity} of the model's directions."""
-        both = {"forward": self.forward_perplexity, "backward": self.backward_perplexity}
+        both = {FORWARD: self.forward_perplexity, BACKWARD: self.backward_perplexity}
         return {d: p for d, p in both.items() if p is not None}
 
     @classmethod
@@ -138,9 +138,9 @@ class Evaluator:
             unigram, unigram_files = unigram_perplexity(self.baseline[0], target_counts), tuple(self.baseline[1])
         return HeldoutResult(
             perplexity=float(np.exp(np.mean(list(mean_losses.values())))),
-            forward_perplexity=float(np.exp(mean_losses["forward"])),
-            backward_perplexity=float(np.exp(mean_losses["backward"])) if "backward" in mean_losses else None,
-            tokens=int(totals["forward"][1]), heldout_files=tuple(self.heldout_files), vocab_size=self.vocab.size,
+            forward_perplexity=float(np.exp(mean_losses[FORWARD])),
+            backward_perplexity=float(np.exp(mean_losses[BACKWARD])) if BACKWARD in mean_losses else None,
+            tokens=int(totals[FORWARD][1]), heldout_files=tuple(self.heldout_files), vocab_size=self.vocab.size,
             unigram_perplexity=unigram, unigram_files=unigram_files, trap_ratio=trap_ratio)
 
     def carry_check(self, params, carry: dict) -> HeldoutResult:
@@ -175,7 +175,7 @@ class Evaluator:
                                          minlength=vocab.size).astype(np.int64)
             lstm_state, sums = trainer.eval_step(params, lstm_state, trainer.put_batch(batch))
             batches.append({d: (float(loss), float(count)) for d, (loss, count) in jax.device_get(sums).items()})
-        if not batches or sum(b["forward"][1] for b in batches) == 0:
+        if not batches or sum(b[FORWARD][1] for b in batches) == 0:
             raise ValueError(f"{self.heldout_prefix}: no heldout tokens")
         return batches, target_counts
 
@@ -251,7 +251,7 @@ def evaluate_trained(evaluator: Evaluator, trained: Trained, model: str, initial
 def _resets(path: str) -> Optional[float]:
     """The state reset probability a workdir's run trains with (None where not known)."""
     stored = runconfig.stored(path) if os.path.isdir(path) else None
-    return None if stored is None else float(stored.train.get("state_reset_probability", 0.0))
+    return None if stored is None else float(stored.train.state_reset_probability)
 
 
 def summary(result: HeldoutResult) -> str:
@@ -295,7 +295,7 @@ class Health:
         out = {"health": self.verdict, "blown_up": self.verdict == "broken"}
         if self.from_carry is not None:
             carried = self.from_carry.by_direction()
-            out.update({f"carry_{d}_perplexity": carried.get(d) for d in ("forward", "backward")})
+            out.update({f"carry_{d}_perplexity": carried.get(d) for d in DIRECTIONS})
         return out
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from elmojax.formats import hdf5, tf_variables
+from elmojax.formats.directions import DIRECTIONS, directions, host_suffix
 from elmojax.model import softmax
 from elmojax.model.dropout import Dropout
 from elmojax.train import config as config_lib
@@ -53,7 +54,7 @@ class Record:
         return sorted({int(k.split("/")[0][len("after_"):]) for k in self.arrays if k.startswith("after_")})
 
     def suffixes(self) -> tuple[str, ...]:
-        return ("", "_reverse") if self.bidirectional else ("",)
+        return tuple(host_suffix(d) for d in directions(self.bidirectional))
 
     def batch(self, step: int) -> dict:
         """Step `step`'s (1-based) batch in elmojax's layout: ids + 1 (0 would be padding), and
@@ -77,7 +78,7 @@ class Record:
             return None
         n_vocab = self.options["n_tokens_vocab"]
         out = {}
-        for d, direction in enumerate(("forward", "backward")[:len(self.suffixes())]):
+        for d, direction in enumerate(directions(self.bidirectional)):
             ids = self.arrays[f"sampled/ids/{d}"][step - 1].astype(np.int64)
             counts = self.arrays[f"sampled/sampled_expected_count/{d}"][step - 1].astype(np.float64)
             out[direction] = (ids.astype(np.int32), np.float32(num_tries(ids, counts, n_vocab)))
@@ -102,15 +103,15 @@ class Record:
 
 def carry_from_arrays(arrays, prefix: str, options: dict) -> dict:
     """elmojax's LSTM carry {direction: ((c, h) per layer)} from bilm_tf_training.py's arrays."""
-    directions = ("forward", "backward")[:1 + bool(options.get("bidirectional", False))]
     n_layers = options["lstm"].get("n_layers", 1)
     return {direction: tuple((np.asarray(arrays[f"{prefix}/{d}/{layer}/c"]), np.asarray(arrays[f"{prefix}/{d}/{layer}/h"]))
-                             for layer in range(n_layers)) for d, direction in enumerate(directions)}
+                             for layer in range(n_layers))
+            for d, direction in enumerate(directions(bool(options.get("bidirectional", False))))}
 
 
 def carry_arrays(carry: dict, prefix: str) -> dict:
     """The inverse of carry_from_arrays."""
-    return {f"{prefix}/{d}/{layer}/{name}": np.asarray(value) for d, direction in enumerate(("forward", "backward"))
+    return {f"{prefix}/{d}/{layer}/{name}": np.asarray(value) for d, direction in enumerate(DIRECTIONS)
             if direction in carry for layer, pair in enumerate(carry[direction]) for name, value in zip("ch", pair)}
 
 

@@ -10,6 +10,7 @@ import shutil
 
 import h5py
 import jax
+import pytest
 import numpy as np
 from elmojax.formats.vocab import Vocabulary
 from elmojax.train import checkpoint, loop, trained_models
@@ -55,6 +56,7 @@ def test_old_checkpoint_restores_its_accumulators():
     assert max(float(np.max(v)) for v in want.values()) > 0.2  # trained: not the initial 0.1
 
 
+@pytest.mark.slow  # a whole training run
 def test_old_checkpoint_trains_on(tmp_path):
     workdir = tmp_path / "work"
     shutil.copytree(os.path.join(FIXTURE, "workdir"), workdir)

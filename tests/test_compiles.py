@@ -6,16 +6,15 @@ import json
 import logging
 import os
 import re
-import sys
 
 import jax
+import pytest
 
 from elmojax.after_training import after_training
 from elmojax.train import loop
 from elmojax.train.metrics import METRICS_FILE
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import tiny  # noqa: E402
+import tiny
 
 
 class _Compiles(logging.Handler):
@@ -31,6 +30,7 @@ class _Compiles(logging.Handler):
             self.names.append(found.group(1))
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_run_compiles_its_train_step_and_its_eval_step_once(tmp_path):
     # word inputs: every batch has one shape (character inputs' distinct tokens vary in number)
     config = tiny.get_config("words")

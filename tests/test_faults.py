@@ -39,6 +39,7 @@ def _damage(workdir, step):
             f.truncate(10)
 
 
+@pytest.mark.slow  # a whole training run
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     work = str(tmp_path / "work")
     loop.train(_config(max_steps=4), work)
@@ -49,6 +50,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_damaged_newest_checkpoint_is_passed_over_with_a_warning(tmp_path, caplog):
     work = str(tmp_path / "work")
     loop.train(_config(max_steps=4), work)
@@ -65,6 +67,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_with_a_warning(tmp_path, cap
     assert os.path.isdir(os.path.join(checkpoint.checkpoint_dir(work), checkpoint.DAMAGED_PREFIX + "4"))
 
 
+@pytest.mark.slow  # a whole training run
 def test_no_readable_checkpoint_is_one_error_and_changes_nothing(tmp_path):
     work = str(tmp_path / "work")
     loop.train(_config(max_steps=4), work)
@@ -77,6 +80,7 @@ def test_no_readable_checkpoint_is_one_error_and_changes_nothing(tmp_path):
     assert sorted(os.listdir(checkpoint.checkpoint_dir(work))) == before
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_save_killed_midway_leaves_nothing_in_the_way(tmp_path):
     """kill -9 during a save leaves orbax's temporary directory: the rerun resumes from the step
     before and clears it."""
@@ -90,6 +94,7 @@ def test_a_save_killed_midway_leaves_nothing_in_the_way(tmp_path):
     assert not [n for n in os.listdir(directory) if "tmp" in n]
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_changed_model_or_vocabulary_on_resume_is_one_error_and_touches_no_checkpoint(tmp_path):
     work = str(tmp_path / "work")
     loop.train(_config(max_steps=2), work)
@@ -134,6 +139,7 @@ def _small_filesystem(path, size: str):
             subprocess.run(["umount", str(path)], check=True)
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_full_disk_stops_the_run_with_its_checkpoints_intact(tmp_path, monkeypatch):
     work = tmp_path / "small"
     with _small_filesystem(work, "900k") as mounted:
@@ -154,6 +160,7 @@ def test_a_full_disk_stops_the_run_with_its_checkpoints_intact(tmp_path, monkeyp
             assert not os.listdir(work / "export")
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_finished_run_can_be_evaluated_and_exported_from_a_read_only_workdir(tmp_path):
     work = tmp_path / "ro"
     with _small_filesystem(work, "4m") as mounted:

@@ -57,6 +57,7 @@ def test_char_inputs_with_shared_softmax_raise(tmp_path):
         loop.train(config, str(tmp_path))
 
 
+@pytest.mark.slow  # a whole training run
 def test_restart_equals_straight_run(tmp_path):
     """N steps, stop, resume for N more == 2N steps straight: params, carry and data position."""
     n = 7
@@ -75,6 +76,7 @@ def test_restart_equals_straight_run(tmp_path):
                for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(straight.params)))
 
 
+@pytest.mark.slow  # a whole training run
 def test_export_embeds_like_the_training_params(tmp_path):
     config = _config(max_steps=20)
     state = loop.train(config, str(tmp_path / "work"))
@@ -104,6 +106,7 @@ def test_export_embeds_like_the_training_params(tmp_path):
     assert by_export.heldout.perplexity == pytest.approx(by_workdir.heldout.perplexity, rel=1e-5)
 
 
+@pytest.mark.slow  # a whole training run
 def test_fine_tune_on_a_new_vocabulary(tmp_path):
     """init_from an export: shared tokens keep their softmax rows, new ones start fresh."""
     state = loop.train(_config(max_steps=10), str(tmp_path / "base"))
@@ -192,6 +195,7 @@ def test_quickstart_command_end_to_end(tmp_path):
     assert metrics["tokens"] == 4651
 
 
+@pytest.mark.slow  # a whole training run
 def test_fine_tune_from_a_workdir(tmp_path):
     """init_from another workdir's checkpoint with the same vocabulary keeps every trained row."""
     base = loop.train(_config(max_steps=5), str(tmp_path / "base"))
@@ -203,6 +207,7 @@ def test_fine_tune_from_a_workdir(tmp_path):
     assert int(tuned.step) == 1
 
 
+@pytest.mark.slow  # a whole training run
 def test_word_input_export_is_its_own_embedding_file(tmp_path):
     from elmojax import TokenBatcher
 

@@ -1,26 +1,21 @@
 """elmojax: ELMo's character-based bidirectional LSTM language model in JAX/Flax.
 
-Using a trained biLM: `BidirectionalLanguageModel` (embed.py) on `Batcher` ids (vocab.py),
-mixed by `weight_layers` or `ScalarMix` (elmo.py), or inside a downstream model as AllenNLP's
-`Elmo` (downstream.py: `load_elmo`); the modules are model.py's and lstm.py's,
-the weights bilm-tf's hdf5 files (hdf5.py) or its TensorFlow training checkpoints
-(tf_checkpoint.py, tf_variables.py).
+The package is in layers; a module imports its own folder and the layers below it, never above
+or beside (tests/test_layers.py checks it):
 
-Training, from the command line down:
+  main.py dump.py prepare.py  the command lines; after_training.py: what a run does at its end
+  __init__.py config.py       the public API below; the config schema for config files
+  train/    TrainState, the step, the trainer, the loop, evaluation, checkpoints, trained models
+  infer/    BidirectionalLanguageModel, weight_layers / ScalarMix (mix), AllenNLP's Elmo, dumps
+  model/    the Flax modules (char CNN, LSTM, biLM), the losses, numerics
+  data/     batches with bilm-tf's semantics, and the corpus tool's library
+  formats/  vocabularies and Batcher ids, options.json, hdf5 weights, TF checkpoints, downloads
+  process/  process-wide settings, signals, the multi-controller runtime
 
-  main.py         python -m elmojax.main: train, evaluate or export, with one-line errors
-  loop.py         train(): resume or start, then the step between periodic actions (log,
-                  heldout evaluation, checkpoint), stopping on divergence or a signal
-    data/         host batches with bilm-tf's semantics, read ahead (data.BatchPrefetcher)
-    batch.py      to_device(): a host batch as the typed Batch the step takes
-    trainer.py    the mesh, shardings and jitted steps
-    step.py       the pure math: TrainState, losses, train_step, eval_step
-    evaluation.py heldout perplexity and the model's health (the blow-up check)
-    checkpoint.py orbax checkpoints (state, metadata, each process's data position)
-    runconfig.py  the run's config stored in its workdir, and what a resumed run may change
-    workdir.py    the workdir's lock; metrics.py: TensorBoard and metrics.jsonl
-  model_files.py  trained models in and out: load_trained, init_from, export (workdirs,
-                  exports, bilm-tf checkpoints through tf_variables.py)
+Using a trained biLM: `BidirectionalLanguageModel` on `Batcher` ids, mixed by `weight_layers` or
+`ScalarMix`, or inside a downstream model as AllenNLP's `Elmo` (`load_elmo`). Training: `python
+-m elmojax.main --config=configs/NAME.py`, which reads the config once and hands typed settings
+down (train/config.py).
 
 Importing elmojax changes no process-wide setting; entry points call `elmojax.setup()`.
 """

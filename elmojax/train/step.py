@@ -14,11 +14,12 @@ from typing import Any, NamedTuple, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from elmojax.formats.directions import directions as directions_of
 from elmojax.model import softmax
-from elmojax.model.bilm import BiLM, lookup_tokens
+from elmojax.model.bilm import BiLM, lookup_tokens, zero_state
 from elmojax.train.batch import Batch
 from elmojax.train.config import OptimizerSettings, StepSettings
 
@@ -245,3 +246,31 @@ def with_accumulators(opt_state, accumulators):
     """make_optimizer's state with Adagrad's accumulators (a params-shaped tree) replaced."""
     clip_state, (rss_state, *rest) = opt_state
     return clip_state, (rss_state._replace(sum_of_squares=accumulators), *rest)
+
+
+def init_params(model: BiLM, settings: StepSettings, rng: jax.Array) -> dict:
+    """Fresh params: the biLM's (its modules' initializers) and the softmax's, bilm-tf's
+    normal(0, 1/sqrt(dim)) weights (none where the input embedding is shared) and zero biases."""
+    options = model.options
+    width = options.char_cnn.max_characters_per_token if settings.use_character_inputs else None
+    ids = jnp.ones((1, 1, width) if width else (1, 1), jnp.int32)
+    model_rng, softmax_rng = jax.random.split(rng)
+    params = {"bilm": model.init(model_rng, ids, zero_state(options, 1))["params"],
+              "softmax": {"b": jnp.zeros((settings.n_vocab,), jnp.float32)}}
+    if not settings.share_embedding_softmax:
+        dim = options.projection_dim
+        params["softmax"]["W"] = jax.random.normal(softmax_rng, (settings.n_vocab, dim)) / np.sqrt(dim)
+    return params
+
+
+def new_state(model: BiLM, tx: optax.GradientTransformation, settings: StepSettings, rng: jax.Array,
+              batch_size: int, params: Optional[dict] = None, accumulators: Optional[dict] = None) -> TrainState:
+    """A fresh TrainState: new params (or `params`), a new optimizer state (or one with Adagrad's
+    `accumulators`), a zero carry for `batch_size` rows."""
+    params_rng, state_rng = jax.random.split(rng)
+    params = init_params(model, settings, params_rng) if params is None else params
+    opt_state = tx.init(params)
+    if accumulators is not None:
+        opt_state = with_accumulators(opt_state, accumulators)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      lstm_state=zero_state(model.options, batch_size), rng=state_rng)

@@ -18,19 +18,17 @@ import os
 from typing import TYPE_CHECKING, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from elmojax.train import config as config_lib
 from elmojax.formats import files, hdf5, remote, tf_checkpoint, tf_variables
 from elmojax.formats.dicts import flatten
 from elmojax.formats.options import BiLMOptions, N_CHARACTERS_PREDICT
 from elmojax.formats.vocab import UnicodeCharsVocabulary, Vocabulary
-from elmojax.model.bilm import BiLM, zero_state
-from elmojax.train import checkpoint
-from elmojax.train.step import INITIAL_ACCUMULATOR, TrainState, make_optimizer
+from elmojax.model.bilm import BiLM
+from elmojax.train import checkpoint, config as config_lib
+from elmojax.train.step import INITIAL_ACCUMULATOR, TrainState, make_optimizer, new_state
 
 if TYPE_CHECKING:
     from elmojax.train.trainer import Trainer
@@ -193,22 +191,12 @@ def abstract_train_state(config: ml_collections.ConfigDict, n_vocab: int, batch_
     """The shapes and dtypes of a TrainState of `config`'s model and optimizer over `n_vocab`
     tokens, with a carry of `batch_size` rows, on this process's first device: what a
     workdir's checkpoint is read into for its params (no trainer, mesh or compilation)."""
-    options = config_lib.bilm_options(config, n_vocab)
-    chars = config_lib.use_character_inputs(config)
-    model = BiLM(options, chars)
-
-    def fresh() -> TrainState:
-        ids = jnp.ones((1, 1, options.char_cnn.max_characters_per_token) if chars else (1, 1), jnp.int32)
-        params = {"bilm": model.init(jax.random.PRNGKey(0), ids, zero_state(options, 1))["params"],
-                  "softmax": {"b": jnp.zeros((n_vocab,), jnp.float32)}}
-        if not config.model.share_embedding_softmax:
-            params["softmax"]["W"] = jnp.zeros((n_vocab, options.projection_dim), jnp.float32)
-        opt_state = make_optimizer(config_lib.optimizer_settings(config)).init(params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                          lstm_state=zero_state(options, batch_size), rng=jax.random.PRNGKey(0))
-
+    settings = config_lib.step_settings(config, n_vocab)
+    model = BiLM(config_lib.bilm_options(config, n_vocab), settings.use_character_inputs)
+    tx = make_optimizer(config_lib.optimizer_settings(config))
+    shapes = jax.eval_shape(lambda: new_state(model, tx, settings, jax.random.PRNGKey(0), batch_size))
     device = SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), jax.eval_shape(fresh))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
 
 
 def _load_workdir(path: str, with_carry: bool) -> Trained:

@@ -12,18 +12,17 @@ import functools
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from elmojax.train import config as config_lib
 from elmojax.formats.options import BiLMOptions
 from elmojax.model import numerics
 from elmojax.model.bilm import BiLM, zero_state
+from elmojax.train import config as config_lib
 from elmojax.train.batch import Batch, to_device
-from elmojax.train.step import TrainState, eval_step, make_optimizer, train_step, with_accumulators
+from elmojax.train.step import TrainState, eval_step, init_params, make_optimizer, new_state, train_step
 
 
 class Trainer:
@@ -59,29 +58,13 @@ class Trainer:
             in_shardings=(self.replicated, self.sharded, self.sharded), out_shardings=(self.sharded, self.replicated))
 
     def init_params(self, rng: jax.Array) -> dict:
-        o, s = self.options, self.settings
-        width = o.char_cnn.max_characters_per_token if s.use_character_inputs else None
-        ids = jnp.ones((1, 1, width) if width else (1, 1), jnp.int32)
-        model_rng, softmax_rng = jax.random.split(rng)
-        params = {"bilm": self.model.init(model_rng, ids, zero_state(o, 1))["params"]}
-        # bilm-tf: normal(0, 1/sqrt(dim)) softmax weights, zero biases
-        params["softmax"] = {"b": jnp.zeros((s.n_vocab,), jnp.float32)}
-        if not s.share_embedding_softmax:
-            params["softmax"]["W"] = jax.random.normal(softmax_rng, (s.n_vocab, o.projection_dim)) / np.sqrt(
-                o.projection_dim)
-        return params
+        return init_params(self.model, self.settings, rng)
 
     def create_state(self, rng: jax.Array, params: Optional[dict] = None, batch_size: Optional[int] = None,
                      accumulators: Optional[dict] = None) -> TrainState:
-        """A fresh TrainState: new params (or `params`), a new optimizer state (or one with
-        Adagrad's `accumulators`), a zero carry for `batch_size` rows (default: the global batch)."""
-        params_rng, state_rng = jax.random.split(rng)
-        params = self.init_params(params_rng) if params is None else params
-        opt_state = self.tx.init(params)
-        if accumulators is not None:
-            opt_state = with_accumulators(opt_state, accumulators)
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                           lstm_state=zero_state(self.options, batch_size or self.batch_size), rng=state_rng)
+        """step.new_state on the mesh, for `batch_size` rows (default: the global batch)."""
+        state = new_state(self.model, self.tx, self.settings, rng, batch_size or self.batch_size, params,
+                          accumulators)
         return jax.device_put(state, self.state_sharding)
 
     def abstract_state(self, batch_size: Optional[int] = None) -> TrainState:

@@ -177,7 +177,7 @@ def one_line_naming(error, url) -> None:
 
 
 @pytest.mark.parametrize("name, body, content_type, says", [
-    ("vocab_test.txt", gzip.compress(b"<S>\n</S>\n"), ("text/plain", ("Content-Encoding", "gzip")),
+    ("vocab_test.txt", gzip.compress(b"<S>\n</S>\n", mtime=0), ("text/plain", ("Content-Encoding", "gzip")),
      "encoded \\(Content-Encoding gzip\\)"),
     ("lm_weights.hdf5", HTML, "text/html; charset=utf-8", r"HTML page \(Content-Type text/html\)"),
     ("lm_weights.hdf5", HTML, "application/octet-stream", "HTML page"),       # sniffed from the body

@@ -13,7 +13,6 @@ import logging
 from typing import Any, Optional
 
 from elmojax.formats import files
-from elmojax.formats.remote import local_path
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +198,12 @@ def _char_cnn_options(fields: _Fields, c: dict, lstm: LSTMOptions) -> CharCNNOpt
     return char_cnn
 
 
-def load_options(options_file: str) -> BiLMOptions:
-    """Reads options.json (a path or an http(s) URL, elmojax.formats.remote); options written for
+def load_options(options_file: str, source: str = "") -> BiLMOptions:
+    """Reads an options.json file (`source`: the name its errors give, e.g. the URL it was
+    downloaded from; infer.bidirectional_lm.read_options takes URLs); options written for
     training (n_characters 261) work for prediction."""
-    options = BiLMOptions.from_dict(files.read_json(local_path(options_file)), source=options_file)
+    options = BiLMOptions.from_dict(files.read_json(options_file), source=source or options_file)
     if options.char_cnn is not None and options.char_cnn.n_characters == N_CHARACTERS_TRAIN:
         log.info("%s: n_characters is %d (training layout); prediction uses %d, the same table with a zero "
-                 "padding row in front for Batcher's id 0", options_file, N_CHARACTERS_TRAIN, N_CHARACTERS_PREDICT)
+                 "padding row in front for Batcher's id 0", source or options_file, N_CHARACTERS_TRAIN, N_CHARACTERS_PREDICT)
     return options

@@ -132,6 +132,11 @@ def make_distinct_embed_fn(model: BiLM, state_sharding: Optional[NamedSharding] 
     return numerics.jit(embed_fn)
 
 
+def read_options(options_file: str) -> BiLMOptions:
+    """options.json by path or http(s) URL (downloaded once into the cache, formats/remote)."""
+    return load_options(remote.local_path(options_file), source=options_file)
+
+
 def embed_tokens(params: dict, options: BiLMOptions, char_ids: np.ndarray, batch_size: int = 4096,
                  report: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """The char CNN's embedding (n, projection_dim) of spelled tokens, char_ids (n, chars) + 1,
@@ -223,7 +228,7 @@ class BidirectionalLanguageModel:
             raise ValueError(f"compute_dtype must be one of {sorted(numerics.COMPUTE_DTYPES)}, got {compute_dtype!r:.60}")
         check_path("softmax_file", softmax_file, optional=True)
         devices = _check_devices(devices)
-        options = load_options(options_file)
+        options = read_options(options_file)
         if not options.bidirectional:
             raise ValueError(f"{options_file}: ELMo needs a bidirectional LM (bidirectional is false)")
         self.mesh = Mesh(np.array(devices), ("batch",))

@@ -29,11 +29,10 @@ import numpy as np
 from elmojax.formats import files, hdf5, remote, tf_checkpoint
 from elmojax.formats.checks import check_int
 from elmojax.formats.directions import DIRECTIONS
-from elmojax.formats.options import load_options
 from elmojax.formats.progress import Progress
 from elmojax.formats.vocab import UnicodeCharsVocabulary, batch_char_ids
 from elmojax.infer import dump_parts, scoring
-from elmojax.infer.bidirectional_lm import BidirectionalLanguageModel, embed_tokens
+from elmojax.infer.bidirectional_lm import BidirectionalLanguageModel, embed_tokens, read_options
 from elmojax.process import runtime
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, 
     _check_weights(weight_file, checkpoint=False)
     _check_output(outfile)
     batch_size = check_int("batch_size", batch_size, 1, wrong_type=ValueError)
-    options = load_options(options_file)
+    options = read_options(options_file)
     if options.char_cnn is None:
         raise ValueError(f"{options_file}: token embeddings are computed by the char CNN; options have none")
     vocab = UnicodeCharsVocabulary(vocab_file, options.char_cnn.max_characters_per_token)
@@ -291,7 +290,7 @@ def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, 
     _check_output(outfile)
     batch_size = check_int("batch_size", batch_size, 1, wrong_type=ValueError)
     dump_parts.chunk_lines_of(0, chunk_lines)
-    options = load_options(options_file)
+    options = read_options(options_file)
     if options.char_cnn is None:
         raise ValueError(f"{options_file}: dump_bilm_embeddings reads characters; options have no char_cnn")
     vocab = UnicodeCharsVocabulary(vocab_file, options.char_cnn.max_characters_per_token)

@@ -42,9 +42,9 @@ import numpy as np
 from elmojax.model.dropout import Dropout
 from elmojax.formats.checks import (check_array, check_bool, check_int, check_mask_values, check_path, check_real,
                                     concrete)
-from elmojax.formats.options import BiLMOptions, N_CHARACTERS_TRAIN, load_options
+from elmojax.formats.options import BiLMOptions, N_CHARACTERS_TRAIN
 from elmojax.formats.vocab import BOS, EOS, _check_sentences, check_tokens, spell
-from elmojax.infer.bidirectional_lm import embed_tokens, load_bilm_params
+from elmojax.infer.bidirectional_lm import embed_tokens, load_bilm_params, read_options
 from elmojax.infer.mix import masked_layer_norm
 from elmojax.model.bilm import BiLM, zero_state
 
@@ -106,7 +106,7 @@ class Elmo(nn.Module):
 
     def __post_init__(self):
         if not isinstance(self.options, BiLMOptions):
-            raise TypeError(f"options must be a BiLMOptions (elmojax.formats.options.load_options), got "
+            raise TypeError(f"options must be a BiLMOptions (elmojax.infer.bidirectional_lm.read_options), got "
                             f"{type(self.options).__name__}")
         if not self.options.bidirectional or self.options.char_cnn is None:
             raise ValueError("Elmo needs a bidirectional biLM with character inputs")
@@ -251,7 +251,7 @@ def load_elmo(options_file: str, weight_file: str, num_output_representations: i
     if scalar_mix_parameters is not None and (isinstance(scalar_mix_parameters, (str, bytes))
                                               or not hasattr(scalar_mix_parameters, "__len__")):
         raise TypeError(f"scalar_mix_parameters must be a list of numbers, got {scalar_mix_parameters!r:.60}")
-    options = load_options(options_file)
+    options = read_options(options_file)
     if not options.bidirectional or options.char_cnn is None:
         raise ValueError(f"{options_file}: Elmo needs a bidirectional biLM with character inputs")
     n_layers = options.lstm.n_layers + 1

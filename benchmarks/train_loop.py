@@ -35,7 +35,7 @@ config = json.loads(sys.argv[1])
 import elmojax
 if hasattr(elmojax, "setup"):
     elmojax.setup()
-from elmojax.train.config import base_config
+from elmojax.config import base_config
 package = os.path.dirname(elmojax.__file__)  # (an editable install would find a loop.py elsewhere)
 if os.path.exists(os.path.join(package, "train", "loop.py")):
     from elmojax.train.loop import train

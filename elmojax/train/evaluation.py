@@ -164,7 +164,8 @@ class Evaluator:
         if initial_state is not None:
             batch_size = jax.tree.leaves(initial_state)[0].shape[0]
         batch_size = batch_size or self.batch_size
-        dataset = data.make_dataset(config_lib.streams(self.config), vocab, self.heldout_prefix, batch_size, self.unroll_steps, test=True)
+        dataset = data.make_dataset(config_lib.streams(self.config), vocab, self.heldout_prefix, batch_size,
+                                    self.unroll_steps, test=True)
         params = jax.device_put(params, trainer.replicated)
         lstm_state = trainer.zero_lstm_state(batch_size) if initial_state is None else jax.device_put(
             initial_state, trainer.sharded)

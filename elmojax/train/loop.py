@@ -160,9 +160,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> Run:
     run_plan = plan(config, trainer.batch_size)
     # Each process reads its own share of the shards and feeds its rows of the global batch.
     process, n_processes = jax.process_index(), jax.process_count()
-    dataset = data.make_dataset(config_lib.streams(config), vocab, config.data.train_prefix, trainer.batch_size // n_processes,
-                                config.train.unroll_steps, test=False, seed=config.train.seed,
-                                shard_subset=(process, n_processes))
+    dataset = data.make_dataset(config_lib.streams(config), vocab, config.data.train_prefix,
+                                trainer.batch_size // n_processes, config.train.unroll_steps, test=False,
+                                seed=config.train.seed, shard_subset=(process, n_processes))
     try:
         os.makedirs(workdir, exist_ok=True)
         lock = locked(workdir) if process == 0 else contextlib.nullcontext()

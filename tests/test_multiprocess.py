@@ -119,7 +119,9 @@ def test_command_line_as_two_processes_stops_together_at_sigterm_and_resumes(tmp
         metrics_file = os.path.join(workdir, "metrics.jsonl")
         deadline = time.monotonic() + 180
         while not (os.path.exists(metrics_file) and len(open(metrics_file).read().splitlines()) >= 3):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            assert time.monotonic() < deadline, "no third metrics line in 180 s"
+            ended = [p for p in procs if p.poll() is not None]
+            assert not ended, f"process ended early ({ended[0].returncode}): {ended[0].communicate()[1][-3000:]}"
             time.sleep(0.1)
         procs[1].send_signal(signal.SIGTERM)
         results = [p.communicate(timeout=120) for p in procs]

@@ -15,12 +15,12 @@ import pytest
 
 import elmojax
 from elmojax.formats.vocab import Batcher
-from elmojax.infer.elmo import load_elmo, word_ids
+from elmojax.infer.elmo import FROZEN, load_elmo, word_ids
 from elmojax.model.bilm import BiLM, zero_state
-from conftest import ROOT
+from conftest import OPTIONS_FILE, ROOT, WEIGHT_FILE
 
 MODEL = os.path.join(ROOT, "tests", "fixtures", "model")
-OPTIONS, WEIGHTS = os.path.join(MODEL, "options.json"), os.path.join(MODEL, "lm_weights.hdf5")
+OPTIONS, WEIGHTS = OPTIONS_FILE, WEIGHT_FILE
 ALLENNLP = os.path.join(ROOT, "tests", "fixtures", "allennlp_elmo")
 SKIP_MODEL = os.path.join(ROOT, "tests", "fixtures", "bilm_tf_checkpoint")  # AllenNLP's record's model
 SENTENCES = [["The", "cat", "sat", "on", "the", "mat", "."], ["Bournemouth", "is", "by", "the", "sea"], ["Hi"]]
@@ -66,10 +66,10 @@ def _allennlp_mix_float64(char_ids, params, do_layer_norm, keep_boundaries, weig
 def test_fixed_mixes_are_allennlps_restated_in_numpy(do_layer_norm, keep_boundaries):
     module, variables = load_elmo(OPTIONS, WEIGHTS, 2, do_layer_norm=do_layer_norm,
                                   keep_sentence_boundaries=keep_boundaries, scalar_mix_parameters=MIX)
-    assert set(variables["params"]) == {"bilm"}  # fixed mixes are no params
+    assert variables["params"] == {} and set(variables[FROZEN]) == {"bilm"}  # fixed mixes are no params
     ids = _ids()
     out = module.apply(variables, ids)
-    want, want_mask = _allennlp_mix_float64(ids, variables["params"], do_layer_norm, keep_boundaries)
+    want, want_mask = _allennlp_mix_float64(ids, variables[FROZEN], do_layer_norm, keep_boundaries)
     assert len(out["elmo_representations"]) == 2
     np.testing.assert_array_equal(out["mask"], want_mask)
     for representation in out["elmo_representations"]:
@@ -83,7 +83,7 @@ def test_learned_mixes_start_as_allennlps():
     np.testing.assert_array_equal(params["scalar_mix_0_weights"], np.zeros(3))
     np.testing.assert_array_equal(params["scalar_mix_0_gamma"], np.ones(1))
     ids = _ids()
-    want, _ = _allennlp_mix_float64(ids, params, False, False, weights=(0.0, 0.0, 0.0))
+    want, _ = _allennlp_mix_float64(ids, variables[FROZEN], False, False, weights=(0.0, 0.0, 0.0))
     np.testing.assert_allclose(module.apply(variables, ids)["elmo_representations"][0], want, atol=2e-6, rtol=0)
 
 
@@ -144,21 +144,37 @@ class Tagger(nn.Module):
         return nn.Dense(self.n_tags)(out["elmo_representations"][0]), out["mask"]
 
 
+def _tagger_variables(tagger, ids, elmo_variables):
+    """The tagger's variables, the pretrained ELMo's in place of the fresh init's."""
+    variables = tagger.init(jax.random.PRNGKey(0), ids)
+    for collection, value in elmo_variables.items():
+        variables.setdefault(collection, {})["elmo"] = value
+    return variables
+
+
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_a_tagger_on_top_trains_the_mixes_and_the_bilm_only_if_asked(requires_grad):
+def test_a_tagger_trained_with_adamw_trains_the_mixes_and_the_bilm_only_if_asked(requires_grad):
     elmo, elmo_variables = load_elmo(OPTIONS, WEIGHTS, 1, requires_grad=requires_grad, dropout=0.1)
+    pretrained = jax.tree.map(np.array, elmo_variables["params" if requires_grad else FROZEN]["bilm"])
     tagger = Tagger(elmo, n_tags=3)
     ids = _ids()
     tags = jnp.asarray(np.random.default_rng(0).integers(0, 3, (3, 7)))
-    params = tagger.init(jax.random.PRNGKey(0), ids)["params"]
-    params = {**params, "elmo": elmo_variables["params"]}  # the pretrained biLM in place of the fresh init
-    tx = optax.adam(1e-2)
+    variables = _tagger_variables(tagger, ids, elmo_variables)
+    params, rest = variables["params"], {c: v for c, v in variables.items() if c != "params"}
+    tx = optax.adamw(1e-2, weight_decay=0.1)  # weight decay moves every param, gradient or not
     opt_state = tx.init(params)
+    size = lambda tree: sum(np.size(x) for x in jax.tree.leaves(tree))  # noqa: E731
+    bilm_size = size(pretrained)
+    if requires_grad:
+        assert set(rest) == set() and size(params) > bilm_size
+    else:  # the biLM is no param: Adam keeps no moments for it
+        assert set(params["elmo"]) == {"scalar_mix_0_weights", "scalar_mix_0_gamma"}
+        assert size(opt_state) == 2 * size(params) + 1 and size(params) < bilm_size
 
     @jax.jit
-    def step(params, opt_state, key):
+    def step(params, rest, opt_state, key):
         def loss_fn(p):
-            logits, mask = tagger.apply({"params": p}, ids, deterministic=False, rngs={"dropout": key})
+            logits, mask = tagger.apply({"params": p, **rest}, ids, deterministic=False, rngs={"dropout": key})
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, tags)
             return jnp.sum(losses * mask) / jnp.sum(mask)
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -167,14 +183,19 @@ def test_a_tagger_on_top_trains_the_mixes_and_the_bilm_only_if_asked(requires_gr
 
     start = params
     losses = []
-    for k in range(5):
-        params, opt_state, loss = step(params, opt_state, jax.random.PRNGKey(k))
+    for k in range(20):
+        params, opt_state, loss = step(params, rest, opt_state, jax.random.PRNGKey(k))
         losses.append(float(loss))
     assert losses[-1] < losses[0]
     assert not np.allclose(params["elmo"]["scalar_mix_0_weights"], start["elmo"]["scalar_mix_0_weights"])
-    bilm_moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-                                              params["elmo"]["bilm"], start["elmo"]["bilm"]))
+    trained = {**rest, "params": params}
+    bilm = trained["params" if requires_grad else FROZEN]["elmo"]["bilm"]
+    bilm_moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), bilm, pretrained))
     if requires_grad:
         assert sum(bilm_moved) > len(bilm_moved) // 2
-    else:
+    else:  # bit for bit the pretrained weights, and the tagger's ELMo computes what load_elmo's does
         assert not any(bilm_moved)
+        jax.tree.map(np.testing.assert_array_equal, bilm, pretrained)
+        out = tagger.apply(trained, ids, method=lambda m, i: m.elmo(i))
+        alone = elmo.apply({**elmo_variables, "params": params["elmo"]}, ids)
+        np.testing.assert_array_equal(out["elmo_representations"][0], alone["elmo_representations"][0])

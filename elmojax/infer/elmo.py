@@ -23,7 +23,12 @@ already removed, so its layer-norm statistics leave them out; its epsilon is 1e-
 applies no dropout. (AllenNLP's own `Elmo` also carries the LSTM state from call to call unless
 reset; this module, like `BidirectionalLanguageModel`'s default, does not.)
 
-With `requires_grad=False` gradients stop at the biLM's outputs: only the mixes train.
+With `requires_grad=False` (the default) the biLM's weights (and a cached vocabulary's table) are
+no params: they live in the FROZEN ("frozen") collection, Flax's place for non-trainable state,
+so an optimizer over variables["params"] (weight decay included) neither moves them nor keeps
+state for them, and gradients stop at the biLM's outputs: only the mixes train. With
+`requires_grad=True` they are params like the mixes. The cached <S> and </S> embeddings never
+train: they are always in FROZEN.
 `vocab_to_cache` runs the char CNN once for those tokens (AllenNLP's fast path); the module then
 also takes `word_inputs`, (batch, T) indices into that list with 0 for padding (so the list's
 first entry stands for padding), with <S> and </S> added by the module; `word_ids` makes them
@@ -49,6 +54,7 @@ from elmojax.infer.mix import masked_layer_norm
 from elmojax.model.bilm import BiLM, zero_state
 
 LAYER_NORM_EPSILON = 1e-13  # allennlp.nn.util.tiny_value_of_dtype(torch.float32)
+FROZEN = "frozen"  # the collection of the weights no optimizer over "params" sees
 
 
 def scalar_mix(layers: Sequence[jax.Array], mask: jax.Array, weights: jax.Array, gamma: jax.Array,
@@ -102,7 +108,7 @@ class Elmo(nn.Module):
     dropout: float = 0.5
     keep_sentence_boundaries: bool = False
     scalar_mix_parameters: Optional[tuple[float, ...]] = None
-    n_cached_tokens: int = 0  # vocab_to_cache's length: params['word_embedding'] has its rows
+    n_cached_tokens: int = 0  # vocab_to_cache's length: the 'word_embedding' variable has its rows
 
     def __post_init__(self):
         if not isinstance(self.options, BiLMOptions):
@@ -120,28 +126,41 @@ class Elmo(nn.Module):
         check_int("n_cached_tokens", self.n_cached_tokens, 0)
         super().__post_init__()
 
+    def _weights(self, name: str, init_fn, always_frozen: bool = False):
+        """The variable `name`: a param if requires_grad (and not always_frozen), else in FROZEN;
+        init_fn(rng) makes it where variables do not hold it (init)."""
+        if self.requires_grad and not always_frozen:
+            return self.param(name, init_fn)
+        return self.variable(FROZEN, name, lambda: init_fn(self.make_rng("params"))).value
+
+    def _fresh_bilm(self, rng: jax.Array) -> dict:
+        """A randomly initialized biLM's params (what init makes; load_elmo's are pretrained)."""
+        ids = jnp.ones((1, 2, self.options.char_cnn.max_characters_per_token), jnp.int32)
+        return BiLM(self.options, use_character_inputs=True, parent=None).init(
+            rng, ids, zero_state(self.options, 1))["params"]
+
     @nn.compact
     def __call__(self, char_ids: Optional[jax.Array] = None, word_inputs: Optional[jax.Array] = None,
                  deterministic: bool = True) -> dict:
-        bilm = BiLM(self.options, use_character_inputs=True, name="bilm")
         embedding = None
         check_bool("deterministic", deterministic)
         if char_ids is not None and word_inputs is not None:
             raise ValueError("give Elmo char_ids or word_inputs, not both")
         if word_inputs is not None:
             word_inputs = _check_word_inputs(word_inputs, self.n_cached_tokens)
-            table = self.param("word_embedding", nn.initializers.zeros,
-                               (self.n_cached_tokens, self.options.projection_dim))
+            zeros = lambda rows: lambda rng: jnp.zeros((rows, self.options.projection_dim), jnp.float32)  # noqa: E731
+            table = self._weights("word_embedding", zeros(self.n_cached_tokens))
             # <S> and </S>'s embeddings: fixed, as AllenNLP's (its cached table trains if requires_grad)
-            boundaries = jax.lax.stop_gradient(
-                self.param("boundary_embedding", nn.initializers.zeros, (2, self.options.projection_dim)))
+            boundaries = jax.lax.stop_gradient(self._weights("boundary_embedding", zeros(2), always_frozen=True))
             embedding, char_ids = _cached_embedding(jnp.asarray(word_inputs), table, boundaries)
         elif char_ids is None:
             raise ValueError("Elmo needs char_ids (Batcher ids) or word_inputs")
         else:
             char_ids = _check_char_ids(char_ids, self.options.char_cnn.max_characters_per_token)
         char_ids = jnp.asarray(char_ids)
-        output, _ = bilm(char_ids, zero_state(self.options, char_ids.shape[0]), True, embedding)
+        bilm = BiLM(self.options, use_character_inputs=True, parent=None)  # applied to params held here
+        output, _ = bilm.apply({"params": self._weights("bilm", self._fresh_bilm)}, char_ids,
+                               zero_state(self.options, char_ids.shape[0]), True, embedding)
         mask = output.mask
         layers = [jnp.concatenate([output.embedding, output.embedding], axis=-1)]
         layers += [jnp.concatenate([f, b], axis=-1) for f, b in zip(output.forward, output.backward)]
@@ -236,9 +255,10 @@ def load_elmo(options_file: str, weight_file: str, num_output_representations: i
               do_layer_norm: bool = False, dropout: float = 0.5, vocab_to_cache: Optional[Sequence[str]] = None,
               keep_sentence_boundaries: bool = False,
               scalar_mix_parameters: Optional[Sequence[float]] = None) -> tuple[Elmo, dict]:
-    """AllenNLP's `Elmo(options_file, weight_file, ...)` arguments -> (module, variables), with
-    the pretrained biLM in variables['params']['bilm'] (an hdf5 weight file or a bilm-tf
-    training checkpoint) and the mixes' params beside it."""
+    """AllenNLP's `Elmo(options_file, weight_file, ...)` arguments -> (module, variables): the
+    pretrained biLM (an hdf5 weight file or a bilm-tf training checkpoint) in
+    variables[FROZEN]['bilm'], or in variables['params']['bilm'] with requires_grad, and the
+    mixes' params in variables['params']. Use: module.apply(variables, char_ids)."""
     check_path("options_file", options_file)
     check_path("weight_file", weight_file)
     num_output_representations = check_int("num_output_representations", num_output_representations, 1)
@@ -257,9 +277,12 @@ def load_elmo(options_file: str, weight_file: str, num_output_representations: i
     n_layers = options.lstm.n_layers + 1
     if scalar_mix_parameters is not None:
         scalar_mix_parameters = _check_mix_parameters(scalar_mix_parameters, n_layers)
-    params = {"bilm": load_bilm_params(options_file, options, weight_file)}
+    bilm = load_bilm_params(options_file, options, weight_file)
     module = Elmo(options, num_output_representations, requires_grad, do_layer_norm, dropout, keep_sentence_boundaries,
                   scalar_mix_parameters, len(vocab_to_cache) if vocab_to_cache is not None else 0)
+    params, frozen = {}, {}
+    pretrained = params if requires_grad else frozen  # AllenNLP's requires_grad: whether the biLM trains
+    pretrained["bilm"] = bilm
     if scalar_mix_parameters is None:
         for k in range(num_output_representations):
             params[f"scalar_mix_{k}_weights"] = jnp.zeros((n_layers,), jnp.float32)
@@ -267,6 +290,6 @@ def load_elmo(options_file: str, weight_file: str, num_output_representations: i
     if vocab_to_cache is not None:
         width = options.char_cnn.max_characters_per_token
         spelled = np.stack([spell(t, width) for t in [BOS, EOS, *vocab_to_cache]]) + 1
-        table = jnp.asarray(embed_tokens(params["bilm"], options, spelled, batch_size=min(4096, len(spelled))))
-        params["boundary_embedding"], params["word_embedding"] = table[:2], table[2:]
-    return module, {"params": params}
+        table = jnp.asarray(embed_tokens(bilm, options, spelled, batch_size=min(4096, len(spelled))))
+        frozen["boundary_embedding"], pretrained["word_embedding"] = table[:2], table[2:]
+    return module, {"params": params, FROZEN: frozen} if frozen else {"params": params}

@@ -12,7 +12,8 @@ or beside (tests/test_layers.py checks it):
   formats/  vocabularies and Batcher ids, options.json, hdf5 weights, TF checkpoints, downloads
   process/  process-wide settings, signals, the multi-controller runtime
 
-Using a trained biLM: `BidirectionalLanguageModel` on `Batcher` ids, mixed by `weight_layers` or
+Using a trained biLM: `BidirectionalLanguageModel` (or `.from_pretrained("small")`, a published
+name, a weight file or its URL) on `Batcher` or `batch_to_ids` ids, mixed by `weight_layers` or
 `ScalarMix`, or inside a downstream model as AllenNLP's `Elmo` (`load_elmo`). Training: `python
 -m elmojax.main --config=configs/NAME.py`, which reads the config once and hands typed settings
 down (train/config.py).
@@ -21,7 +22,7 @@ Importing elmojax changes no process-wide setting; entry points call `elmojax.se
 """
 
 from elmojax.formats.remote import pretrained
-from elmojax.formats.vocab import Batcher, TokenBatcher, UnicodeCharsVocabulary, Vocabulary
+from elmojax.formats.vocab import Batcher, TokenBatcher, UnicodeCharsVocabulary, Vocabulary, batch_to_ids
 from elmojax.infer.bidirectional_lm import BidirectionalLanguageModel
 from elmojax.infer.dumps import dump_bilm_embeddings, dump_token_embeddings
 from elmojax.infer.elmo import Elmo, load_elmo
@@ -38,6 +39,7 @@ __all__ = [
     "TokenBatcher",
     "UnicodeCharsVocabulary",
     "Vocabulary",
+    "batch_to_ids",
     "dump_bilm_embeddings",
     "dump_token_embeddings",
     "load_elmo",

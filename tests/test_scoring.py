@@ -62,8 +62,12 @@ def test_log_probs_are_the_full_softmax_of_the_top_layers(exported):
     assert 50 < want_perplexity < 300  # a model of the 300 most frequent tokens, 3 steps trained
 
 
-def test_log_probs_need_the_softmax(exported):
-    bilm = BidirectionalLanguageModel(exported.options, exported.weights)
+def test_log_probs_need_the_softmax(exported, tmp_path):
+    bilm = BidirectionalLanguageModel(exported.options, exported.weights)  # the export's softmax is beside it
+    assert np.isfinite(bilm.log_probs(Batcher(exported.vocab, 50).batch_sentences([["a"]]))["forward"]).all()
+    alone = tmp_path / "weights.hdf5"  # with no softmax beside it
+    alone.write_bytes(open(exported.weights, "rb").read())
+    bilm = BidirectionalLanguageModel(exported.options, str(alone))
     with pytest.raises(ValueError, match="softmax_file"):
         bilm.log_probs(Batcher(exported.vocab, 50).batch_sentences([["a"]]))
 

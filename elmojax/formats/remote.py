@@ -21,7 +21,9 @@ is removed (a wrong body is never resumed from). A file already in the cache is 
 fetched again. Downloads of one file by several processes at once take turns (a lock file,
 NAME.lock, beside it). A progress line on stderr shows MB and MB/s for large files.
 
-`pretrained(name)` gives the (options, weights) URLs of the models AllenNLP published.
+`pretrained(name)` gives the (options, weights) URLs of the models AllenNLP published;
+`model_files(model)` a biLM's local files from a published name, a weight file's path or its URL
+(options.json and the softmax found beside it).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ import re
 import sys
 import urllib.error
 import urllib.request
-from typing import Optional
+from typing import NamedTuple, Optional
 
+from elmojax.formats import tf_checkpoint
 from elmojax.formats.progress import Progress
 
 _BASE = "https://s3-us-west-2.amazonaws.com/allennlp/models/elmo"
@@ -78,6 +81,135 @@ def pretrained(name: str) -> tuple[str, str]:
     if name not in PRETRAINED:
         raise ValueError(f"no pretrained model {name!r}; there are {', '.join([*PRETRAINED, 'pubmed'])}")
     return f"{PRETRAINED[name]}_options.json", f"{PRETRAINED[name]}_weights.hdf5"
+
+
+def published_names() -> list[str]:
+    return [*PRETRAINED, "pubmed"]
+
+
+def is_published(model) -> bool:
+    """Whether `model` is a published model's name (and no file of that name is there)."""
+    return isinstance(model, str) and model in published_names() and not os.path.exists(model)
+
+
+class ModelFiles(NamedTuple):
+    """A biLM's files as local paths: options.json, the weights (hdf5, or a bilm-tf training
+    checkpoint), and the softmax scoring needs (None: none found, or not looked for)."""
+    options: str
+    weights: str
+    softmax: Optional[str]
+
+
+def names_beside(weight_file: str) -> tuple[list[str], list[str]]:
+    """The names the options and the softmax of a weight file X.hdf5 go by beside it: an
+    export's (options.json, X_softmax.hdf5, so elmo_softmax.hdf5 for elmo.hdf5), then AllenNLP's
+    published ones for X = Y_weights (Y_options.json, Y_softmax_weights.hdf5)."""
+    stem = os.path.splitext(weight_file.split("?")[0].rsplit("/", 1)[-1])[0]
+    options, softmax = ["options.json"], [f"{stem}_softmax.hdf5"]
+    if stem.endswith("_weights"):
+        options.append(f"{stem[:-len('_weights')]}_options.json")
+        softmax.append(f"{stem[:-len('_weights')]}_softmax_weights.hdf5")
+    return options, softmax
+
+
+def _directory(path_or_url: str) -> str:
+    if is_url(path_or_url):
+        return path_or_url.split("?")[0].rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(path_or_url))
+
+
+def _fetch_beside(url: str, progress: bool) -> Optional[str]:
+    """A file beside a model on a server, in the cache; None where the server has none (404 or
+    403, as S3 answers for a missing key, or an HTML page in its place)."""
+    try:
+        return local_path(url, progress)
+    except NotTheFile as e:
+        if not e.html:
+            raise
+    except ValueError as e:
+        if not re.search(r"answered 40[34]\b", str(e)):
+            raise
+    return None
+
+
+def _first_beside(weight_file: str, names: list[str], fetch: bool, progress: bool) -> Optional[str]:
+    """The first of `names` beside the weights (a path, or a URL: then its file in the cache,
+    fetched if `fetch`)."""
+    directory = _directory(weight_file)
+    for name in names:
+        if not is_url(weight_file):
+            if os.path.isfile(os.path.join(directory, name)):
+                return os.path.join(directory, name)
+        elif os.path.isfile(cached_file(f"{directory}/{name}")) or fetch:
+            found = _fetch_beside(f"{directory}/{name}", progress)
+            if found is not None:
+                return found
+    return None
+
+
+def model_source(model: str) -> tuple[str, Optional[str]]:
+    """(weights path or URL, options URL where a published name says it) of a model."""
+    if not isinstance(model, (str, os.PathLike)) or not str(model):
+        raise TypeError(f"a model is a published name ({', '.join(published_names())}), a weight file or its "
+                        f"URL; got {model!r:.60}")
+    model = os.fspath(model)
+    if is_published(model):
+        options, weights = pretrained(model)
+        return weights, options
+    if not is_url(model) and not os.path.exists(model):
+        raise ValueError(f"{model}: no such weight file, and not a published model "
+                         f"({', '.join(published_names())}) nor an http(s) URL")
+    return model, None
+
+
+def softmax_beside(model: str, fetch: bool = True, progress: bool = True) -> Optional[str]:
+    """The softmax file that goes with a model (model_files' model): a bilm-tf checkpoint's own,
+    or one of names_beside's beside the weights (from a server: fetched with the vocabulary
+    beside it, if `fetch`, which its rows may need); None where there is none."""
+    weights, _ = model_source(model)
+    if not is_url(weights) and tf_checkpoint.is_checkpoint(weights):
+        return weights
+    found = _first_beside(weights, names_beside(weights)[1], fetch, progress)
+    if found is not None and is_url(weights) and fetch:
+        _fetch_beside(f"{_directory(weights)}/vocab.txt", progress)
+    return found
+
+
+def model_files(model: str, options_file: Optional[str] = None, softmax_file: Optional[str] = None,
+                need_softmax: bool = False, progress: bool = True) -> ModelFiles:
+    """A biLM's local files from `model`: a published name (pretrained), a weight file's path
+    (an hdf5 file or a bilm-tf training checkpoint) or an http(s) URL (fetched into the cache).
+    options.json is `options_file`, else found beside the weights (names_beside; a checkpoint's
+    directory). The softmax is `softmax_file`, else the one beside (softmax_beside), fetched
+    from a server only if `need_softmax`, where its absence is an error."""
+    weights, options = model_source(model)
+    if options_file is not None:
+        options = options_file
+    elif options is None:
+        if not is_url(weights) and tf_checkpoint.is_checkpoint(weights):
+            options = os.path.join(os.path.dirname(tf_checkpoint.resolve_prefix(weights)) or ".", "options.json")
+        else:
+            options = _first_beside(weights, names_beside(weights)[0], True, progress)
+        if options is None:
+            raise ValueError(f"{model}: no {' or '.join(names_beside(weights)[0])} beside it; give the options "
+                             f"file (options_file)")
+    if softmax_file is None:
+        softmax_file = softmax_beside(model, need_softmax, progress)
+        if softmax_file is None and need_softmax:
+            raise ValueError(f"{model}: no softmax file ({' or '.join(names_beside(weights)[1])}) beside it; "
+                             f"give it (softmax_file)")
+    return ModelFiles(local_path(options, progress), local_path(weights, progress),
+                      None if softmax_file is None else local_path(softmax_file, progress))
+
+
+def model_paths(options_file: Optional[str], weight_file: str, softmax_file: Optional[str] = None,
+                need_softmax: bool = False, progress: bool = True) -> ModelFiles:
+    """The files of the (options_file, weight_file) pair that bilm-tf's and AllenNLP's functions
+    take, where weight_file may also be a published name and options_file None (found beside
+    it): model_files then; otherwise the files as given (a URL fetched later, where it is read)."""
+    if options_file is None or is_published(weight_file) or (need_softmax and softmax_file is None):
+        return model_files(weight_file, options_file, softmax_file, need_softmax, progress)
+    return ModelFiles(options_file, weight_file, softmax_file)
 
 
 def is_url(path) -> bool:

@@ -230,6 +230,14 @@ def batch_char_ids(sentences: Sequence[Sequence[str]], max_token_length: int,
     return char_ids
 
 
+def batch_to_ids(sentences: Sequence[Sequence[str]], max_characters_per_token: int = 50) -> np.ndarray:
+    """AllenNLP's `batch_to_ids` (allennlp.modules.elmo), with no vocabulary file: the character
+    ids + 1 (0 = padding) of tokenized sentences, as `Elmo` and BidirectionalLanguageModel take
+    them. AllenNLP's Elmo adds <S> and </S> itself; these ids hold them already, (n, max_len + 2,
+    50), AllenNLP's ids at [:, 1:len + 1] of each row: Batcher's ids, for any vocabulary."""
+    return batch_char_ids(sentences, max_characters_per_token)
+
+
 class Batcher:
     """Batches tokenized sentences into character ids (n, max_len + 2, max_token_length)."""
 

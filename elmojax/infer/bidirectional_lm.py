@@ -196,7 +196,9 @@ class BidirectionalLanguageModel:
 
     options_file, weight_file: bilm-tf's options.json and hdf5 weights (n_characters 261 or 262);
     the weights may also be a bilm-tf training checkpoint (a TensorFlow checkpoint's prefix, one
-    of its files or its directory: elmojax.formats.tf_checkpoint), whose softmax is then left unread.
+    of its files or its directory: elmojax.formats.tf_checkpoint), whose softmax is then left
+    unread, a published name ("small", elmojax.pretrained) or an http(s) URL; options_file None:
+    the options.json beside the weights (`from_pretrained(model)` says so in one argument).
     use_character_inputs=False reads token ids (TokenBatcher) and needs embedding_weight_file,
     written by `dump_token_embeddings` for the same vocabulary file.
     max_batch_size: the largest batch a call embeds at once (a larger one is split, or refused
@@ -218,7 +220,7 @@ class BidirectionalLanguageModel:
                  embedding_weight_file: Optional[str] = None, max_batch_size: int = 128,
                  stateful: bool = False, compute_dtype: str = "float32", softmax_file: Optional[str] = None,
                  devices: Optional[Sequence[jax.Device]] = None):
-        check_path("options_file", options_file)
+        check_path("options_file", options_file, optional=True)
         check_path("weight_file", weight_file)
         use_character_inputs = check_bool("use_character_inputs", use_character_inputs)
         check_path("embedding_weight_file", embedding_weight_file, optional=True)
@@ -228,6 +230,9 @@ class BidirectionalLanguageModel:
             raise ValueError(f"compute_dtype must be one of {sorted(numerics.COMPUTE_DTYPES)}, got {compute_dtype!r:.60}")
         check_path("softmax_file", softmax_file, optional=True)
         devices = _check_devices(devices)
+        # scoring without softmax_file looks beside the weights, when it is first asked for
+        self._softmax_source = weight_file if softmax_file is None else None
+        options_file, weight_file, _ = remote.model_paths(options_file, weight_file)
         options = read_options(options_file)
         if not options.bidirectional:
             raise ValueError(f"{options_file}: ELMo needs a bidirectional LM (bidirectional is false)")
@@ -263,12 +268,22 @@ class BidirectionalLanguageModel:
         self.reset_state()
         self._scoring = None
         if softmax_file is not None:
-            weights, biases, index = scoring.load_scorer_softmax(remote.local_path(softmax_file))
-            if weights.shape[1] != options.projection_dim:
-                raise ValueError(f"{softmax_file}: softmax/W has {weights.shape[1]} columns, the biLM's top layer "
-                                 f"{options.projection_dim}")
-            self._scoring = (jax.device_put(weights), jax.device_put(biases), index,
-                             scoring.make_log_prob_fn(self.model))
+            self._load_softmax(softmax_file)
+
+    @classmethod
+    def from_pretrained(cls, model: str, **kwargs) -> "BidirectionalLanguageModel":
+        """The biLM `model` names: a published name (small, medium, original, original_5.5B,
+        pubmed: downloaded once into the cache), a weight file's path or its http(s) URL, with
+        its options.json (and, when scoring needs it, its softmax) found beside it; kwargs as the
+        constructor's (options_file or softmax_file to give them)."""
+        return cls(kwargs.pop("options_file", None), model, **kwargs)
+
+    def _load_softmax(self, softmax_file: str) -> None:
+        weights, biases, index = scoring.load_scorer_softmax(remote.local_path(softmax_file))
+        if weights.shape[1] != self.options.projection_dim:
+            raise ValueError(f"{softmax_file}: softmax/W has {weights.shape[1]} columns, the biLM's top layer "
+                             f"{self.options.projection_dim}")
+        self._scoring = (jax.device_put(weights), jax.device_put(biases), index, scoring.make_log_prob_fn(self.model))
 
     @property
     def state(self):
@@ -424,6 +439,15 @@ class BidirectionalLanguageModel:
         return self._scores(batch_char_ids(sentences, self.options.char_cnn.max_characters_per_token), sentences)
 
     def _need_scoring(self) -> None:
+        if self._scoring is None and self._softmax_source is not None:
+            source = self._softmax_source
+            found = remote.softmax_beside(source)
+            if found is None:
+                raise ValueError(f"log_probs needs the softmax: there is no "
+                                 f"{' or '.join(remote.names_beside(remote.model_source(source)[0])[1])} beside "
+                                 f"{source}; BidirectionalLanguageModel(..., softmax_file=FILE)")
+            self._load_softmax(found)
+            self._softmax_source = None
         if self._scoring is None:
             raise ValueError("log_probs needs the softmax: BidirectionalLanguageModel(..., softmax_file=FILE)")
         if not self.use_character_inputs:

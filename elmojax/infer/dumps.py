@@ -9,6 +9,11 @@ a batch size that is not a positive integer): a ValueError naming the file or ar
 files are written through plain file I/O (elmojax.infer.dump_parts.hdf5_output), so that a full disk is an
 OSError naming the file the user asked for, never a crash inside HDF5; under
 runtime.stop_on_signals, SIGINT and SIGTERM wait while HDF5 writes.
+
+Each dump's model is (options_file, weight_file) as bilm-tf's functions take them; weight_file
+may also be a published name ("small") or an http(s) URL, and options_file None: the
+options.json beside the weights (elmojax.formats.remote.model_paths); dump_scores' softmax_file
+None: the softmax beside them.
 """
 
 from __future__ import annotations
@@ -79,6 +84,17 @@ def _check_weights(path: str, what: str = "weight file", checkpoint: bool = True
     raise ValueError(f"{path}: no such {what}")
 
 
+def _check_model(options_file: Optional[str], weight_file: str, softmax_file: Optional[str] = None) -> None:
+    """Refuses, before any work, a model's missing files given by path (a published name is
+    looked up, and options.json beside the weights found, by remote.model_paths later)."""
+    if options_file is not None:
+        _check_input(options_file, "options file")
+    if not remote.is_published(weight_file):
+        _check_weights(weight_file)
+    if softmax_file is not None:
+        _check_weights(softmax_file, "softmax file")
+
+
 @contextlib.contextmanager
 def _text_output(path: str):
     """A text file written at `path` atomically; a failing write is an OSError naming `path`."""
@@ -97,10 +113,13 @@ def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, 
     use_character_inputs=False and a TokenBatcher over the same vocab_file.
     """
     _check_input(vocab_file, "vocabulary file")
-    _check_input(options_file, "options file")
-    _check_weights(weight_file, checkpoint=False)
+    if options_file is not None:
+        _check_input(options_file, "options file")
+    if not remote.is_published(weight_file):
+        _check_weights(weight_file, checkpoint=False)
     _check_output(outfile)
     batch_size = check_int("batch_size", batch_size, 1, wrong_type=ValueError)
+    options_file, weight_file, _ = remote.model_paths(options_file, weight_file)
     options = read_options(options_file)
     if options.char_cnn is None:
         raise ValueError(f"{options_file}: token embeddings are computed by the char CNN; options have none")
@@ -284,12 +303,13 @@ def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, 
     size does), and under JAX's multi-controller runtime the processes share the chunks (not
     stateful).
     """
-    for path, what in ((vocab_file, "vocabulary file"), (dataset_file, "dataset file"), (options_file, "options file")):
+    for path, what in ((vocab_file, "vocabulary file"), (dataset_file, "dataset file")):
         _check_input(path, what)
-    _check_weights(weight_file)
+    _check_model(options_file, weight_file)
     _check_output(outfile)
     batch_size = check_int("batch_size", batch_size, 1, wrong_type=ValueError)
     dump_parts.chunk_lines_of(0, chunk_lines)
+    options_file, weight_file, _ = remote.model_paths(options_file, weight_file)
     options = read_options(options_file)
     if options.char_cnn is None:
         raise ValueError(f"{options_file}: dump_bilm_embeddings reads characters; options have no char_cnn")
@@ -316,13 +336,10 @@ def dump_bilm_embeddings(vocab_file: str, dataset_file: str, options_file: str, 
     _dump_in_chunks(dump, chunk_lines, progress)
 
 
-def _check_model_and_io(input_file: str, output_file: str, options_file: str, weight_file: str, batch_size,
+def _check_model_and_io(input_file: str, output_file: str, options_file: Optional[str], weight_file: str, batch_size,
                         softmax_file: Optional[str] = None) -> None:
     _check_input(input_file, "input file")
-    _check_input(options_file, "options file")
-    _check_weights(weight_file)
-    if softmax_file is not None:
-        _check_weights(softmax_file, "softmax file")
+    _check_model(options_file, weight_file, softmax_file)
     _check_output(output_file)
     batch_size = check_int("batch_size", batch_size, 1, wrong_type=ValueError)
 
@@ -381,6 +398,7 @@ def dump_elmo(input_file: str, output_file: str, output_format: str, options_fil
         raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     _check_model_and_io(input_file, output_file, options_file, weight_file, batch_size)
     dump_parts.chunk_lines_of(0, chunk_lines)
+    options_file, weight_file, _ = remote.model_paths(options_file, weight_file)
     lines = _sentence_lines(input_file)
     if use_sentence_keys:
         _check_sentence_keys(input_file, lines)
@@ -411,19 +429,21 @@ def dump_sentence_vectors(input_file: str, output_file: str, options_file: str, 
     dataset `sentence_vectors` (n_lines, dim), with `layers` and `pooling` as its attributes."""
     _check_model_and_io(input_file, output_file, options_file, weight_file, batch_size)
     lines = _sentence_lines(input_file)
+    options_file, weight_file, _ = remote.model_paths(options_file, weight_file)
     model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=batch_size)
     vectors = model.sentence_vectors([line.split() for _, line in lines], layers, pooling)
     with dump_parts.hdf5_output(output_file) as out:
         out.put("sentence_vectors", vectors, attrs={"layers": str(layers), "pooling": pooling})
 
 
-def dump_scores(input_file: str, output_file: str, options_file: str, weight_file: str, softmax_file: str,
-                batch_size: int = 64) -> None:
+def dump_scores(input_file: str, output_file: str, options_file: Optional[str], weight_file: str,
+                softmax_file: Optional[str] = None, batch_size: int = 64) -> None:
     """One JSON line per line of input_file: its tokens, each token's forward and backward
     log-probability, those of </S> (forward_end) and <S> (backward_end), and its perplexity
     (BidirectionalLanguageModel.sentence_log_probs, elmojax.infer.scoring)."""
     _check_model_and_io(input_file, output_file, options_file, weight_file, batch_size, softmax_file)
     lines = _sentence_lines(input_file)
+    options_file, weight_file, softmax_file = remote.model_paths(options_file, weight_file, softmax_file, True)
     model = BidirectionalLanguageModel(options_file, weight_file, max_batch_size=batch_size, softmax_file=softmax_file)
     with _text_output(output_file) as out:
         for start in range(0, len(lines), batch_size):

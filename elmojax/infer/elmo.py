@@ -47,6 +47,7 @@ import numpy as np
 from elmojax.model.dropout import Dropout
 from elmojax.formats.checks import (check_array, check_bool, check_int, check_mask_values, check_path, check_real,
                                     concrete)
+from elmojax.formats import remote
 from elmojax.formats.options import BiLMOptions, N_CHARACTERS_TRAIN
 from elmojax.formats.vocab import BOS, EOS, _check_sentences, check_tokens, spell
 from elmojax.infer.bidirectional_lm import embed_tokens, load_bilm_params, read_options
@@ -251,16 +252,22 @@ def word_ids(sentences: Sequence[Sequence[str]], vocab_to_cache: Sequence[str]) 
     return out
 
 
-def load_elmo(options_file: str, weight_file: str, num_output_representations: int, requires_grad: bool = False,
+def load_elmo(options_file: Optional[str], weight_file: Optional[str] = None, num_output_representations: int = 1,
+              requires_grad: bool = False,
               do_layer_norm: bool = False, dropout: float = 0.5, vocab_to_cache: Optional[Sequence[str]] = None,
               keep_sentence_boundaries: bool = False,
               scalar_mix_parameters: Optional[Sequence[float]] = None) -> tuple[Elmo, dict]:
     """AllenNLP's `Elmo(options_file, weight_file, ...)` arguments -> (module, variables): the
     pretrained biLM (an hdf5 weight file or a bilm-tf training checkpoint) in
     variables[FROZEN]['bilm'], or in variables['params']['bilm'] with requires_grad, and the
-    mixes' params in variables['params']. Use: module.apply(variables, char_ids)."""
-    check_path("options_file", options_file)
+    mixes' params in variables['params']. Use: module.apply(variables, char_ids).
+    weight_file may be a published name or a URL too, and options_file None (found beside it);
+    or one model alone, load_elmo("small"): a published name, a weight file or its URL."""
+    if weight_file is None:  # one model: options.json found beside it
+        options_file, weight_file = None, options_file
+    check_path("options_file", options_file, optional=True)
     check_path("weight_file", weight_file)
+    options_file, weight_file, _ = remote.model_paths(options_file, weight_file)
     num_output_representations = check_int("num_output_representations", num_output_representations, 1)
     requires_grad = check_bool("requires_grad", requires_grad)
     do_layer_norm = check_bool("do_layer_norm", do_layer_norm)

@@ -71,8 +71,10 @@ def _model_arguments(p: argparse.ArgumentParser, vocab: bool = True, out: bool =
     """The arguments every command takes: the biLM's files, the output, the multi-process runtime."""
     if vocab:
         p.add_argument("--vocab", required=True, help="vocabulary file, one token per line")
-    p.add_argument("--options", required=True, help="the biLM's options.json")
-    p.add_argument("--weights", required=True, help="the biLM's hdf5 weight file (or a bilm-tf checkpoint)")
+    p.add_argument("--options", help="the biLM's options.json (default: the one beside the weights)")
+    p.add_argument("--model", "--weights", dest="weights", required=True,
+                   help="the biLM: a published name (small, medium, original, original_5.5B, pubmed), an hdf5 weight "
+                        "file (or a bilm-tf checkpoint) or its http(s) URL")
     if out:
         p.add_argument("--out", required=True, help="hdf5 file to write (atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress report")
@@ -120,7 +122,8 @@ def _parser() -> _Parser:
     sentences.add_argument("--layers", type=_layers, default="average", help="average (default), top or a layer K")
     sentences.add_argument("--pooling", choices=["mean", "max"], default="mean")
     score = _lines_to_file(commands, "score", "each line's tokens' log-probabilities and perplexity, as JSON lines")
-    score.add_argument("--softmax", required=True, help="the softmax file (softmax/W, softmax/b, vocabulary)")
+    score.add_argument("--softmax", help="the softmax file (softmax/W, softmax/b, vocabulary; default: the one "
+                                         "beside the weights)")
     return parser
 
 

@@ -4,6 +4,7 @@ and the example sentences embedded with the exported model.
 `python -m elmojax.main` calls `after_training` with the Run that elmojax.train.loop returns: the
 final state, the vocabulary read at the run's start and the trainer and Evaluator it built, so
 that nothing is read, built or compiled again (the evaluation is the run's own, on its config).
+The final evaluation joins the run's metrics (metrics.jsonl and TensorBoard) at its last step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from elmojax.infer.bidirectional_lm import BidirectionalLanguageModel
 from elmojax.train import config as config_lib
 from elmojax.train import evaluation
 from elmojax.train.loop import Run, local_params
+from elmojax.train.metrics import MetricsWriter, heldout_scalars
 from elmojax.train.trained_models import VOCAB_FILE, ModelFiles, Trained, export, vocab_tokens
 
 
@@ -34,18 +36,32 @@ def after_training(run: Run) -> list[str]:
     trained = Trained(local_params(state), config_lib.options_json(config, len(tokens)), tokens,
                       os.path.join(workdir, VOCAB_FILE), workdir, int(state.step), carry)
     if config.data.heldout_prefix:
-        evaluator = run.evaluator or evaluation.heldout_evaluator(config, run.vocab, run.trainer)
-        result = evaluation.evaluate_trained(evaluator, trained, workdir,
-                                             state_resets=float(config.train.state_reset_probability))
-        lines.append(evaluation.summary(result.heldout))
-        if result.health.line:
-            lines.append(result.health.line)
+        lines.extend(final_evaluation(run, trained))
     if config.export_after_training:
         exported = export(workdir, os.path.join(workdir, config.export_after_training), trained)
         lines.append(f"exported {exported.weights} with {exported.options} and {exported.softmax}")
         if config.example_sentences and config.model.bidirectional and config_lib.use_character_inputs(config):
             lines.extend(embed_examples(exported, list(config.example_sentences)))
     return lines
+
+
+def final_evaluation(run: Run, trained: Trained) -> list[str]:
+    """The heldout evaluation of the final state, in metrics.jsonl and TensorBoard at the final
+    step (where the loop evaluated that step itself, its evaluation, already there); lines to print."""
+    step = int(run.state.step)
+    if run.evaluated is not None and run.evaluated.step == step:
+        heldout, health = run.evaluated.result, run.evaluated.health
+    else:
+        evaluator = run.evaluator or evaluation.heldout_evaluator(run.config, run.vocab, run.trainer)
+        result = evaluation.evaluate_trained(evaluator, trained, run.workdir,
+                                             state_resets=float(run.config.train.state_reset_probability))
+        heldout, health = result.heldout, result.health
+        writer = MetricsWriter(run.workdir)
+        try:
+            writer.scalars(step, heldout_scalars(heldout, health))
+        finally:
+            writer.close()
+    return [evaluation.summary(heldout)] + ([health.line] if health is not None and health.line else [])
 
 
 def embed_examples(exported: ModelFiles, sentences: list[str]) -> list[str]:

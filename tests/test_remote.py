@@ -6,8 +6,10 @@ sha256) never cached; a wrong file left in the cache fetched again; and a model 
 import gzip
 import hashlib
 import http.server
+import io
 import os
 import shutil
+import sys
 import threading
 import time
 
@@ -312,3 +314,21 @@ def test_processes_fetching_one_file_take_turns(served):
         thread.join()
     assert len(paths) == 2 and len(set(paths)) == 1 and len(server.requests) == 1
     assert open(paths[0], "rb").read() == (files / "lm_weights.hdf5").read_bytes()
+
+
+def test_a_large_download_draws_a_bar_on_a_terminal_only(served, monkeypatch, capfd):
+    server, files = served
+    (files / "big.bin").write_bytes(os.urandom(11 << 20))  # past the size that gets a bar
+    remote.local_path(f"{server.url}/big.bin")
+    assert capfd.readouterr().err == ""  # stderr is not a terminal here
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    (files / "big2.bin").write_bytes(os.urandom(11 << 20))
+    remote.local_path(f"{server.url}/big2.bin")
+    shown = terminal.getvalue()
+    assert "big2.bin: 100%" in shown and "11.5M/11.5M" in shown and "B/s" in shown

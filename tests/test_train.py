@@ -186,6 +186,14 @@ def test_quickstart_command_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "heldout perplexity" in result.stdout and "embedded 3 example sentences" in result.stdout
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    # the resolved config in one block, once; the final evaluation among the metrics, every line timed
+    assert result.stderr.count("config:\n") == 1 and "  train.max_steps = 3\n" in result.stderr
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f]
+    assert all(isinstance(line["time"], float) for line in lines)
+    [final] = [line for line in lines if "heldout/perplexity" in line]
+    assert final["step"] == 3 and final["heldout/blown_up"] in (True, False)
+    assert final["heldout/unigram_perplexity"] > 1 and final["heldout/backward_perplexity"] > 1
     evaluate = subprocess.run([sys.executable, "-m", "elmojax.main", "--mode=evaluate",
                                f"--model={workdir}/export/elmo.hdf5", "--config=configs/quickstart.py"],
                               cwd=ROOT, capture_output=True, text=True)

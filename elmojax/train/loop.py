@@ -5,7 +5,8 @@
            it), or a fresh state (maybe from config.init_from)
     every step: the next batch (read ahead in a thread), the train step, and a check that the
            previous step's loss and gradient norm are finite
-    every train.log_every steps (and after the first few): a log line and metrics
+    every train.log_every steps (and after the first few): a log line and metrics; tokens/s and
+           the time left count steady steps only (StepTimer: none that waited on a compile)
     every train.eval_every steps: heldout perplexity with the full softmax, and a warning if
            the model looks broken
     every train.checkpoint_every steps, at the end, and on SIGTERM or SIGINT: a checkpoint
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import logging
 import math
 import os
@@ -36,9 +38,10 @@ import numpy as np
 from elmojax import data
 from elmojax.train import config as config_lib
 from elmojax.formats import files
+from elmojax.formats.dicts import flatten
 from elmojax.train import checkpoint, runconfig
 from elmojax.train.evaluation import Evaluator, diagnose, heldout_evaluator, summary
-from elmojax.train.metrics import MetricsWriter
+from elmojax.train.metrics import MetricsWriter, heldout_scalars
 from elmojax.train.trained_models import VOCAB_FILE, architecture_difference, init_from, load_vocab, vocab_tokens
 from elmojax.formats.locks import locked
 from elmojax.formats.vocab import Vocabulary
@@ -132,16 +135,26 @@ def plan(config: ml_collections.ConfigDict, global_batch_size: int) -> Plan:
 
 
 @dataclasses.dataclass(frozen=True)
+class Evaluated:
+    """A heldout evaluation the loop made: its step, result and diagnosis."""
+    step: int
+    result: Any    # evaluation.HeldoutResult
+    health: Any    # evaluation.Health
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
     """A finished run, for the work after training (elmojax.after_training): its config, workdir,
     vocabulary and final state, and the trainer and heldout Evaluator it built (None where it
-    evaluated nothing), to be used again rather than built and compiled anew."""
+    evaluated nothing), to be used again rather than built and compiled anew, and its last
+    heldout evaluation (None where it made none)."""
     config: ml_collections.ConfigDict
     workdir: str
     vocab: Vocabulary
     state: TrainState
     trainer: Trainer
     evaluator: Optional[Evaluator] = None
+    evaluated: Optional[Evaluated] = None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -156,6 +169,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> Run:
         raise ValueError(f"{workdir}: the workdir is a file, not a directory")
     vocab = load_vocab(config)  # the run's one read of it: handed down from here
     _check_run(workdir, config, vocab)
+    if jax.process_index() == 0:
+        log.info("%s", config_block(config))
     trainer = Trainer(config, vocab.size)
     run_plan = plan(config, trainer.batch_size)
     # Each process reads its own share of the shards and feeds its rows of the global batch.
@@ -172,7 +187,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> Run:
                 state = _start(config, workdir, trainer, vocab, dataset, checkpointer)
                 training = Loop(config, workdir, trainer, dataset, checkpointer, run_plan, stop)
                 state = training.run(state)
-                return Run(config, workdir, vocab, state, trainer, training.evaluator)
+                return Run(config, workdir, vocab, state, trainer, training.evaluator, training.evaluated)
             finally:
                 checkpointer.close()
     except OSError as e:
@@ -180,6 +195,13 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> Run:
             raise
         raise ValueError(f"{e.filename or workdir}: not writable ({e.strerror}); training writes checkpoints there "
                          f"(a finished run can still be evaluated or exported from it)") from None
+
+
+def config_block(config: ml_collections.ConfigDict) -> str:
+    """The config as the run uses it, one field a line (dotted names, JSON values)."""
+    fields = flatten(json.loads(config.to_json()))
+    return "config:\n" + "\n".join(f"  {field} = {json.dumps(value, ensure_ascii=False)}"
+                                    for field, value in fields.items())
 
 
 def _check_run(workdir: str, config: ml_collections.ConfigDict, vocab: Vocabulary) -> None:
@@ -240,6 +262,61 @@ def _start(config, workdir: str, trainer: Trainer, vocab, dataset, checkpointer)
     return trainer.create_state(rng, params, accumulators=accumulators)
 
 
+_COMPILE_EVENTS = "/jax/core/compile/"  # JAX's monitoring events of tracing, lowering and compiling
+_compiles = [0, False]  # [compiles seen, listening]
+
+
+def _on_event(event: str, *args, **kwargs) -> None:
+    if event.startswith(_COMPILE_EVENTS):
+        _compiles[0] += 1
+
+
+def compile_count() -> int:
+    """How many times JAX has traced, lowered or compiled something in this process since the
+    first call (any thread; a step that waited on one is not a steady step)."""
+    if not _compiles[1]:
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _compiles[1] = True
+    return _compiles[0]
+
+
+class StepTimer:
+    """The time of a run's steady steps, for tokens/s and the time left. A step's time runs from
+    when the host saw the step before it end to when it saw the step end; a step is left out where
+    something compiled in that span (the first steps after a start or a resume, a new shape), and
+    so is the first step seen (nothing to time it from). `pause_ended` after an evaluation or a
+    checkpoint: the next step's time runs from then. `clock` and `compiles` are the sources of
+    seconds and of the compile count."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, compiles: Callable[[], int] = compile_count):
+        self.clock, self.compiles = clock, compiles
+        self.mark: Optional[tuple[float, int]] = None  # (when, compile count) the last step was seen ending
+        self.steps, self.seconds = 0, 0.0          # steady steps since the last `interval`
+        self.run_steps, self.run_seconds = 0, 0.0  # steady steps of the whole run
+
+    def step_ended(self) -> None:
+        now, compiles = self.clock(), self.compiles()
+        if self.mark is not None and self.mark[1] == compiles:
+            seconds = now - self.mark[0]
+            self.steps, self.seconds = self.steps + 1, self.seconds + seconds
+            self.run_steps, self.run_seconds = self.run_steps + 1, self.run_seconds + seconds
+        self.mark = (now, compiles)
+
+    def pause_ended(self) -> None:
+        if self.mark is not None:
+            self.mark = (self.clock(), self.compiles())
+
+    def interval(self, tokens_per_step: int) -> Optional[float]:
+        """Tokens/s over the steady steps since the last call (None: none), which starts the next."""
+        rate = self.steps * tokens_per_step / self.seconds if self.steps and self.seconds > 0 else None
+        self.steps, self.seconds = 0, 0.0
+        return rate
+
+    def seconds_left(self, steps: int) -> Optional[float]:
+        """The time `steps` more steps take at the run's steady pace (None: not known yet)."""
+        return steps * self.run_seconds / self.run_steps if self.run_steps else None
+
+
 class Loop:
     """One run of train steps with its periodic actions (see the module docstring)."""
 
@@ -253,9 +330,10 @@ class Loop:
         self.data_position: Optional[dict] = None   # the dataset's position after the last batch trained on
         self.unchecked: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked for finiteness
         self.interval: list[tuple[float, float]] = []  # (loss, grad norm) of the steps since the last log
-        self.interval_start: Optional[float] = None  # when the interval's timing began (after compiling)
+        self.timer = StepTimer()
         self.saved_step: Optional[int] = None
         self.evaluator: Optional[Evaluator] = None
+        self.evaluated: Optional[Evaluated] = None
         tc = config.train
         self.actions = [Every(tc.log_every, self.log), Every(tc.get("eval_every"), self.evaluate, at_end=False),
                         Every(tc.checkpoint_every, self.save)]
@@ -277,7 +355,7 @@ class Loop:
                 state, metrics = self.trainer.train_step(state, self.trainer.put_batch(batch))
                 step += 1
                 self.unchecked.append((step, metrics))
-                self.check(keep_last=step > first + 1)  # the step before this one (the first: compiled, timed)
+                self.check(keep_last=step > first + 1)  # the step before this one (the first: seen ending)
                 last = step == total
                 if step - first == FIRST_LOG_STEPS and not last:
                     self.log(step, state)
@@ -302,10 +380,8 @@ class Loop:
         self.unchecked = self.unchecked[len(ready):]
         for step, metrics in ready:
             loss, grad_norm = (float(v) for v in jax.device_get((metrics["loss"], metrics["grad_norm"])))
-            if self.interval_start is None:  # the first step of the run has compiled: timing starts
-                self.interval_start = time.monotonic()
-            else:
-                self.interval.append((loss, grad_norm))
+            self.timer.step_ended()
+            self.interval.append((loss, grad_norm))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 newest = checkpoint.steps(self.workdir)
                 kept = (f"the newest checkpoint, step {newest[-1]} in {checkpoint.checkpoint_dir(self.workdir)}, is "
@@ -319,15 +395,18 @@ class Loop:
         if not self.interval:
             return
         loss, grad_norm = np.mean(self.interval, axis=0)
-        elapsed = time.monotonic() - self.interval_start
-        tokens_per_second = len(self.interval) * self.plan.tokens_per_step / elapsed
-        left = (self.plan.total_steps - step) * elapsed / len(self.interval)
+        tokens_per_second = self.timer.interval(self.plan.tokens_per_step)
+        left = self.timer.seconds_left(self.plan.total_steps - step)
         if self.writer is not None:
-            log.info("step %d/%d  %.0f tokens/s  train perplexity (sampled softmax) %.2f  grad norm %.3g  %s left",
-                     step, self.plan.total_steps, tokens_per_second, np.exp(loss), grad_norm, _duration(left))
-            self.writer.scalars(step, {"train/loss": loss, "train/sampled_perplexity": float(np.exp(loss)),
-                                       "train/grad_norm": grad_norm, "train/tokens_per_second": tokens_per_second})
-        self.interval, self.interval_start = [], time.monotonic()
+            speed = f"  {tokens_per_second:.0f} tokens/s" if tokens_per_second is not None else ""
+            log.info("step %d/%d%s  train perplexity (sampled softmax) %.2f  grad norm %.3g%s", step,
+                     self.plan.total_steps, speed, np.exp(loss), grad_norm,
+                     f"  {_duration(left)} left" if left is not None else "")
+            values = {"train/loss": loss, "train/sampled_perplexity": float(np.exp(loss)), "train/grad_norm": grad_norm}
+            if tokens_per_second is not None:
+                values["train/tokens_per_second"] = tokens_per_second
+            self.writer.scalars(step, values)
+        self.interval = []
 
     def evaluate(self, step: int, state: TrainState) -> None:
         if jax.process_index() != 0 or not self.config.data.heldout_prefix:
@@ -335,18 +414,16 @@ class Loop:
         self.check()
         if self.evaluator is None:  # the run's trainer's eval step, compiled once for all evaluations
             self.evaluator = heldout_evaluator(self.config, self.dataset.vocab, self.trainer)
-        started = time.monotonic()
         params = local_params(state)
         result = self.evaluator(params)
         health = diagnose(result)
         if health.needs_carry and jax.process_count() == 1:  # (with several, the carry's rows are spread out)
             health = diagnose(result, self.evaluator.carry_check(params, jax.device_get(state.lstm_state)),
                               self.config.train.state_reset_probability)
-        self._exclude_from_timing(time.monotonic() - started)
+        self.timer.pause_ended()  # evaluation time is not training time
+        self.evaluated = Evaluated(step, result, health)
         log.info("step %d  %s", step, summary(result))
-        self.writer.scalars(step, {f"heldout/{name}": value for name, value in (
-            ("perplexity", result.perplexity), ("forward_perplexity", result.forward_perplexity),
-            ("backward_perplexity", result.backward_perplexity)) if value is not None})
+        self.writer.scalars(step, heldout_scalars(result, health))
         if health.line:
             (log.warning if health.verdict == "broken" else log.info)("step %d  %s", step, health.line)
 
@@ -354,15 +431,9 @@ class Loop:
         """Checkpoints the state after checking every step up to it: a run that diverged is never
         saved, so the newest checkpoint is always a good one."""
         self.check()
-        started = time.monotonic()
         self.checkpointer.save(step, state, self.meta, self.data_position)
-        self._exclude_from_timing(time.monotonic() - started)
+        self.timer.pause_ended()  # checkpoint time is not training time
         self.saved_step = step
-
-    def _exclude_from_timing(self, seconds: float) -> None:
-        """Evaluation and checkpoint time is not training time: tokens/s leaves it out."""
-        if self.interval_start is not None:
-            self.interval_start += seconds
 
 
 def local_params(state: TrainState):

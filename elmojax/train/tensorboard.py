@@ -72,8 +72,9 @@ class SummaryWriter:
         self._file.write(header + struct.pack("<I", _masked_crc(header)) + record
                          + struct.pack("<I", _masked_crc(record)))
 
-    def scalars(self, step: int, values: dict) -> None:
-        self._write(_event(int(step), time.time(), scalars=values))
+    def scalars(self, step: int, values: dict, wall_time: float | None = None) -> None:
+        """One event of `values` ({tag: number}) at `step`, at `wall_time` (unix seconds; None: now)."""
+        self._write(_event(int(step), time.time() if wall_time is None else wall_time, scalars=values))
         self._file.flush()
 
     def close(self) -> None:

@@ -17,12 +17,14 @@ config's end-of-run work follows (elmojax.after_training).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
 import re
 import signal
 import sys
+from typing import Optional
 
 import jax
 import ml_collections
@@ -38,7 +40,47 @@ from elmojax.train.config import base_config
 
 log = logging.getLogger(__name__)
 
-_QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
+
+def configs_dir() -> str:
+    """Where the bundled configs are: elmojax/configs/ in an installed package (the wheel carries
+    the checkout's configs/ there), the checkout's top-level configs/ otherwise."""
+    package = os.path.dirname(os.path.abspath(elmojax.__file__))
+    installed = os.path.join(package, "configs")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "configs")
+
+
+def config_names() -> list[str]:
+    """The bundled configs' names (--config=NAME): their files' names without .py."""
+    return sorted(name[:-3] for name in os.listdir(configs_dir()) if name.endswith(".py") and name != "__init__.py")
+
+
+def resolve_config(value: str) -> str:
+    """--config's value as a file for config_flags: a file's path (PATH or PATH:ARG) as it is; a
+    bundled config's name (quickstart, bilm_options:/path/options.json) as its file's path."""
+    path, colon, arg = value.partition(":")
+    if os.path.isfile(path):
+        return value
+    if path in config_names():
+        return os.path.join(configs_dir(), path + ".py") + colon + arg
+    raise ValueError(f"--config={value}: no such config file or name (the bundled configs by name: "
+                     f"{', '.join(config_names())})")
+
+
+def _with_config_files(argv: list[str]) -> list[str]:
+    """argv with --config's values, --config=VALUE or --config VALUE, as resolve_config gives them."""
+    out = list(argv[:1])
+    for i, arg in enumerate(argv[1:], 1):
+        key, eq, value = arg.partition("=")
+        if eq and key in ("-config", "--config"):
+            arg = f"{key}={resolve_config(value)}"
+        elif argv[i - 1] in ("-config", "--config") and i > 1:
+            arg = resolve_config(arg)
+        out.append(arg)
+    return out
+
+
+_QUICKSTART = os.path.join(configs_dir(), "quickstart.py")
+_CONFIG_HELP = "a config file (PATH or PATH:ARG), or the name of a bundled one: "
 
 _CONFIG: flags.FlagHolder  # defined by parse_flags: its default is parsed at once, with the overrides
 _config_given = False      # whether --config was on the command line
@@ -92,6 +134,8 @@ _AFTER_STOP = {"train": "the run's checkpoints are as they were saved: run the s
 
 def _run(model: str) -> None:
     config = _config(_WORKDIR.value if _MODE.value == "train" else model)
+    if missing := missing_data(config, _MODE.value):
+        raise ValueError(missing)
     if _MODE.value == "train":
         run = loop.run_training(config, _WORKDIR.value)
         for line in after_training(run):
@@ -125,16 +169,54 @@ def _config(path: str) -> ml_collections.ConfigDict:
     return runconfig.with_overrides(base_config(), overrides)
 
 
+# config.data's fields in the order training reads them, and what `prepare --output DIR` makes of each
+_DATA_FIELDS = {"vocab_file": "DIR/vocab.txt", "train_prefix": "DIR/train/", "heldout_prefix": "DIR/heldout/"}
+
+
+def missing_data(config: ml_collections.ConfigDict, mode: str) -> Optional[str]:
+    """One line naming the first config.data field whose file or glob is not there (training reads
+    all three, evaluation the heldout data) and the `prepare` command that makes it; None when
+    they are there or unset (what reads an unset one says what it needs)."""
+    fields = list(_DATA_FIELDS) if mode == "train" else ["heldout_prefix"] if mode == "evaluate" else []
+    for field in fields:
+        value = config.data[field]
+        if not value or (os.path.isfile(value) if field == "vocab_file" else _matches(value)):
+            continue
+        what, them = ("no such file", "it") if field == "vocab_file" else ("no files match", "them")
+        output = _prepared_dir(field, value)
+        them += f" (as {_DATA_FIELDS[field]}...)" if output == "DIR" else ""
+        return (f"--config.data.{field}={value}: {what}; `python -m elmojax.prepare --input CORPUS.txt "
+                f"--output {output}` makes {them} from a tokenized corpus (or set the field to your data)")
+    return None
+
+
+def _prepared_dir(field: str, value: str) -> str:
+    """The --output DIR of the prepare run that makes `value` (DIR/vocab.txt, DIR/train/*, ...);
+    DIR itself where the path does not have that form."""
+    parts = value.split("/")
+    if field == "vocab_file":
+        return "/".join(parts[:-1]) or "."
+    folder = _DATA_FIELDS[field].split("/")[1]
+    return next(("/".join(parts[:i]) or "." for i in range(len(parts) - 1, -1, -1) if parts[i] == folder), "DIR")
+
+
+def _matches(pattern: str) -> bool:
+    """Whether a dataset glob matches a file (as data.list_shards reads it)."""
+    return any(os.path.isfile(p) for p in glob.iglob(os.path.expanduser(pattern)))
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad --config file or field reported in one line (exit 2)
     instead of a traceback."""
     global _CONFIG, _config_given
     config_file = ([a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")] or [None])[-1]  # absl: the last
     _config_given = any(re.match(r"-{1,2}config(=|$)", a) for a in argv[1:])
-    if config_file and not os.path.isfile(config_file.split(":")[0]):
-        _usage_error(f"--config={config_file}: no such config file")
     try:
-        _CONFIG = config_flags.DEFINE_config_file("config", _QUICKSTART, "a config file (configs/*.py)",
+        argv = _with_config_files(argv)
+    except ValueError as e:
+        _usage_error(str(e))
+    try:
+        _CONFIG = config_flags.DEFINE_config_file("config", _QUICKSTART, _CONFIG_HELP + ", ".join(config_names()),
                                                   lock_config=True, sys_argv=argv)
         return flags.FLAGS(argv)
     except Exception as e:  # config_flags raises whatever loading or overriding raised

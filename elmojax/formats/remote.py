@@ -19,7 +19,7 @@ is removed (a wrong body is never resumed from). A file already in the cache is 
 (all but the hash: its signature, its size where known) each time it is taken: one that fails
 (left by an older version of elmojax, or changed by hand) is reported on stderr, removed and
 fetched again. Downloads of one file by several processes at once take turns (a lock file,
-NAME.lock, beside it). A progress line on stderr shows MB and MB/s for large files.
+NAME.lock, beside it). A large file draws a progress bar on stderr where it is a terminal.
 
 `pretrained(name)` gives the (options, weights) URLs of the models AllenNLP published;
 `model_files(model)` a biLM's local files from a published name, a weight file's path or its URL

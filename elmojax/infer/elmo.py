@@ -263,7 +263,7 @@ def load_elmo(options_file: Optional[str], weight_file: Optional[str] = None, nu
     mixes' params in variables['params']. Use: module.apply(variables, char_ids).
     weight_file may be a published name or a URL too, and options_file None (found beside it);
     or one model alone, load_elmo("small"): a published name, a weight file or its URL."""
-    if weight_file is None:  # one model: options.json found beside it
+    if weight_file is None and isinstance(options_file, str) and not options_file.endswith(".json"):  # one model
         options_file, weight_file = None, options_file
     check_path("options_file", options_file, optional=True)
     check_path("weight_file", weight_file)

@@ -1,14 +1,17 @@
-"""Command line for the dumps (elmojax.infer.dumps).
+"""Command line for the dumps (elmojax.infer.dumps): `elmojax dump` or `python -m elmojax.dump`.
 
-  python -m elmojax.dump tokens --vocab V --options O --weights W --out token_embeddings.hdf5
-  python -m elmojax.dump bilm --vocab V --dataset D --options O --weights W --out elmo.hdf5 [--stateful]
-  python -m elmojax.dump elmo INPUT OUTPUT (--all | --top | --average) --options O --weights W
-      [--batch-size 64] [--use-sentence-keys] [--forget-sentences]      (AllenNLP's `allennlp elmo`)
-  python -m elmojax.dump sentences INPUT OUTPUT --options O --weights W [--layers average|top|K]
+  elmojax dump tokens --vocab V --options O --weights W --output token_embeddings.hdf5
+  elmojax dump bilm --vocab V --input D --options O --weights W --output elmo.hdf5 [--stateful]
+  elmojax dump elmo --input IN --output OUT (--all | --top | --average) --options O --weights W
+      [--batch_size 64] [--use_sentence_keys] [--forget_sentences]      (AllenNLP's `allennlp elmo`)
+  elmojax dump sentences --input IN --output OUT --options O --weights W [--layers average|top|K]
       [--pooling mean|max]
-  python -m elmojax.dump score INPUT OUTPUT.jsonl --options O --weights W --softmax S
+  elmojax dump score --input IN --output OUT.jsonl --options O --weights W --softmax S
 
-bilm and elmo go in chunks of --chunk-lines lines through OUT.parts/ beside their output: run
+The older spellings still work, with a one-line note naming the new one: hyphens (--batch-size),
+bilm's --dataset and --out, elmo's, sentences' and score's positional INPUT OUTPUT.
+
+bilm and elmo go in chunks of --chunk_lines lines through OUT.parts/ beside their output: run
 again with the same arguments, a stopped dump continues where it stopped. They run as several
 processes on JAX's multi-controller runtime, each embedding its share of the chunks, with
 training's flags (--coordinator_address HOST:PORT --num_processes N --process_id I) or as the
@@ -31,6 +34,7 @@ import threading
 
 import jax
 
+from elmojax.cli import HelpFormatter, note_respelled, options, respell
 from elmojax.infer.dumps import (CHUNK_LINES, dump_bilm_embeddings, dump_elmo, dump_scores, dump_sentence_vectors,
                            dump_token_embeddings)
 from elmojax.process import runtime
@@ -67,7 +71,7 @@ def _identity(path: str):
     return stat.st_ino, stat.st_mtime_ns
 
 
-def _model_arguments(p: argparse.ArgumentParser, vocab: bool = True, out: bool = True) -> None:
+def _model_arguments(p: argparse.ArgumentParser, vocab: bool = True) -> None:
     """The arguments every command takes: the biLM's files, the output, the multi-process runtime."""
     if vocab:
         p.add_argument("--vocab", required=True, help="vocabulary file, one token per line")
@@ -75,39 +79,42 @@ def _model_arguments(p: argparse.ArgumentParser, vocab: bool = True, out: bool =
     p.add_argument("--model", "--weights", dest="weights", required=True,
                    help="the biLM: a published name (small, medium, original, original_5.5B, pubmed), an hdf5 weight "
                         "file (or a bilm-tf checkpoint) or its http(s) URL")
-    if out:
-        p.add_argument("--out", required=True, help="hdf5 file to write (atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress report")
-    p.add_argument("--coordinator_address", "--coordinator-address", help="multi-process: HOST:PORT of process 0")
-    p.add_argument("--num_processes", "--num-processes", type=int, help="multi-process: how many processes")
-    p.add_argument("--process_id", "--process-id", type=int, help="multi-process: this process's index")
+    p.add_argument("--coordinator_address", help="multi-process: HOST:PORT of process 0")
+    p.add_argument("--num_processes", type=int, help="multi-process: how many processes")
+    p.add_argument("--process_id", type=int, help="multi-process: this process's index")
 
 
 def _chunk_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chunk-lines", type=_positive, default=CHUNK_LINES,
-                   help=f"lines a chunk: what a restart keeps, and a process's unit of work (default {CHUNK_LINES})")
+    p.add_argument("--chunk_lines", type=_positive, default=CHUNK_LINES,
+                   help="lines a chunk: what a restart keeps, and a process's unit of work")
 
 
 def _lines_to_file(commands, name: str, help: str) -> argparse.ArgumentParser:
-    """A command from a text file of sentences to an output file."""
-    p = commands.add_parser(name, help=help)
-    p.add_argument("input_file", help="text file, one whitespace-tokenized sentence per line, none blank")
-    p.add_argument("output_file", help="file to write (atomically)")
-    _model_arguments(p, vocab=False, out=False)
-    p.add_argument("--batch-size", type=_positive, default=64, help="sentences per call (default 64)")
+    """A command from a text file of sentences (--input, or the older positional INPUT OUTPUT) to a file."""
+    p = commands.add_parser(name, help=help, formatter_class=HelpFormatter)
+    p.add_argument("input_file", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("output_file", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("--input", help="text file, one whitespace-tokenized sentence per line, none blank")
+    p.add_argument("--output", help="file to write (atomically)")
+    _model_arguments(p, vocab=False)
+    p.add_argument("--batch_size", type=_positive, default=64, help="sentences per call")
     return p
 
 
-def _parser() -> _Parser:
-    parser = _Parser(prog="python -m elmojax.dump", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser(prog: str) -> tuple[_Parser, dict]:
+    """The command line's parser, and its commands' parsers by name."""
+    parser = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    tokens = commands.add_parser("tokens", help="char CNN embedding of every vocabulary token")
+    tokens = commands.add_parser("tokens", help="char CNN embedding of every vocabulary token",
+                                 formatter_class=HelpFormatter)
     _model_arguments(tokens)
-    bilm = commands.add_parser("bilm", help="all biLM layers for every line of a dataset")
+    tokens.add_argument("--output", required=True, help="hdf5 file to write (atomically)")
+    bilm = commands.add_parser("bilm", help="all biLM layers for every line of a dataset", formatter_class=HelpFormatter)
     _model_arguments(bilm)
-    bilm.add_argument("--dataset", required=True, help="text file, one whitespace-tokenized sentence per line")
-    bilm.add_argument("--batch-size", type=_positive, default=64, help="sentences per call (default 64)")
+    bilm.add_argument("--input", required=True, help="text file, one whitespace-tokenized sentence per line")
+    bilm.add_argument("--output", required=True, help="hdf5 file to write (atomically)")
+    bilm.add_argument("--batch_size", type=_positive, default=64, help="sentences per call")
     bilm.add_argument("--stateful", action="store_true",
                       help="carry LSTM state from line to line, one line at a time, as bilm-tf does")
     _chunk_argument(bilm)
@@ -115,25 +122,50 @@ def _parser() -> _Parser:
     layers = elmo.add_mutually_exclusive_group(required=True)
     for name, what in (("all", "every layer"), ("top", "the top layer"), ("average", "the layers' average")):
         layers.add_argument(f"--{name}", dest="output_format", action="store_const", const=name, help=what)
-    elmo.add_argument("--use-sentence-keys", action="store_true", help="key each dataset by its sentence")
-    elmo.add_argument("--forget-sentences", action="store_true", help="no sentence_to_index dataset")
+    elmo.add_argument("--use_sentence_keys", action="store_true", help="key each dataset by its sentence")
+    elmo.add_argument("--forget_sentences", action="store_true", help="no sentence_to_index dataset")
     _chunk_argument(elmo)
     sentences = _lines_to_file(commands, "sentences", "one vector per line (dataset sentence_vectors)")
-    sentences.add_argument("--layers", type=_layers, default="average", help="average (default), top or a layer K")
-    sentences.add_argument("--pooling", choices=["mean", "max"], default="mean")
+    sentences.add_argument("--layers", type=_layers, default="average", help="average, top or a layer K")
+    sentences.add_argument("--pooling", choices=["mean", "max"], default="mean", help="over a sentence's tokens")
     score = _lines_to_file(commands, "score", "each line's tokens' log-probabilities and perplexity, as JSON lines")
     score.add_argument("--softmax", help="the softmax file (softmax/W, softmax/b, vocabulary; default: the one "
                                          "beside the weights)")
-    return parser
+    return parser, dict(commands.choices)
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def parse(argv, prog: str = "python -m elmojax.dump") -> argparse.Namespace:
+    """The command line's arguments, older spellings in the new (with a note on stderr naming them):
+    hyphens for underscores, --dataset and --out for --input and --output, positional INPUT OUTPUT."""
+    parser, commands = _parser(prog)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    changed = []
+    if command in commands:
+        argv, changed = respell(argv, options(commands[command]), {"--dataset": "--input", "--out": "--output"})
+    args = parser.parse_args(argv)
+    if getattr(args, "input_file", None) is not None:  # elmo, sentences, score: INPUT [OUTPUT]
+        sub = commands[args.command]
+        if args.input is not None or (args.output_file is not None and args.output is not None):
+            sub.error("give the input and output once: --input IN --output OUT (or the older INPUT OUTPUT)")
+        args.input = args.input_file
+        args.output = args.output if args.output_file is None else args.output_file
+        changed.insert(0, ("INPUT OUTPUT" if args.output_file is not None else "INPUT",
+                        "--input INPUT --output OUTPUT" if args.output_file is not None else "--input INPUT"))
+    missing = [f"--{name}" for name in ("input", "output") if hasattr(args, name) and getattr(args, name) is None]
+    if missing:
+        commands[args.command].error(f"the following arguments are required: {', '.join(missing)}")
+    note_respelled(f"{prog} {args.command}", changed)
+    return args
+
+
+def main(argv=None, prog: str = "python -m elmojax.dump") -> int:
+    """Runs the command line `argv` (default: sys.argv's, less the program's name); its exit status."""
+    args = parse(list(sys.argv[1:] if argv is None else argv), prog)
     setup()
     handler = LogHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    out = getattr(args, "out", None) or args.output_file
+    out = args.output
     before = _identity(out)
     main_thread = threading.current_thread() is threading.main_thread()
     handlers = {}
@@ -176,20 +208,20 @@ def main(argv=None) -> int:
 
 def _run(args) -> None:
     if args.command == "tokens":
-        dump_token_embeddings(args.vocab, args.options, args.weights, args.out, progress=not args.quiet)
+        dump_token_embeddings(args.vocab, args.options, args.weights, args.output, progress=not args.quiet)
     elif args.command == "bilm":
-        dump_bilm_embeddings(args.vocab, args.dataset, args.options, args.weights, args.out,
+        dump_bilm_embeddings(args.vocab, args.input, args.options, args.weights, args.output,
                              batch_size=args.batch_size, stateful=args.stateful, progress=not args.quiet,
                              chunk_lines=args.chunk_lines)
     elif args.command == "elmo":
-        dump_elmo(args.input_file, args.output_file, args.output_format, args.options, args.weights,
+        dump_elmo(args.input, args.output, args.output_format, args.options, args.weights,
                   batch_size=args.batch_size, forget_sentences=args.forget_sentences,
                   use_sentence_keys=args.use_sentence_keys, progress=not args.quiet,
                   chunk_lines=args.chunk_lines)
     elif args.command == "score":
-        dump_scores(args.input_file, args.output_file, args.options, args.weights, args.softmax, args.batch_size)
+        dump_scores(args.input, args.output, args.options, args.weights, args.softmax, args.batch_size)
     else:
-        dump_sentence_vectors(args.input_file, args.output_file, args.options, args.weights, args.layers,
+        dump_sentence_vectors(args.input, args.output, args.options, args.weights, args.layers,
                               args.pooling, args.batch_size)
 
 

@@ -33,6 +33,7 @@ from ml_collections import config_flags
 
 import elmojax
 from elmojax.after_training import after_training
+from elmojax.cli import bilm_tf_flags
 from elmojax.process import runtime
 from elmojax.train import config as config_lib, evaluation, loop, metrics, runconfig, trained_models
 from elmojax.train.checkpoint import CheckpointError
@@ -209,6 +210,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad --config file or field reported in one line (exit 2)
     instead of a traceback."""
     global _CONFIG, _config_given
+    argv = [*argv[:1], *bilm_tf_flags(argv[1:])]  # bilm-tf's --save_dir, --train_prefix, ... as elmojax's
     config_file = ([a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")] or [None])[-1]  # absl: the last
     _config_given = any(re.match(r"-{1,2}config(=|$)", a) for a in argv[1:])
     try:

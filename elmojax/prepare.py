@@ -1,7 +1,9 @@
 """Turn tokenized text into training shards, heldout shards and a vocabulary file.
 
-    python -m elmojax.prepare --input corpus.txt --output data/ [--heldout-fraction 0.01]
-        [--shard-lines 100000] [--min-count 1] [--max-vocab N] [--lowercase] [--tokenize] [--seed 0]
+    elmojax prepare --input corpus.txt --output data/ [--heldout_fraction 0.01]
+        [--shard_lines 100000] [--min_count 1] [--max_vocab N] [--lowercase] [--tokenize] [--seed 0]
+
+(or python -m elmojax.prepare; the older hyphens, --heldout-fraction, still work, with a note).
 
 Input: one sentence per line, whitespace-separated tokens, UTF-8 (plain or .gz; --input takes
 files or glob patterns and may be repeated). Blank lines are dropped. The lines are shuffled with
@@ -10,11 +12,11 @@ Windows line ends (CRLF) are read as plain text, with a note. Output (written to
 directory beside DIR, renamed onto DIR only when complete; SIGTERM or Ctrl-C before then leave
 DIR as it was and no temporary directory, as does the next run after a kill -9):
 
-    DIR/train/shard-00000.txt ...     training sentences, --shard-lines per file
+    DIR/train/shard-00000.txt ...     training sentences, --shard_lines per file
     DIR/heldout/shard-00000.txt ...   heldout sentences (none when the fraction gives none)
     DIR/vocab.txt                     <S>, </S>, <UNK>, then training words by descending
-                                      count (ties alphabetical), count >= --min-count,
-                                      at most --max-vocab lines in all
+                                      count (ties alphabetical), count >= --min_count,
+                                      at most --max_vocab lines in all
 
 The library behind it is elmojax.data.corpus.
 """
@@ -26,6 +28,7 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
+from elmojax.cli import HelpFormatter, note_respelled, options, respell
 from elmojax.data.corpus import CorpusSettings, prepare
 from elmojax.process import runtime
 
@@ -56,21 +59,28 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m elmojax.prepare", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--input", action="append", required=True, metavar="FILE_OR_GLOB",
                         help="tokenized text, one sentence per line (.gz too); repeatable")
     parser.add_argument("--output", required=True, metavar="DIR", help="directory to create")
-    parser.add_argument("--heldout-fraction", type=float, default=0.01, help="share of sentences held out")
-    parser.add_argument("--shard-lines", type=int, default=100_000, help="sentences per shard file")
-    parser.add_argument("--min-count", type=int, default=1, help="keep words seen at least this often")
-    parser.add_argument("--max-vocab", type=int, default=None, help="at most this many vocab.txt lines in all")
+    parser.add_argument("--heldout_fraction", type=float, default=0.01, help="share of sentences held out")
+    parser.add_argument("--shard_lines", type=int, default=100_000, help="sentences per shard file")
+    parser.add_argument("--min_count", type=int, default=1, help="keep words seen at least this often")
+    parser.add_argument("--max_vocab", type=int, default=None, help="at most this many vocab.txt lines in all")
     parser.add_argument("--lowercase", action="store_true", help="lowercase the text")
     parser.add_argument("--tokenize", action="store_true", help="split punctuation from words")
     parser.add_argument("--seed", type=int, default=0, help="shuffling seed")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m elmojax.prepare") -> None:
+    """Runs the command line `argv` (default: sys.argv's, less the program's name)."""
+    parser = _parser(prog)
+    argv, changed = respell(list(sys.argv[1:] if argv is None else argv), options(parser))
     args = parser.parse_args(argv)
+    note_respelled(prog, changed)
     try:
         settings = CorpusSettings(heldout_fraction=args.heldout_fraction, shard_lines=args.shard_lines,
                                   min_count=args.min_count, max_vocab=args.max_vocab, lowercase=args.lowercase,

@@ -513,36 +513,36 @@ def bad_files(tmp_path):
 
 def _bad_command_lines(t):
     model = ["--options", OPTIONS_FILE, "--weights", WEIGHT_FILE]
-    bilm = ["bilm", "--vocab", VOCAB_FILE, *model, "--dataset", f"{t}/in.txt", "--out", f"{t}/o.hdf5"]
-    elmo = ["elmo", f"{t}/in.txt", f"{t}/o.hdf5", "--top", *model]
+    bilm = ["bilm", "--vocab", VOCAB_FILE, *model, "--input", f"{t}/in.txt", "--output", f"{t}/o.hdf5"]
+    elmo = ["elmo", "--input", f"{t}/in.txt", "--output", f"{t}/o.hdf5", "--top", *model]
     checkpoint = ["--options", os.path.join(CHECKPOINT, "options.json"), "--weights", CHECKPOINT]
     prog = "error: python -m elmojax.dump"
     return [
-        (bilm[:-4] + ["--dataset", f"{t}/missing.txt", "--out", f"{t}/o.hdf5"],
+        (bilm[:-4] + ["--input", f"{t}/missing.txt", "--output", f"{t}/o.hdf5"],
          f"error: {t}/missing.txt: no such dataset file"),
-        (bilm[:-4] + ["--dataset", f"{t}/a_dir", "--out", f"{t}/o.hdf5"],
+        (bilm[:-4] + ["--input", f"{t}/a_dir", "--output", f"{t}/o.hdf5"],
          f"error: {t}/a_dir: a directory, not a dataset file"),
         (["bilm", "--vocab", f"{t}/missing.txt", *bilm[3:]], f"error: {t}/missing.txt: no such vocabulary file"),
         (bilm[:-1] + [f"{t}/a_dir"], f"error: {t}/a_dir: a directory; give a file name to write"),
         (bilm[:-1] + [f"{t}/a_file/o.hdf5"],
          f"error: {t}/a_file: not a directory, so {t}/a_file/o.hdf5 cannot be written"),
-        (elmo[:4] + ["--options", OPTIONS_FILE, "--weights", f"{t}/bad.hdf5"],
+        (elmo[:6] + ["--options", OPTIONS_FILE, "--weights", f"{t}/bad.hdf5"],
          f"error: {t}/bad.hdf5: not an hdf5 file (nor a bilm-tf checkpoint); not a weight file"),
-        (elmo[:4] + ["--options", OPTIONS_FILE, "--weights", f"{t}/none.hdf5"],
+        (elmo[:6] + ["--options", OPTIONS_FILE, "--weights", f"{t}/none.hdf5"],
          f"error: {t}/none.hdf5: no such weight file"),
-        (elmo[:4] + ["--options", f"{t}/bad.json", "--weights", WEIGHT_FILE],
+        (elmo[:6] + ["--options", f"{t}/bad.json", "--weights", WEIGHT_FILE],
          f"error: {t}/bad.json: not a valid UTF-8 JSON file"),
-        (["tokens", "--vocab", VOCAB_FILE, "--options", OPTIONS_FILE, "--weights", f"{t}/a_dir", "--out",
+        (["tokens", "--vocab", VOCAB_FILE, "--options", OPTIONS_FILE, "--weights", f"{t}/a_dir", "--output",
           f"{t}/t.hdf5"], f"error: {t}/a_dir: a directory, not a weight file"),
-        (elmo + ["--batch-size", "-3"], f"{prog} elmo: argument --batch-size: must be a positive integer, got -3 "
+        (elmo + ["--batch_size", "-3"], f"{prog} elmo: argument --batch_size: must be a positive integer, got -3 "
                                         f"(see python -m elmojax.dump elmo --help)"),
-        (elmo + ["--chunk-lines", "0"], f"{prog} elmo: argument --chunk-lines: must be a positive integer, got 0"),
-        (elmo + ["--batch-size", "many"], f"{prog} elmo: argument --batch-size: must be a positive integer, "
+        (elmo + ["--chunk_lines", "0"], f"{prog} elmo: argument --chunk_lines: must be a positive integer, got 0"),
+        (elmo + ["--batch_size", "many"], f"{prog} elmo: argument --batch_size: must be a positive integer, "
                                           f"got 'many'"),
-        (elmo[:3] + model, f"{prog} elmo: one of the arguments --all --top --average is required"),
-        (["sentences", f"{t}/in.txt", f"{t}/o.hdf5", *model, "--layers", "7"],
+        (elmo[:5] + model, f"{prog} elmo: one of the arguments --all --top --average is required"),
+        (["sentences", "--input", f"{t}/in.txt", "--output", f"{t}/o.hdf5", *model, "--layers", "7"],
          "error: layers must be 'average', 'top' or a layer 0..2, got 7"),
-        (["score", f"{t}/in.txt", f"{t}/s.jsonl", *checkpoint, "--softmax", f"{t}/in.txt"],
+        (["score", "--input", f"{t}/in.txt", "--output", f"{t}/s.jsonl", *checkpoint, "--softmax", f"{t}/in.txt"],
          f"error: {t}/in.txt: not an hdf5 file (nor a bilm-tf checkpoint); not a softmax file"),
         (["nope"], f"{prog}: argument command: invalid choice: 'nope'"),
     ]

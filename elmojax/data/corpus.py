@@ -47,13 +47,13 @@ class CorpusSettings:
 
     def __post_init__(self):
         if not 0 <= self.heldout_fraction < 1:
-            raise ValueError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
+            raise ValueError(f"--heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.shard_lines < 1:
-            raise ValueError(f"--shard-lines must be at least 1, got {self.shard_lines}")
+            raise ValueError(f"--shard_lines must be at least 1, got {self.shard_lines}")
         if self.min_count < 1:
-            raise ValueError(f"--min-count must be at least 1, got {self.min_count}")
+            raise ValueError(f"--min_count must be at least 1, got {self.min_count}")
         if self.max_vocab is not None and self.max_vocab < len(SPECIALS):
-            raise ValueError(f"--max-vocab must be at least {len(SPECIALS)} (the special tokens), "
+            raise ValueError(f"--max_vocab must be at least {len(SPECIALS)} (the special tokens), "
                              f"got {self.max_vocab}")
         if self.seed < 0:
             raise ValueError(f"--seed must be non-negative, got {self.seed}")

@@ -161,3 +161,16 @@ def test_an_installed_wheel_runs_anywhere(tmp_path):
     assert no_data.stderr.startswith("error: --config.data.vocab_file=data/1b/vocab.txt: no such file; "
                                      "`python -m elmojax.prepare --input CORPUS.txt --output data/1b`")
     assert len(no_data.stderr.splitlines()) == 1 and not os.path.exists(empty / "w1b")
+
+    # the console script the wheel installs: its subcommands, the same run and the same line
+    command = os.path.join(os.path.dirname(python), "elmojax")
+    listed = subprocess.run([command, "--help"], cwd=empty, env=env, capture_output=True, text=True)
+    assert listed.returncode == 0 and all(name in listed.stdout for name in
+                                          ("train", "evaluate", "export", "prepare", "dump"))
+    trained = subprocess.run([command, "train", "--workdir=w2", "--config.train.max_steps=2"], cwd=empty, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert os.listdir(empty / "w2" / "checkpoints")
+    no_data = subprocess.run([command, "train", "--config=billion_word", "--workdir=w1b"], cwd=empty, env=env,
+                             capture_output=True, text=True)
+    assert no_data.returncode == 1 and len(no_data.stderr.splitlines()) == 1 and "data.vocab_file" in no_data.stderr

@@ -3,8 +3,10 @@
 The package is in layers; a module imports its own folder and the layers below it, never above
 or beside (tests/test_layers.py checks it):
 
-  main.py dump.py prepare.py  the command lines; after_training.py: what a run does at its end
+  cli.py main.py dump.py prepare.py  the command lines (`elmojax COMMAND`, `python -m ...`)
+  after_training.py           what a run does at its end
   __init__.py config.py       the public API below; the config schema for config files
+  allennlp.py                 AllenNLP's Elmo and batch_to_ids as AllenNLP code calls them
   train/    TrainState, the step, the trainer, the loop, evaluation, checkpoints, trained models
   infer/    BidirectionalLanguageModel, weight_layers / ScalarMix (mix), AllenNLP's Elmo, dumps
   model/    the Flax modules (char CNN, LSTM, biLM), the losses, numerics
@@ -13,7 +15,7 @@ or beside (tests/test_layers.py checks it):
   process/  process-wide settings, signals, the multi-controller runtime
 
 Using a trained biLM: `BidirectionalLanguageModel` (or `.from_pretrained("small")`, a published
-name, a weight file or its URL) on `Batcher` or `batch_to_ids` ids, mixed by `weight_layers` or
+name, a weight file or its URL) on `Batcher` or `batch_char_ids` ids, mixed by `weight_layers` or
 `ScalarMix`, or inside a downstream model as AllenNLP's `Elmo` (`load_elmo`). Training: `python
 -m elmojax.main --config=configs/NAME.py`, which reads the config once and hands typed settings
 down (train/config.py).
@@ -22,7 +24,8 @@ Importing elmojax changes no process-wide setting; entry points call `elmojax.se
 """
 
 from elmojax.formats.remote import pretrained
-from elmojax.formats.vocab import Batcher, TokenBatcher, UnicodeCharsVocabulary, Vocabulary, batch_to_ids
+from elmojax.formats.vocab import (Batcher, TokenBatcher, UnicodeCharsVocabulary, Vocabulary, batch_char_ids,
+                                   batch_to_ids)
 from elmojax.infer.bidirectional_lm import BidirectionalLanguageModel
 from elmojax.infer.dumps import dump_bilm_embeddings, dump_token_embeddings
 from elmojax.infer.elmo import Elmo, load_elmo
@@ -39,6 +42,7 @@ __all__ = [
     "TokenBatcher",
     "UnicodeCharsVocabulary",
     "Vocabulary",
+    "batch_char_ids",
     "batch_to_ids",
     "dump_bilm_embeddings",
     "dump_token_embeddings",

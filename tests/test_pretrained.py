@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from elmojax import BidirectionalLanguageModel, Batcher, batch_to_ids, load_elmo
+from elmojax import BidirectionalLanguageModel, Batcher, batch_char_ids, batch_to_ids, load_elmo
 from elmojax.formats import remote
 from elmojax.infer import dumps
 from conftest import FIXTURES, OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE
@@ -57,24 +57,28 @@ def spelled(sentences, width=50):
     return out
 
 
-def test_batch_to_ids_spells_as_allennlp_and_batcher():
-    ids = batch_to_ids(SENTENCES)
+def test_batch_char_ids_spell_as_batcher_and_batch_to_ids_as_allennlp():
+    ids = batch_char_ids(SENTENCES)
     np.testing.assert_array_equal(ids, spelled(SENTENCES))
     np.testing.assert_array_equal(ids, Batcher(VOCAB_FILE, 50).batch_sentences(SENTENCES))
     allennlp = np.load(os.path.join(FIXTURES, "allennlp_elmo", "record.npz"))["char_ids"]  # AllenNLP's, no <S> </S>
+    np.testing.assert_array_equal(batch_to_ids(SENTENCES), allennlp)
     for row, sentence in enumerate(SENTENCES):
         np.testing.assert_array_equal(ids[row, 1:len(sentence) + 1], allennlp[row, :len(sentence)])
-    assert batch_to_ids([["a" * 60]]).shape == (1, 3, 50) and batch_to_ids([["x"]], 10).shape == (1, 3, 10)
+    assert batch_char_ids([["a" * 60]]).shape == (1, 3, 50) and batch_char_ids([["x"]], 10).shape == (1, 3, 10)
 
 
 def test_allennlp_batch_to_ids_and_elmo_code_runs_as_it_is():
-    """AllenNLP's example, with elmojax's import and Flax's apply."""
-    from elmojax import batch_to_ids, load_elmo
+    """AllenNLP's example, with elmojax's import; load_elmo's module on batch_char_ids the same."""
+    from elmojax.allennlp import Elmo, batch_to_ids
     options_file, weight_file = os.path.join(CHECKPOINT, "options.json"), os.path.join(CHECKPOINT, "dump_weights.hdf5")
-    elmo, variables = load_elmo(options_file, weight_file, 2, dropout=0)
+    elmo = Elmo(options_file, weight_file, 2, dropout=0)
     sentences = [["First", "sentence", "."], ["Another", "."]]
     character_ids = batch_to_ids(sentences)
-    embeddings = elmo.apply(variables, character_ids)
+    embeddings = elmo(character_ids)
+    module, variables = load_elmo(options_file, weight_file, 2, dropout=0)
+    np.testing.assert_array_equal(module.apply(variables, batch_char_ids(sentences))["elmo_representations"][1],
+                                  embeddings["elmo_representations"][1])
     assert len(embeddings["elmo_representations"]) == 2
     assert embeddings["elmo_representations"][0].shape[:2] == (2, 3)
     np.testing.assert_array_equal(embeddings["mask"], [[True, True, True], [True, True, False]])
@@ -83,7 +87,7 @@ def test_allennlp_batch_to_ids_and_elmo_code_runs_as_it_is():
 def test_from_pretrained_by_path_finds_the_options_beside():
     by_path = BidirectionalLanguageModel.from_pretrained(WEIGHT_FILE)
     by_files = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE)
-    ids = batch_to_ids([["Hello", "there"]])
+    ids = batch_char_ids([["Hello", "there"]])
     np.testing.assert_array_equal(by_path(ids)["lm_embeddings"], by_files(ids)["lm_embeddings"])
     with pytest.raises(ValueError, match="nope.hdf5: no such weight file, and not a published model"):
         BidirectionalLanguageModel.from_pretrained("nope.hdf5")
@@ -104,7 +108,7 @@ def test_the_softmax_beside_is_found_when_scoring_needs_it(exported):
 def test_from_pretrained_by_name_downloads_the_published_files(exported, published):
     model = BidirectionalLanguageModel.from_pretrained("small")
     local = BidirectionalLanguageModel(exported.options, exported.weights, softmax_file=exported.softmax)
-    ids = batch_to_ids(SENTENCES)
+    ids = batch_char_ids(SENTENCES)
     np.testing.assert_array_equal(model(ids)["lm_embeddings"], local(ids)["lm_embeddings"])
     fetched = lambda: [path for path, _ in published.requests]
     assert fetched() == ["/elmo_tiny_options.json", "/elmo_tiny_weights.hdf5"]  # the softmax only when needed

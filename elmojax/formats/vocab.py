@@ -208,9 +208,10 @@ def _check_sentences(sentences, name: str = "sentences") -> list[list[str]]:
     return out
 
 
-def batch_char_ids(sentences: Sequence[Sequence[str]], max_token_length: int,
+def batch_char_ids(sentences: Sequence[Sequence[str]], max_token_length: int = 50,
                    vocab: Optional[UnicodeCharsVocabulary] = None) -> np.ndarray:
-    """Batcher's ids (n, max_len + 2, max_token_length): char ids + 1, 0 = padding. A token's
+    """Batcher's ids (n, max_len + 2, max_token_length): char ids + 1, 0 = padding, <S> and </S>
+    around each sentence, as elmojax's Elmo and BidirectionalLanguageModel take them. A token's
     spelling does not depend on a vocabulary; `vocab`, if given, only has its tokens spelled
     already."""
     sentences = _check_sentences(sentences)
@@ -230,12 +231,15 @@ def batch_char_ids(sentences: Sequence[Sequence[str]], max_token_length: int,
     return char_ids
 
 
-def batch_to_ids(sentences: Sequence[Sequence[str]], max_characters_per_token: int = 50) -> np.ndarray:
-    """AllenNLP's `batch_to_ids` (allennlp.modules.elmo), with no vocabulary file: the character
-    ids + 1 (0 = padding) of tokenized sentences, as `Elmo` and BidirectionalLanguageModel take
-    them. AllenNLP's Elmo adds <S> and </S> itself; these ids hold them already, (n, max_len + 2,
-    50), AllenNLP's ids at [:, 1:len + 1] of each row: Batcher's ids, for any vocabulary."""
-    return batch_char_ids(sentences, max_characters_per_token)
+def batch_to_ids(sentences: Sequence[Sequence[str]]) -> np.ndarray:
+    """AllenNLP's `batch_to_ids` (allennlp.modules.elmo), exactly: each token's 50 character ids
+    + 1 (0 = padding), (n, T, 50), no <S> and </S> (AllenNLP's Elmo, and elmojax.allennlp's, add
+    them). elmojax's own `Elmo` and BidirectionalLanguageModel take `batch_char_ids`' ids, which
+    hold them; neither needs a vocabulary file."""
+    ids = batch_char_ids(sentences, 50)  # <S>, the tokens, </S>, padding
+    lengths = (ids > 0).any(axis=-1).sum(axis=1) - 2
+    ids[np.arange(len(ids)), lengths + 1] = 0  # </S> off
+    return ids[:, 1:-1]
 
 
 class Batcher:

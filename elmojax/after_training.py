@@ -20,7 +20,7 @@ from elmojax.train import config as config_lib
 from elmojax.train import evaluation
 from elmojax.train.loop import Run, local_params
 from elmojax.train.metrics import MetricsWriter, heldout_scalars
-from elmojax.train.trained_models import VOCAB_FILE, ModelFiles, Trained, export, vocab_tokens
+from elmojax.train.trained_models import VOCAB_FILE, ExportedFiles, Trained, export, vocab_tokens
 
 
 def after_training(run: Run) -> list[str]:
@@ -64,7 +64,7 @@ def final_evaluation(run: Run, trained: Trained) -> list[str]:
     return [evaluation.summary(heldout)] + ([health.line] if health is not None and health.line else [])
 
 
-def embed_examples(exported: ModelFiles, sentences: list[str]) -> list[str]:
+def embed_examples(exported: ExportedFiles, sentences: list[str]) -> list[str]:
     """The sentences (whitespace-tokenized) embedded with an exported model, as a user would
     load it: their embeddings' shape, and how alike each pair looks to the model (the cosine of
     their mean-pooled top layers)."""

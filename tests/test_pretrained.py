@@ -162,3 +162,14 @@ def test_dumps_and_the_dump_command_take_a_model(exported, published, tmp_path):
     dumps.dump_sentence_vectors(str(tmp_path / "in.txt"), str(tmp_path / "v.hdf5"), None, f"{published.url}/"
                                 f"elmo_tiny_weights.hdf5")
     assert os.path.isfile(tmp_path / "v.hdf5")
+
+
+def test_evaluate_and_export_take_a_published_name(exported, published, tmp_path):
+    """--mode=evaluate|export --model=small: the name is the published weights, with their files."""
+    from elmojax.train import trained_models
+    trained = trained_models.load_trained("small", need_vocab=True)
+    local = trained_models.load_trained(exported.weights)
+    np.testing.assert_array_equal(trained.params["softmax"]["W"], local.params["softmax"]["W"])
+    assert trained.vocab == local.vocab
+    written = trained_models.export("small", str(tmp_path / "again.hdf5"))
+    assert os.path.exists(written.weights) and os.path.exists(written.softmax)

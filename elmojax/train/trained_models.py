@@ -63,8 +63,8 @@ def remap_rows(old: np.ndarray, old_vocab: list[str], new: np.ndarray, new_vocab
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelFiles:
-    """A trained model's files in bilm-tf's format: the weights (hdf5), options.json, the softmax
+class ExportedFiles:
+    """An exported model's files in bilm-tf's format: the weights (hdf5), options.json, the softmax
     (hdf5) and the vocabulary (None: an export of a bilm-tf checkpoint without one)."""
     weights: str
     options: str
@@ -77,15 +77,15 @@ class ModelFiles:
         return out if self.vocab is not None else {k: v for k, v in out.items() if k != "vocab"}
 
 
-def exported_files(weight_file: str, softmax_file: str = "") -> ModelFiles:
+def exported_files(weight_file: str, softmax_file: str = "") -> ExportedFiles:
     """The files an export writes beside its weight file."""
     stem, _ = os.path.splitext(weight_file)
     directory = os.path.dirname(os.path.abspath(weight_file))
-    return ModelFiles(weight_file, os.path.join(directory, "options.json"), softmax_file or f"{stem}_softmax.hdf5",
+    return ExportedFiles(weight_file, os.path.join(directory, "options.json"), softmax_file or f"{stem}_softmax.hdf5",
                       os.path.join(directory, VOCAB_FILE))
 
 
-def files_beside(weight_file: str, softmax_file: str = "") -> ModelFiles:
+def files_beside(weight_file: str, softmax_file: str = "") -> ExportedFiles:
     """The files that go with a weight file: an export's (exported_files), or AllenNLP's
     published names (X_weights.hdf5 with X_options.json and X_softmax_weights.hdf5) and a
     vocabulary as the only vocab*.txt beside it, where an export's are not there."""
@@ -156,8 +156,11 @@ def load_tf_checkpoint(path: str, vocab_file: str = "", need_vocab: bool = True
 
 
 def local_model(path: str) -> str:
-    """`path` as it is; an exported or published weight file's http(s) URL as its file in the
-    cache, the files that go with it (files_beside) fetched beside it where the server has them."""
+    """`path` as it is; a published model's name (remote.pretrained) or an exported or published
+    weight file's http(s) URL as its file in the cache, the files that go with it (files_beside)
+    fetched beside it where the server has them."""
+    if remote.is_published(path):
+        path = remote.pretrained(path)[1]
     if not remote.is_url(path):
         return path
     weight_url = path
@@ -316,7 +319,7 @@ def init_from(trainer: Trainer, fresh: dict, path: str, softmax_file: str,
     return out, accumulators
 
 
-def export(path: str, output: str, trained: Optional[Trained] = None) -> ModelFiles:
+def export(path: str, output: str, trained: Optional[Trained] = None) -> ExportedFiles:
     """Writes a trained model as bilm-tf files: weights (hdf5), options.json (n_characters 262)
     beside them, the softmax (softmax/W, softmax/b, and the vocabulary) and vocab.txt (a bilm-tf
     checkpoint without a vocabulary: the softmax without one, and no vocab.txt, as bilm-tf's

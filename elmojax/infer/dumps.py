@@ -352,12 +352,12 @@ def _check_sentence_keys(input_file: str, lines: list[tuple[int, str]]) -> None:
     for number, line in lines:
         if line in first:
             raise ValueError(f"{input_file}, line {number}: the sentence of line {first[line]} again; with "
-                             f"--use-sentence-keys every sentence is a key (leave it out to keep duplicates)")
+                             f"--use_sentence_keys every sentence is a key (leave it out to keep duplicates)")
         first[line] = number
         bad = "'/'" if "/" in line else "a NUL character" if "\0" in line else "'.' alone" if line == "." else None
         if bad:
             raise ValueError(f"{input_file}, line {number}: the sentence holds {bad}, which cannot be in an hdf5 key "
-                             f"(hdf5 would nest it in groups); with --use-sentence-keys every sentence is a key "
+                             f"(hdf5 would nest it in groups); with --use_sentence_keys every sentence is a key "
                              f"(leave it out to key datasets by line index)")
 
 

@@ -206,15 +206,44 @@ def _matches(pattern: str) -> bool:
     return any(os.path.isfile(p) for p in glob.iglob(os.path.expanduser(pattern)))
 
 
+def _config_first(argv: list[str]) -> list[str]:
+    """argv with --config (=VALUE, or VALUE next) ahead of the other flags: absl reads the
+    overrides of its fields (--config.FIELD, bilm-tf's --train_prefix) only after it."""
+    config, rest, args = [], [], iter(argv[1:])
+    for arg in args:
+        if re.match(r"-{1,2}config=", arg):
+            config.append(arg)
+        elif arg in ("-config", "--config"):
+            config += [arg, *[a for a in [next(args, None)] if a is not None]]
+        else:
+            rest.append(arg)
+    return [*argv[:1], *config, *rest]
+
+
+def _train_elmo_recipe(args: list[str]) -> list[str]:
+    """["--config=billion_word"] for bin/train_elmo.py's command line (--train_prefix, no
+    --config, a new run in --save_dir/--workdir): bilm-tf's recipe, as that script trains it."""
+    if (not any(re.match(r"-{1,2}train_prefix(=|$)", a) for a in args)
+            or any(re.match(r"-{1,2}config(=|$)", a) for a in args)
+            or any(re.match(r"-{1,2}mode=", a) and a.split("=", 1)[1] != "train" for a in args)):
+        return []
+    workdirs = [a.split("=", 1)[1] for a in bilm_tf_flags(args) if a.startswith("--workdir=")]
+    if os.path.exists(runconfig.config_file(workdirs[-1] if workdirs else _WORKDIR.default)):
+        return []  # a run already there goes on with its own config
+    print("note: bilm-tf's --train_prefix without --config: bilm-tf's recipe (--config=billion_word, as "
+          "bin/train_elmo.py trains it); --config=NAME for another", file=sys.stderr)
+    return ["--config=billion_word"]
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad --config file or field reported in one line (exit 2)
     instead of a traceback."""
     global _CONFIG, _config_given
-    argv = [*argv[:1], *bilm_tf_flags(argv[1:])]  # bilm-tf's --save_dir, --train_prefix, ... as elmojax's
+    argv = [*argv[:1], *_train_elmo_recipe(argv[1:]), *bilm_tf_flags(argv[1:])]  # bilm-tf's flags as elmojax's
     config_file = ([a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")] or [None])[-1]  # absl: the last
     _config_given = any(re.match(r"-{1,2}config(=|$)", a) for a in argv[1:])
     try:
-        argv = _with_config_files(argv)
+        argv = _config_first(_with_config_files(argv))
     except ValueError as e:
         _usage_error(str(e))
     try:

@@ -170,7 +170,8 @@ def test_a_train_elmo_command_line_reaches_the_config(monkeypatch, tmp_path, cap
         (elmojax.main._MODE.value, elmojax.main._WORKDIR.value, elmojax.main._OUTPUT.value,
          dict(elmojax.main._CONFIG.value.data))))
     work = str(tmp_path / "w")
-    assert run_cli(capsys, "train", "--train_prefix=t/*.txt", "--vocab_file", "v.txt", "--save_dir", work)[0] == 0
+    status, _, said = run_cli(capsys, "train", "--train_prefix=t/*.txt", "--vocab_file", "v.txt", "--save_dir", work)
+    assert status == 0 and "bilm-tf's recipe (--config=billion_word" in said
     assert run_cli(capsys, "evaluate", "--save_dir", work, "--vocab_file=v.txt", "--test_prefix=h/*.txt")[0] == 0
     assert run_cli(capsys, "export", f"--save_dir={work}", "--outfile", "o.hdf5")[0] == 0
     assert [s[:3] for s in seen] == [("train", work, None), ("evaluate", work, None), ("export", work, "o.hdf5")]
@@ -180,6 +181,22 @@ def test_a_train_elmo_command_line_reaches_the_config(monkeypatch, tmp_path, cap
         m.setattr(elmojax.main, "main", lambda argv: seen.append(elmojax.main._WORKDIR.value))
         elmojax.main.run(["python -m elmojax.main", "--save_dir", work])
     assert seen[-1] == work
+
+
+def test_a_train_elmo_command_line_trains_bilm_tfs_recipe_unless_told_or_resuming(monkeypatch, tmp_path, capsys):
+    """train_elmo.py's flags without --config: a new run gets bilm-tf's recipe (billion_word:
+    LSTM 4096/512), not the quickstart's small model; --config, or a run already in the
+    workdir, keeps its own."""
+    seen = []
+    monkeypatch.setattr(elmojax.main, "main", lambda argv: seen.append(elmojax.main._CONFIG.value))
+    work = tmp_path / "w"
+    run_cli(capsys, "train", "--train_prefix=t/*.txt", "--vocab_file=v.txt", f"--save_dir={work}")
+    assert (seen[-1].model.lstm.dim, seen[-1].train.n_negative_samples_batch) == (4096, 8192)
+    run_cli(capsys, "train", "--train_prefix=t/*.txt", "--config=quickstart", f"--save_dir={work}")
+    assert seen[-1].model.lstm.dim != 4096
+    work.mkdir()
+    (work / "config.json").write_text("{}")
+    assert "bilm-tf's recipe" not in run_cli(capsys, "train", "--train_prefix=t/*.txt", f"--save_dir={work}")[2]
 
 
 @pytest.mark.slow

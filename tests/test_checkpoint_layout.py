@@ -79,3 +79,15 @@ def test_split_and_stack_directions_invert_each_other():
     np.testing.assert_array_equal(split["bilm"]["backward_lstm"]["layer_0"]["B"], [3.0, 4.0, 5.0])
     again = checkpoint.stack_directions(split)
     np.testing.assert_array_equal(again["bilm"]["lstm"]["layer_0"]["B"], tree["bilm"]["lstm"]["layer_0"]["B"])
+
+
+def test_listing_the_steps_waits_on_no_other_process(tmp_path, monkeypatch):
+    """checkpoint.steps reads the directory: making an orbax CheckpointManager waits on the other
+    processes, and processes that ask at different moments (one workdir made by another process
+    just before) would wait at different barriers. Unfinished saves are not steps."""
+    workdir = tmp_path / "workdir"
+    shutil.copytree(os.path.join(FIXTURE, "workdir"), workdir)
+    os.makedirs(workdir / "checkpoints" / "7.orbax-checkpoint-tmp-1")
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", lambda *a, **k: pytest.fail("a CheckpointManager"))
+    assert checkpoint.steps(str(workdir)) == sorted(int(n) for n in os.listdir(os.path.join(FIXTURE, "workdir",
+                                                                                                 "checkpoints")))

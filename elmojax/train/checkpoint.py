@@ -111,14 +111,12 @@ def _manager(workdir: str, keep: Optional[int] = None, read_only: bool = False) 
 
 
 def steps(workdir: str) -> list[int]:
-    """The workdir's finished checkpoint steps, oldest first (none if it has no checkpoints)."""
+    """The workdir's finished checkpoint steps, oldest first (none if it has no checkpoints).
+    Read from the directory, without a CheckpointManager, whose making waits on the other
+    processes: each process may ask at another moment (a workdir another one just made)."""
     if not os.path.isdir(checkpoint_dir(workdir)):
         return []
-    manager = _manager(workdir, read_only=True)
-    try:
-        return sorted(manager.all_steps())
-    finally:
-        manager.close()
+    return sorted(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
 
 
 class Checkpointer:

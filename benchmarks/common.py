@@ -17,6 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "elmojax", "resources", "kjv_sample")
 CACHE = os.path.join(ROOT, "benchmarks", ".cache")
 
+# Compile times are measured, and each process compiles afresh: no programs kept from earlier runs.
+os.environ.setdefault("ELMOJAX_COMPILATION_CACHE", "off")
+
 ELMO_FILTERS = [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]]
 
 # options.json of the model sizes; "fixture" is the tiny model of bilm-tf's tests.

@@ -8,7 +8,11 @@ script may call it too, before its first JAX computation:
 - malloc keeps freed memory for reuse (elmojax.process.hostmem; MALLOC_TOP_PAD_ in the environment
   opts out): on CPUs, a third of a small model's training step otherwise goes on page faults;
 - JAX's probing of platforms that are not installed (the "Unable to initialize backend 'tpu'"
-  lines at every start) is not logged.
+  lines at every start) is not logged;
+- compiled programs are kept on disk and shared by every process on the machine (JAX's
+  persistent compilation cache, in compilation_cache_dir(): ~/.cache/elmojax/jax, or
+  $ELMOJAX_COMPILATION_CACHE; "off" opts out; it may be removed at any time), so that a rerun,
+  resume, evaluation or export of the same model reuses what an earlier process compiled.
 """
 
 from __future__ import annotations
@@ -29,6 +33,18 @@ from elmojax.process import hostmem
 
 _done = False
 
+COMPILATION_CACHE_VARIABLE = "ELMOJAX_COMPILATION_CACHE"
+
+
+def compilation_cache_dir() -> Optional[str]:
+    """Where compiled programs are kept: $ELMOJAX_COMPILATION_CACHE, else ~/.cache/elmojax/jax
+    (beside the downloads); None where that variable is "off" or JAX_COMPILATION_CACHE_DIR is
+    set (JAX then does as that says)."""
+    value = os.environ.get(COMPILATION_CACHE_VARIABLE, "")
+    if value.lower() in ("off", "0", "false", "no") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    return value or os.path.join(os.path.expanduser("~"), ".cache", "elmojax", "jax")
+
 
 def setup() -> None:
     """Applies the settings (once; later calls do nothing). Call it before JAX starts computing:
@@ -39,6 +55,15 @@ def setup() -> None:
     _done = True
     hostmem.keep_freed_memory()
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    cache = compilation_cache_dir()
+    if cache is not None:
+        try:
+            os.makedirs(cache, exist_ok=True)
+        except OSError:  # (a read-only home): compile as before
+            return
+        jax.config.update("jax_compilation_cache_dir", cache)
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # all of them: what a run
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # compiles, a rerun finds
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,

@@ -67,19 +67,6 @@ def resolve_config(value: str) -> str:
                      f"{', '.join(config_names())})")
 
 
-def _with_config_files(argv: list[str]) -> list[str]:
-    """argv with --config's values, --config=VALUE or --config VALUE, as resolve_config gives them."""
-    out = list(argv[:1])
-    for i, arg in enumerate(argv[1:], 1):
-        key, eq, value = arg.partition("=")
-        if eq and key in ("-config", "--config"):
-            arg = f"{key}={resolve_config(value)}"
-        elif argv[i - 1] in ("-config", "--config") and i > 1:
-            arg = resolve_config(arg)
-        out.append(arg)
-    return out
-
-
 _QUICKSTART = os.path.join(configs_dir(), "quickstart.py")
 _CONFIG_HELP = "a config file (PATH or PATH:ARG), or the name of a bundled one: "
 
@@ -207,27 +194,31 @@ def _matches(pattern: str) -> bool:
 
 
 def _config_first(argv: list[str]) -> list[str]:
-    """argv with --config (=VALUE, or VALUE next) ahead of the other flags: absl reads the
-    overrides of its fields (--config.FIELD, bilm-tf's --train_prefix) only after it."""
+    """argv with --config's value (--config=VALUE, or VALUE next) as resolve_config gives it, ahead
+    of the other flags: absl reads the overrides of its fields (--config.FIELD, bilm-tf's
+    --train_prefix) only after it."""
     config, rest, args = [], [], iter(argv[1:])
     for arg in args:
-        if re.match(r"-{1,2}config=", arg):
-            config.append(arg)
+        key, eq, value = arg.partition("=")
+        if eq and key in ("-config", "--config"):
+            config.append(f"{key}={resolve_config(value)}")
         elif arg in ("-config", "--config"):
-            config += [arg, *[a for a in [next(args, None)] if a is not None]]
+            value = next(args, None)
+            config += [arg] if value is None else [arg, resolve_config(value)]
         else:
             rest.append(arg)
     return [*argv[:1], *config, *rest]
 
 
-def _train_elmo_recipe(args: list[str]) -> list[str]:
+def _train_elmo_recipe(args: list[str], translated: list[str]) -> list[str]:
     """["--config=billion_word"] for bin/train_elmo.py's command line (--train_prefix, no
-    --config, a new run in --save_dir/--workdir): bilm-tf's recipe, as that script trains it."""
+    --config, a new run in --save_dir/--workdir; `translated`: args with bilm-tf's flags as
+    elmojax's): bilm-tf's recipe, as that script trains it."""
     if (not any(re.match(r"-{1,2}train_prefix(=|$)", a) for a in args)
             or any(re.match(r"-{1,2}config(=|$)", a) for a in args)
             or any(re.match(r"-{1,2}mode=", a) and a.split("=", 1)[1] != "train" for a in args)):
         return []
-    workdirs = [a.split("=", 1)[1] for a in bilm_tf_flags(args) if a.startswith("--workdir=")]
+    workdirs = [a.split("=", 1)[1] for a in translated if a.startswith("--workdir=")]
     if os.path.exists(runconfig.config_file(workdirs[-1] if workdirs else _WORKDIR.default)):
         return []  # a run already there goes on with its own config
     print("note: bilm-tf's --train_prefix without --config: bilm-tf's recipe (--config=billion_word, as "
@@ -239,11 +230,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad --config file or field reported in one line (exit 2)
     instead of a traceback."""
     global _CONFIG, _config_given
-    argv = [*argv[:1], *_train_elmo_recipe(argv[1:]), *bilm_tf_flags(argv[1:])]  # bilm-tf's flags as elmojax's
+    translated = bilm_tf_flags(argv[1:])  # bilm-tf's flags as elmojax's
+    argv = [*argv[:1], *_train_elmo_recipe(argv[1:], translated), *translated]
     config_file = ([a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")] or [None])[-1]  # absl: the last
     _config_given = any(re.match(r"-{1,2}config(=|$)", a) for a in argv[1:])
     try:
-        argv = _config_first(_with_config_files(argv))
+        argv = _config_first(argv)
     except ValueError as e:
         _usage_error(str(e))
     try:

@@ -104,7 +104,9 @@ def main(argv=None) -> dict:
     trainer = trainer_lib.Trainer(config, vocab.size)
     dataset = data.make_dataset(config_lib.streams(config), vocab, config.data.train_prefix, trainer.batch_size, args.unroll, test=False)
     batches = dataset.iter_batches()
-    device_batches = [trainer.put_batch(next(batches)) for _ in range(args.runs + 1)]
+    host_batches = [next(batches) for _ in range(args.runs + 1)]
+    shapes = trainer.char_shapes(host_batches[:8])  # as the training loop lays its batches out
+    device_batches = [trainer.put_batch(b, shapes) for b in host_batches]
     state = trainer.create_state(jax.random.PRNGKey(0))
 
     start = time.perf_counter()

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import queue
 import threading
+from typing import Callable, Optional
 
 
 class BatchPrefetcher:
     """Reads batches in a background thread so the device never waits for the host.
 
     Yields (batch, data position after it): the position saved with a checkpoint must be that
-    of the last batch trained on, not of the batches read ahead.
+    of the last batch trained on, not of the batches read ahead. Once `prepare` is set (a
+    function of a batch), it yields prepare(batch) instead, made in the thread for the batches
+    read after that.
     """
 
     def __init__(self, dataset, depth: int = 4):
+        self.prepare: Optional[Callable] = None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, args=(dataset,), daemon=True)
@@ -22,7 +26,8 @@ class BatchPrefetcher:
     def _work(self, dataset) -> None:
         try:
             for batch in dataset.iter_batches():
-                if not self._put((batch, dataset.state_dict())):
+                prepare = self.prepare
+                if not self._put((batch if prepare is None else prepare(batch), dataset.state_dict(), prepare)):
                     return
             self._put(StopIteration())
         except BaseException as e:  # handed to the consumer, raised there
@@ -44,7 +49,10 @@ class BatchPrefetcher:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        return item
+        batch, position, prepared_by = item
+        if self.prepare is not prepared_by:  # read before `prepare` was set
+            batch = self.prepare(batch)
+        return batch, position
 
     def close(self) -> None:
         self._stop.set()

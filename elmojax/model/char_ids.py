@@ -1,11 +1,13 @@
 """Char id arrays cut to what the char CNN needs, in NumPy on the host, for training batches
 and inference alike: each distinct token once (distinct_tokens), and rows cut short past their
-longest word (trim_char_ids, for CharCNNEmbedder's `tail_ids`)."""
+longest word (trim_char_ids, for CharCNNEmbedder's `tail_ids`). Training lays every batch out in
+one fixed CharShapes (pack_chars), chosen from the run's first batches (choose_shapes), so that
+its step compiles once, whatever each batch's longest word."""
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -47,3 +49,87 @@ def trim_char_ids(char_ids: np.ndarray, max_width: int, multiple: int = 8) -> tu
     if keep >= n_chars:
         return char_ids, None
     return np.ascontiguousarray(char_ids[:, :keep]), tail_ids
+
+
+class CharShapes(NamedTuple):
+    """A character batch's fixed layout for the char CNN: `n_short` distinct tokens cut to
+    `width` characters (with tail ids, see trim_char_ids) and `n_long` more at full width. A
+    step compiled for it takes every batch that fits, whatever its longest word."""
+    n_short: int
+    width: int
+    n_long: int = 0
+
+
+def full_shapes(n_tokens: int, n_chars: int, multiple: int = 1) -> CharShapes:
+    """The layout every batch of `n_tokens` tokens fits: all of them distinct, at full width."""
+    return CharShapes(-(-n_tokens // multiple) * multiple, n_chars)
+
+
+def _needed_widths(rows: np.ndarray, max_width: int) -> np.ndarray:
+    """Per row, the fewest characters it can be cut to (as in trim_char_ids, without rounding)."""
+    tail = rows[:, -1]
+    differs = rows != tail[:, None]
+    tail_start = np.where(differs.any(axis=1), rows.shape[1] - np.argmax(differs[:, ::-1], axis=1), 0)
+    return np.minimum(tail_start + max_width - 1, rows.shape[1])
+
+
+def _distinct_rows(char_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    distinct, index = distinct_tokens(char_ids, min_bucket=1)
+    return distinct[: index.max(initial=-1) + 1], index
+
+
+def choose_shapes(samples: Sequence[np.ndarray], max_width: int, multiple: int = 1,
+                  margin: float = 1.25) -> CharShapes:
+    """The layout for batches like `samples` (char id arrays) at the least char CNN work (rows x
+    characters): a width in steps of 8, its short rows and the long ones the samples had, each
+    count with `margin` to spare (at least 8 long rows), so that a batch rarely fits none but
+    full_shapes (which it is when nothing less would do)."""
+    needs = [_needed_widths(_distinct_rows(s)[0], max_width) for s in samples]
+    n_chars = samples[0].shape[-1]
+    round_up = lambda n, step: -(-int(np.ceil(n)) // step) * step  # noqa: E731
+    step = int(np.lcm(8, multiple))
+    every = full_shapes(int(np.prod(samples[0].shape[:-1])), n_chars, multiple)
+    best = full_shapes(min(round_up(margin * max(len(n) for n in needs), step), every.n_short), n_chars, multiple)
+    for width in range(round_up(max_width, 8), n_chars, 8):
+        n_long = round_up(max(margin * max(int((n > width).sum()) for n in needs), 8), step)
+        n_short = round_up(margin * max(int((n <= width).sum()) for n in needs), step)
+        if n_short * width + n_long * n_chars < best.n_short * best.width + best.n_long * n_chars:
+            best = CharShapes(n_short, width, n_long)
+    return best
+
+
+class PackedChars(NamedTuple):
+    """A batch's distinct tokens laid out as CharShapes say: the short rows (cut to the width)
+    with their tail ids (None at full width), the long rows (None if none), and each token's
+    row in [short rows, long rows]."""
+    short: np.ndarray
+    tails: Optional[np.ndarray]
+    long: Optional[np.ndarray]
+    index: np.ndarray
+
+
+def pack_chars(char_ids: np.ndarray, shapes: CharShapes, max_width: int) -> Optional[PackedChars]:
+    """char_ids' distinct tokens in `shapes`' layout; None if they do not fit it. Short rows
+    that do not fit their table go to the long one while it has room."""
+    rows, index = _distinct_rows(char_ids)
+    n_chars = rows.shape[1]
+    is_long = (_needed_widths(rows, max_width) > shapes.width) if shapes.width < n_chars else np.zeros(len(rows), bool)
+    short_rows, long_rows = np.flatnonzero(~is_long), np.flatnonzero(is_long)
+    spill = max(len(short_rows) - shapes.n_short, 0)
+    if len(long_rows) + spill > shapes.n_long:
+        return None
+    short_rows, long_rows = short_rows[: len(short_rows) - spill], np.concatenate([long_rows, short_rows[len(short_rows) - spill:]])
+    order = np.concatenate([short_rows, long_rows])
+    position = np.empty(len(rows), np.int32)  # each distinct row's place in [short table, long table]
+    position[order] = np.concatenate([np.arange(len(short_rows)), shapes.n_short + np.arange(len(long_rows))])
+    short = np.zeros((shapes.n_short, shapes.width), rows.dtype)
+    short[: len(short_rows)] = rows[short_rows, : shapes.width]
+    tails = None
+    if shapes.width < n_chars:
+        tails = np.zeros(shapes.n_short, rows.dtype)
+        tails[: len(short_rows)] = rows[short_rows, -1]
+    long = None
+    if shapes.n_long:
+        long = np.zeros((shapes.n_long, n_chars), rows.dtype)
+        long[: len(long_rows)] = rows[long_rows]
+    return PackedChars(short, tails, long, position[index])

@@ -1,7 +1,7 @@
 """Training checkpoints with orbax, one step a directory of three items:
 
   state   the TrainState (params, optimizer state, step, PRNG key, LSTM carry)
-  meta    JSON: the config, options.json, the global batch size
+  meta    JSON: the config, options.json, the global batch size, the char batches' layout
   data    each process's data stream position, data/process_<k>.json: it is saved and removed
           with the step it belongs to, so a restart reads on from exactly where that step was
 
@@ -43,16 +43,21 @@ _PER_DIRECTION = ("forward_lstm", "backward_lstm")
 @dataclasses.dataclass(frozen=True)
 class Meta:
     """A checkpoint's metadata: the run's config (as JSON text), its options.json, the global
-    batch size it trained with, and the params' layout (None: one LSTM stack per direction)."""
+    batch size it trained with, the params' layout (None: one LSTM stack per direction) and the
+    char batches' layout its train step was compiled for (char_ids.CharShapes; a resumed run
+    keeps it, and so compiles nothing new)."""
     config: str
     options: dict
     global_batch_size: int
     params_layout: Optional[str] = PARAMS_LAYOUT
     data: Optional[dict] = None  # older checkpoints kept the data position here, not in their data item
+    char_shapes: Optional[list] = None
 
     def to_json(self) -> dict:
         out = {"config": self.config, "options": self.options, "global_batch_size": self.global_batch_size,
                "params_layout": self.params_layout}
+        if self.char_shapes is not None:
+            out["char_shapes"] = list(self.char_shapes)
         return out if self.data is None else {**out, "data": self.data}
 
     @classmethod
@@ -60,7 +65,8 @@ class Meta:
         """The metadata a checkpoint holds; a ValueError if it holds none that reads."""
         if not isinstance(d, dict) or "config" not in d:
             raise ValueError("its metadata has no config")
-        return cls(d["config"], d.get("options", {}), d.get("global_batch_size"), d.get("params_layout"), d.get("data"))
+        return cls(d["config"], d.get("options", {}), d.get("global_batch_size"), d.get("params_layout"), d.get("data"),
+                   d.get("char_shapes"))
 
 
 class CheckpointError(ValueError):

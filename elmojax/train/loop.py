@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
+import itertools
 import json
 import logging
 import math
@@ -29,7 +31,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import ml_collections
@@ -45,11 +47,13 @@ from elmojax.train.metrics import MetricsWriter, heldout_scalars
 from elmojax.train.trained_models import VOCAB_FILE, architecture_difference, init_from, load_vocab, vocab_tokens
 from elmojax.formats.locks import locked
 from elmojax.formats.vocab import Vocabulary
+from elmojax.model.char_ids import CharShapes
 from elmojax.train.step import TrainState
 from elmojax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
+SHAPE_SAMPLES = 8  # batches the char layout is chosen from (a few, so that a batch rarely falls outside it)
 FIRST_LOG_STEPS = 5  # the first log line comes this many steps into a run, before log_every
 
 
@@ -184,9 +188,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> Run:
         with lock, StopSignals() as stop:
             checkpointer = checkpoint.Checkpointer(workdir, config.train.keep_checkpoints)
             try:
-                state = _start(config, workdir, trainer, vocab, dataset, checkpointer)
+                state, meta = _start(config, workdir, trainer, vocab, dataset, checkpointer)
                 training = Loop(config, workdir, trainer, dataset, checkpointer, run_plan, stop)
-                state = training.run(state)
+                state = training.run(state, meta.char_shapes if meta is not None else None)
                 return Run(config, workdir, vocab, state, trainer, training.evaluator, training.evaluated)
             finally:
                 checkpointer.close()
@@ -220,10 +224,11 @@ def _check_run(workdir: str, config: ml_collections.ConfigDict, vocab: Vocabular
     runconfig.reconcile(workdir, config, vocab_tokens(vocab), stored_vocab, has_checkpoints)
 
 
-def _start(config, workdir: str, trainer: Trainer, vocab, dataset, checkpointer) -> TrainState:
-    """The newest readable checkpoint's state, with the dataset moved to its position; or a
-    fresh state, with the vocabulary and options.json written into the workdir. The config
-    goes into the workdir either way (what a resumed run changed included)."""
+def _start(config, workdir: str, trainer: Trainer, vocab, dataset, checkpointer
+           ) -> tuple[TrainState, Optional[checkpoint.Meta]]:
+    """The newest readable checkpoint's state and meta, with the dataset moved to its position;
+    or a fresh state (and no meta), with the vocabulary and options.json written into the
+    workdir. The config goes into the workdir either way (what a resumed run changed included)."""
     vocab_copy = os.path.join(workdir, VOCAB_FILE)
     ours = config_lib.options_json(config, vocab.size)
     if jax.process_index() == 0:
@@ -240,13 +245,13 @@ def _start(config, workdir: str, trainer: Trainer, vocab, dataset, checkpointer)
                                                  f"{difference}")
             return trainer.abstract_state()
 
-        step, state, _, position = checkpoint.restore(workdir, abstract_state, on_damaged=checkpointer.set_aside)
+        step, state, meta, position = checkpoint.restore(workdir, abstract_state, on_damaged=checkpointer.set_aside)
         if position is None:
             raise ValueError(f"{workdir}: checkpoint step {step} holds no data position for process "
                              f"{jax.process_index()}")
         dataset.load_state_dict(position)
         log.info("resuming from %s at step %d", workdir, step)
-        return state
+        return state, meta
     warning = data.count_order_warning(vocab, dataset.shards[0]) if jax.process_index() == 0 else None
     if warning:
         log.warning(warning)
@@ -259,7 +264,7 @@ def _start(config, workdir: str, trainer: Trainer, vocab, dataset, checkpointer)
         with files.atomic_output(vocab_copy) as tmp:
             shutil.copyfile(vocab.filename, tmp)
         files.write_json(os.path.join(workdir, "options.json"), ours)
-    return trainer.create_state(rng, params, accumulators=accumulators)
+    return trainer.create_state(rng, params, accumulators=accumulators), None
 
 
 _COMPILE_EVENTS = "/jax/core/compile/"  # JAX's monitoring events of tracing, lowering and compiling
@@ -338,7 +343,9 @@ class Loop:
         self.actions = [Every(tc.log_every, self.log), Every(tc.get("eval_every"), self.evaluate, at_end=False),
                         Every(tc.checkpoint_every, self.save)]
 
-    def run(self, state: TrainState) -> TrainState:
+    def run(self, state: TrainState, char_shapes: Optional[list] = None) -> TrainState:
+        """Trains from `state` to the plan's last step; `char_shapes`, the layout a resumed run's
+        steps were compiled for (its checkpoint's meta), else chosen from the first batches."""
         step, total = int(state.step), self.plan.total_steps
         first = step
         if step >= total:
@@ -348,11 +355,12 @@ class Loop:
                      "chars" if self.trainer.settings.use_character_inputs else "words", total,
                      self.plan.steps_per_epoch, self.plan.n_train_tokens, self.trainer.batch_size,
                      self.trainer.n_devices)
-        batches = data.BatchPrefetcher(self.dataset)
+        prefetcher = data.BatchPrefetcher(self.dataset)
         try:
+            batches = self.prepared(prefetcher, state, char_shapes)  # (a generator: nothing runs before next)
             while step < total:
-                batch, self.data_position = next(batches)
-                state, metrics = self.trainer.train_step(state, self.trainer.put_batch(batch))
+                arrays, self.data_position = next(batches)
+                state, metrics = self.trainer.train_step(state, self.trainer.put_arrays(arrays))
                 step += 1
                 self.unchecked.append((step, metrics))
                 self.check(keep_last=step > first + 1)  # the step before this one (the first: seen ending)
@@ -368,10 +376,27 @@ class Loop:
                                       f"{total}: its checkpoint is in {checkpoint.checkpoint_dir(self.workdir)}; "
                                       f"run the same command again to resume")
         finally:
-            batches.close()
+            prefetcher.close()
             if self.writer is not None:
                 self.writer.close()
         return state
+
+    def prepared(self, prefetcher, state: TrainState, char_shapes: Optional[list]) -> Iterator[tuple[dict, dict]]:
+        """The prefetcher's batches laid out for the steps (in its thread: Trainer.host_arrays),
+        in `char_shapes` or a layout chosen from the first SHAPE_SAMPLES batches; the train step
+        compiled first for every layout they may take, so that none compiles later."""
+        first = list(itertools.islice(prefetcher, SHAPE_SAMPLES if char_shapes is None else 1))
+        shapes = CharShapes(*char_shapes) if char_shapes is not None else self.trainer.char_shapes([b for b, _ in first])
+        if shapes is not None:
+            self.meta = dataclasses.replace(self.meta, char_shapes=list(shapes))
+        prefetcher.prepare = functools.partial(self.trainer.host_arrays, shapes=shapes)
+        start = time.perf_counter()
+        self.trainer.compile_train_step(state, first[0][0], shapes)
+        log.info("train step compiled in %.1f s%s", time.perf_counter() - start,
+                 "" if shapes is None else f" (char layout: {shapes.n_short} distinct tokens of {shapes.width} "
+                 f"characters" + (f", {shapes.n_long} of all" if shapes.n_long else "") + ")")
+        yield from ((prefetcher.prepare(batch), position) for batch, position in first)
+        yield from prefetcher
 
     def check(self, keep_last: bool = False) -> None:
         """Checks the steps' losses and gradient norms (all but the newest if `keep_last`, so that

@@ -73,6 +73,9 @@ def _lstm_inputs(bilm_params, batch: Batch, model: BiLM, settings: StepSettings,
         # the char CNN runs once per distinct token of the batch (both streams), see batch.to_device
         token_table = model.apply({"params": bilm_params}, batch.distinct_char_ids, batch.distinct_tail_ids,
                                   method=BiLM.embed)
+        if batch.distinct_long_char_ids is not None:  # [short rows, long rows], see char_ids.pack_chars
+            long_rows = model.apply({"params": bilm_params}, batch.distinct_long_char_ids, method=BiLM.embed)
+            token_table = jnp.concatenate([token_table, long_rows])
     inputs, masks = {}, {}
     for direction in directions_of(settings.bidirectional):
         stream = batch.stream(direction)

@@ -20,8 +20,9 @@ from jax.sharding import PartitionSpec as P
 from elmojax.formats.options import BiLMOptions
 from elmojax.model import numerics
 from elmojax.model.bilm import BiLM, zero_state
+from elmojax.model.char_ids import CharShapes, choose_shapes
 from elmojax.train import config as config_lib
-from elmojax.train.batch import Batch, to_device
+from elmojax.train.batch import Batch, host_arrays, stacked_char_ids, to_device
 from elmojax.train.step import TrainState, eval_step, init_params, make_optimizer, new_state, train_step
 
 
@@ -73,10 +74,44 @@ class Trainer:
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                             _broadcast_sharding(self.state_sharding, shapes))
 
-    def put_batch(self, host_batch: dict) -> Batch:
-        """A host batch (elmojax.data) on the devices, as the steps take it (batch.to_device)."""
-        max_width = self.options.char_cnn.max_width if self.settings.use_character_inputs else None
-        return to_device(host_batch, self.sharded, max_width)
+    @property
+    def max_width(self) -> Optional[int]:
+        """The char CNN's widest filter (character inputs), else None."""
+        return self.options.char_cnn.max_width if self.settings.use_character_inputs else None
+
+    def char_shapes(self, host_batches: list[dict]) -> Optional[CharShapes]:
+        """The layout for batches like these (char_ids.choose_shapes), None for word inputs or
+        a mesh over several processes (whose batches keep one full layout)."""
+        if self.max_width is None or self.mesh.devices.size != len(self.mesh.local_devices):
+            return None
+        samples = [stacked_char_ids(b) for b in host_batches]
+        return choose_shapes(samples, self.max_width, len(self.mesh.local_devices))
+
+    def host_arrays(self, host_batch: dict, shapes: Optional[CharShapes] = None) -> dict:
+        """A host batch (elmojax.data) laid out as the steps take it, in `shapes` or else the full
+        layout (batch.host_arrays): NumPy work, for a thread beside the steps."""
+        n_processes = self.mesh.devices.size // len(self.mesh.local_devices)
+        return host_arrays(host_batch, shapes, self.max_width, len(self.mesh.local_devices), n_processes)
+
+    def put_batch(self, host_batch: dict, shapes: Optional[CharShapes] = None) -> Batch:
+        """A host batch on the devices, as the steps take it (host_arrays, batch.to_device)."""
+        return self.put_arrays(self.host_arrays(host_batch, shapes))
+
+    def put_arrays(self, arrays: dict) -> Batch:
+        return to_device(arrays, self.sharded)
+
+    def compile_train_step(self, state: TrainState, host_batch: dict, shapes: Optional[CharShapes]) -> None:
+        """Compiles the train step for both layouts a batch of `host_batch`'s size may take with
+        `shapes` (it and the full one), so that none compiles later in the run."""
+        blank = {name: np.zeros_like(value) for name, value in host_batch.items()}  # fits every layout
+        layouts = [self.host_arrays(blank)]
+        if shapes is not None:
+            layouts.append(self.host_arrays(blank, shapes))
+        shapes_of = lambda arrays: [x.shape for x in jax.tree.leaves(arrays)]  # noqa: E731
+        if len(layouts) == 2 and shapes_of(layouts[0]) == shapes_of(layouts[1]):
+            layouts.pop()
+        for arrays in layouts:
+            self.train_step.lower(state, self.put_arrays(arrays)).compile()
 
     def zero_lstm_state(self, batch_size: int):
         return jax.device_put(zero_state(self.options, batch_size), self.sharded)

@@ -135,3 +135,27 @@ def test_bfloat16_compute_stays_near_float32(fixture_sentences):
     scale = np.max(np.abs(exact))
     difference = np.max(np.abs(rounded - exact))
     assert 1e-5 * scale < difference < 0.05 * scale, (difference, scale)
+
+
+def test_after_warm_up_single_sentences_compile_nothing(fixture_sentences):
+    """warm_up compiles every call of one sentence of up to max_length tokens ahead: after it,
+    sentences of any such length and any words (which used to pick the char CNN's shapes)
+    compile nothing; their layers equal those of one large call, which embeds each distinct
+    token once, cut short."""
+    from elmojax.infer.bidirectional_lm import FIXED_LAYOUT_TOKENS
+    from elmojax.train.loop import compile_count
+
+    sentences, _ = fixture_sentences
+    words = [w for group in sentences for s in group for w in s] + ["x" * 40, "antidisestablishmentarianism"]
+    rng = np.random.default_rng(4)
+    batch = [[words[i] for i in rng.integers(0, len(words), size=rng.integers(1, 31))] for _ in range(40)]
+    batcher = Batcher(VOCAB_FILE, 50)
+    model = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE)
+    assert model.warm_up(max_length=30) == 4  # length buckets 8, 16, 24 and 32 (with <S> and </S>)
+    together = model(batcher.batch_sentences(batch))
+    assert 40 * (30 + 2) > FIXED_LAYOUT_TOKENS  # (so that `together` takes the other layout)
+    before = compile_count()
+    for k, sentence in enumerate(batch):
+        alone = model(batcher.batch_sentences([sentence]))["lm_embeddings"][0]
+        np.testing.assert_allclose(alone, together["lm_embeddings"][k, :, : len(sentence)], atol=1e-6)
+    assert compile_count() == before

@@ -34,7 +34,7 @@ from elmojax.formats.vocab import _check_sentences, batch_char_ids
 from elmojax.infer import scoring
 from elmojax.model import numerics
 from elmojax.model.bilm import BiLM, BiLMOutput, zero_state
-from elmojax.model.char_ids import distinct_tokens, trim_char_ids
+from elmojax.model.char_ids import distinct_tokens, full_shapes, pack_chars, trim_char_ids
 from elmojax.process import hostmem
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,10 @@ LSTM_INPUT_CHUNK_BYTES = 64 * 2**20
 # after each call (elmojax.process.hostmem): a lower peak for large models, while small models' short
 # calls need the memory kept (benchmarks/RESULTS.md).
 GIVE_BACK_MEMORY_BYTES = 256 * 2**20
+
+# A call of at most this many padded tokens (batch x length) embeds every token's characters at
+# full width: its shape depends on its batch size and length bucket alone, not on its words.
+FIXED_LAYOUT_TOKENS = 512
 
 # Sequence lengths (with <S> and </S>) are padded up to one of these, then to multiples of 512.
 LENGTH_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -372,8 +376,7 @@ class BidirectionalLanguageModel:
         # over its share of them), params replicated
         shard = lambda x: None if x is None else jax.device_put(x, self._batch_sharding)
         if self._distinct_embed_fn is not None:
-            distinct, token_index = distinct_tokens(padded, multiple=self.n_devices)
-            distinct, tail_ids = trim_char_ids(distinct, self.options.char_cnn.max_width)
+            distinct, tail_ids, token_index = self._char_layout(padded)
             outputs, new_state = self._distinct_embed_fn(self.params, shard(padded), shard(distinct), shard(tail_ids),
                                                          shard(token_index), jax.tree.map(shard, state))
         else:
@@ -390,6 +393,40 @@ class BidirectionalLanguageModel:
             "mask": outputs["mask"][:n, : length - 2],
             "token_embeddings": outputs["token_embeddings"][:n, :length],
         }
+
+    def _char_layout(self, padded: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+        """(distinct tokens' char ids, their tail ids or None, each token's row) for a padded
+        batch. A small one (at most FIXED_LAYOUT_TOKENS) gives all its tokens at full width:
+        one shape per batch size and length, which warm_up compiles ahead. A larger one gives
+        each distinct token once, cut short: fewer FLOPs, in shapes that vary with its words."""
+        max_width, n_tokens = self.options.char_cnn.max_width, padded.shape[0] * padded.shape[1]
+        if n_tokens <= FIXED_LAYOUT_TOKENS:
+            packed = pack_chars(padded, full_shapes(n_tokens, padded.shape[2], self.n_devices), max_width)
+            return packed.short, None, packed.index
+        distinct, token_index = distinct_tokens(padded, multiple=self.n_devices)
+        return (*trim_char_ids(distinct, max_width), token_index)
+
+    def warm_up(self, max_length: int = 100, batch_sizes: Sequence[int] = (1,)) -> int:
+        """Compiles ahead every call of `batch_sizes` sentences (ids of at most max_length + 2
+        positions, with <S> and </S>) that embeds its characters in the fixed layout (at most
+        FIXED_LAYOUT_TOKENS padded tokens: 512 for one sentence, 64 for 8), so that no such call
+        stalls on a compile later; returns how many shapes that is. (JAX's compilation cache,
+        on in the command lines, keeps them for the next process.) The carried state is kept."""
+        max_length = check_int("max_length", max_length, 1)
+        sizes = sorted({bucket_batch(check_int("batch_sizes", b, 1), self.max_batch_size, self.n_devices)
+                        for b in batch_sizes})
+        lengths = [b for b in LENGTH_BUCKETS if b < max_length + 2] + [bucket_length(max_length + 2)]
+        width = (self.options.char_cnn.max_characters_per_token,) if self.use_character_inputs else ()
+        too_long = [(n, lengths[-1]) for n in sizes if self.use_character_inputs and n * lengths[-1] > FIXED_LAYOUT_TOKENS]
+        if too_long:
+            raise ValueError(f"warm_up: {too_long[0][0]} sentences of {max_length} tokens are past the fixed layout "
+                             f"({FIXED_LAYOUT_TOKENS} padded tokens a call); their shapes depend on their words")
+        state = self._state
+        for n in sizes:
+            for length in lengths:
+                self._embed_chunk(np.zeros((n, length) + width, np.int32))
+        self._state = state
+        return len(sizes) * len(lengths)
 
     def sentence_vectors(self, sentences: Sequence[Sequence[str]], layers: Union[str, int] = "average",
                          pooling: str = "mean") -> np.ndarray:

@@ -5,6 +5,7 @@ It runs in an environment of its own (TensorFlow has no place in elmojax's):
   python -m venv /tmp/tf && /tmp/tf/bin/pip install 'tensorflow-cpu==2.15.1' bilm h5py
   python benchmarks/inference.py --size original        # writes the weights both read
   /tmp/tf/bin/python benchmarks/bilm_tf.py inference --size original
+  /tmp/tf/bin/python benchmarks/bilm_tf.py inference --size fixture --latency
   /tmp/tf/bin/python benchmarks/bilm_tf.py train --config small_char
   python benchmarks/dump.py --size original --stateful   # writes the dataset both dump
   /tmp/tf/bin/python benchmarks/bilm_tf.py dump --size original
@@ -78,13 +79,24 @@ def inference(args, tf, bilm) -> dict:
     weight_file = os.path.join(directory, "lm_weights.hdf5")
     if not os.path.exists(weight_file):
         sys.exit(f"{weight_file} is missing: run `python benchmarks/inference.py --size {args.size}` first")
+    batcher = bilm.Batcher(os.path.join(common.SAMPLE, "vocab.txt"), 50)
     sentences = common.sample_sentences(args.batch, args.min_length, args.max_length)
-    ids = bilm.Batcher(os.path.join(common.SAMPLE, "vocab.txt"), 50).batch_sentences(sentences)
+    ids = batcher.batch_sentences(sentences)
     n_tokens = sum(len(s) for s in sentences)
     char_ids = tf.placeholder("int32", shape=(None, None, 50))
     lm_embeddings = bilm.BidirectionalLanguageModel(options_file, weight_file)(char_ids)["lm_embeddings"]
     with tf.Session() as session:
         session.run(tf.global_variables_initializer())
+        if args.latency:  # inference.py --latency's sentences, one call each, after one call to warm up
+            n, shortest, longest = common.LATENCY_SENTENCES
+            single = [batcher.batch_sentences([s]) for s in common.sample_sentences(n, shortest, longest)]
+            session.run(lm_embeddings, {char_ids: single[0]})
+            seconds = []
+            for one in single:
+                start = time.perf_counter()
+                session.run(lm_embeddings, {char_ids: one})
+                seconds.append(time.perf_counter() - start)
+            return {"benchmark": "latency", "size": args.size, **common.latency_result(seconds)}
         first, first_seconds, rates = _time(lambda: session.run(lm_embeddings, {char_ids: ids}), n_tokens, args.runs)
     if args.outputs:
         import h5py
@@ -193,6 +205,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--lines", type=int, default=5000, help="dump: sentences in the dataset")
     parser.add_argument("--seed", type=int, default=0, help="dump: which sentences")
     parser.add_argument("--outputs", default="", help="inference: hdf5 file for the first call's lm_embeddings")
+    parser.add_argument("--latency", action="store_true", help="inference: as inference.py --latency")
     parser.add_argument("--config", choices=sorted(train_benchmark.CONFIGS), default="small_char", help="train")
     parser.add_argument("--unroll", type=int, default=20, help="train")
     parser.add_argument("--runs", type=int, default=None, help="10 (default), dump: 1 (whole dumps)")
@@ -216,6 +229,9 @@ def main(argv=None) -> dict:
     if args.work == "dump":
         common.report(result, [("bilm-tf dump", "dump_bilm_embeddings")]
                       + dump_benchmark.dump_rows(result, "one a call, stateful"))
+        return result
+    if result["benchmark"] == "latency":
+        common.report(result, [("bilm-tf latency", args.size)] + common.latency_rows(result))
         return result
     what = f"{args.size} / {args.batch} sentences" if args.work == "inference" else args.config
     rows = [("bilm-tf " + args.work, what),

@@ -76,6 +76,25 @@ def sample_sentences(n: int, min_len: int, max_len: int, seed: int = 0) -> list[
     return out
 
 
+LATENCY_SENTENCES = (60, 1, 50)  # one call each: how many, and their shortest and longest
+
+
+def latency_result(seconds: list[float]) -> dict:
+    """Per-call latency over LATENCY_SENTENCES's calls: median and worst in ms, and how many
+    calls took more than 5 times the median (stalls: a compile, say)."""
+    median = float(np.median(seconds))
+    return {"calls": len(seconds), "sentence_lengths": list(LATENCY_SENTENCES[1:]),
+            "median_ms": 1000 * median, "worst_ms": 1000 * max(seconds),
+            "calls_over_5x_median": sum(s > 5 * median for s in seconds)}
+
+
+def latency_rows(result: dict) -> list[tuple[str, str]]:
+    return [("calls", f"{result['calls']} single sentences of {result['sentence_lengths'][0]}-"
+                      f"{result['sentence_lengths'][1]} tokens"),
+            ("latency median / worst", f"{result['median_ms']:.2f} / {result['worst_ms']:.2f} ms"),
+            ("calls over 5x the median", str(result["calls_over_5x_median"]))]
+
+
 def dump_dataset(n: int, min_len: int, max_len: int, seed: int = 0) -> str:
     """A text file of sample_sentences(n, min_len, max_len, seed), one a line, written once into
     benchmarks/.cache/dump/ (so other implementations dump the same file)."""

@@ -25,6 +25,11 @@ def test_inference_benchmark():
     assert out["compile_seconds"] > 0 and out["peak_rss_mib"] > 0 and out["fraction_of_peak_nominal"] > 0
 
 
+def test_latency_benchmark():
+    out = _run("inference.py", "--size", "fixture", "--latency")
+    assert out["calls"] == 60 and 0 < out["median_ms"] <= out["worst_ms"] and out["warm_up_seconds"] > 0
+
+
 def test_train_benchmark():
     out = _run("train.py", "--config", "small_char", "--batch", "2", "--unroll", "5", "--runs", "2",
                "--negatives", "16", "--vocab-size", "3000", "--peak-gflops", "50", "--dtype", "bfloat16")

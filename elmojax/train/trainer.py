@@ -63,10 +63,10 @@ class Trainer:
 
     def create_state(self, rng: jax.Array, params: Optional[dict] = None, batch_size: Optional[int] = None,
                      accumulators: Optional[dict] = None) -> TrainState:
-        """step.new_state on the mesh, for `batch_size` rows (default: the global batch)."""
-        state = new_state(self.model, self.tx, self.settings, rng, batch_size or self.batch_size, params,
-                          accumulators)
-        return jax.device_put(state, self.state_sharding)
+        """step.new_state on the mesh, for `batch_size` rows (default: the global batch), as one
+        compiled program (run op by op, its hundred-odd operations would each compile)."""
+        make = functools.partial(new_state, self.model, self.tx, self.settings, batch_size=batch_size or self.batch_size)
+        return jax.jit(make, out_shardings=self.state_sharding)(rng, params=params, accumulators=accumulators)
 
     def abstract_state(self, batch_size: Optional[int] = None) -> TrainState:
         """create_state's shapes, dtypes and shardings (what a checkpoint restores into)."""

@@ -128,6 +128,7 @@ def main(argv=None) -> dict:
         "unroll_steps": args.unroll, "negatives": negatives, "vocab_size": vocab.size, "runs": args.runs,
         "precision": args.precision, "scan_unroll": args.unroll_scan, "compute_dtype": args.dtype,
         **common.speed_result(rates, compile_seconds, flops, peak),
+        "tokens_per_second_overall": len(rates) / sum(1 / r for r in rates),  # all steps' tokens / their time
         "final_loss": float(metrics["loss"]), "environment": common.environment(),
     }
     common.report(result, [("config", f"{args.config}: batch {trainer.batch_size} x unroll {args.unroll}, "

@@ -2,13 +2,15 @@
 this checkout side by side with another (an earlier commit, say), in one run.
 
   python benchmarks/train_loop.py --baseline /path/to/other/checkout --pairs 3
+  python benchmarks/train_loop.py --bilm-tf /tmp/tf/bin/python --bare --pairs 4 --short 40 --long 440
 
 Each measurement trains the small char model (benchmarks/train.py's small_char: LSTM 256/64 x 2,
 batch 32 x 20, 256 negatives, the bundled sample with its vocabulary padded to 5,000) twice in
 fresh workdirs, for --short and --long steps, in a fresh process each, and reports
 (long - short) steps' tokens over the difference in wall time: startup, compilation and the final
 checkpoint cancel out. No heldout evaluation, one checkpoint at the end. The two checkouts
-alternate, baseline first in odd pairs. Prints a table on stderr and one JSON object on stdout.
+alternate, baseline first in odd pairs. --bilm-tf adds bilm-tf's whole process (bilm_tf.py
+train, as many batches) to each round, measured the same way; --bare, train.py's bare step. Prints a table on stderr and one JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -57,7 +59,27 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
 
+def bare_step(steps: int, overall: bool = False) -> float:
+    """train.py's bare step (its median over `steps` steps, or with `overall` all their tokens
+    over all their time) in a process of its own, as tokens/s."""
+    command = [sys.executable, os.path.join(HERE, "benchmarks", "train.py"), "--config", "small_char", "--runs",
+               str(steps), "--peak-gflops", "1"]
+    out = subprocess.run(command, cwd=HERE, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"train.py: {out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["tokens_per_second_overall"] if overall else result["tokens_per_second"]["median"]
+
+
 def run(checkout: str, config: dict, steps: int) -> float:
+    if checkout.startswith("bilm-tf:"):  # bilm-tf's python: its training graph, fed by its own dataset
+        command = [checkout[len("bilm-tf:"):], os.path.join(HERE, "benchmarks", "bilm_tf.py"), "train",
+                   "--config", "small_char", "--runs", str(steps)]
+        start = time.perf_counter()
+        out = subprocess.run(command, cwd=HERE, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"bilm-tf: {out.stderr[-2000:]}")
+        return time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="elmojax_loop_") as workdir:
         payload = json.dumps({**config, "steps": steps, "workdir": workdir})
         env = dict(os.environ, PYTHONPATH=checkout, JAX_PLATFORMS="cpu")
@@ -72,6 +94,12 @@ def run(checkout: str, config: dict, steps: int) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", help="another checkout of elmojax to compare with (default: none)")
+    parser.add_argument("--bilm-tf", default="", metavar="PYTHON",
+                        help="also bilm-tf, in the environment of this python (bilm_tf.py's docstring): bilm_tf.py "
+                             "train's whole process, the same configs and sample")
+    parser.add_argument("--bare", action="store_true",
+                        help="also this checkout's bare step (train.py, the median of --long - --short steps), "
+                             "in the same rounds: the whole loop's fraction of it")
     parser.add_argument("--pairs", type=int, default=3, help="measurements of each checkout")
     parser.add_argument("--short", type=int, default=20, help="steps of the short run")
     parser.add_argument("--long", type=int, default=220, help="steps of the long run")
@@ -83,22 +111,29 @@ def main(argv=None) -> dict:
     checkouts = {"this": HERE}
     if args.baseline:
         checkouts["baseline"] = os.path.abspath(args.baseline)
+    if args.bilm_tf:
+        checkouts["bilm-tf"] = "bilm-tf:" + args.bilm_tf
+    if args.bare:
+        checkouts["bare step"] = HERE
     tokens = (args.long - args.short) * c["batch"] * 20
     rates: dict[str, list[float]] = {name: [] for name in checkouts}
     for pair in range(args.pairs):
         names = list(checkouts) if pair % 2 else list(reversed(checkouts))
         for name in names:
+            if name == "bare step":
+                rates[name].append(bare_step(args.long - args.short))
+                continue
             seconds = run(checkouts[name], config, args.long) - run(checkouts[name], config, args.short)
             rates[name].append(tokens / seconds)
     result = {"benchmark": "train_loop", "config": "small_char", "batch": c["batch"], "unroll_steps": 20,
               "steps": [args.short, args.long], "tokens_per_second": {k: common.summarize(v) for k, v in rates.items()},
               "runs": rates, "checkouts": checkouts, "environment": common.environment()}
-    if "baseline" in rates:
-        result["median_ratio"] = statistics.median(rates["this"]) / statistics.median(rates["baseline"])
     rows = [(name, f"{statistics.median(r):,.0f} tok/s median ({', '.join(f'{x:,.0f}' for x in r)})")
             for name, r in rates.items()]
-    if "median_ratio" in result:
-        rows.append(("this / baseline", f"{result['median_ratio']:.3f}"))
+    for other in [name for name in rates if name != "this"]:  # pair by pair, then the median
+        ratios = [a / b for a, b in zip(rates["this"], rates[other])]
+        result[f"ratio_to_{other}"] = {"pairs": ratios, "median": statistics.median(ratios)}
+        rows.append((f"this / {other}", f"{statistics.median(ratios):.3f} median ({', '.join(f'{x:.2f}' for x in ratios)})"))
     common.report(result, rows)
     return result
 

@@ -21,7 +21,7 @@ from elmojax.formats.options import BiLMOptions, CharCNNOptions, LSTMOptions
 from elmojax.infer.mix import ScalarMix, weight_layers
 from elmojax.model import char_ids as char_ids_lib
 from elmojax.model.bilm import BiLM, CharCNNEmbedder, zero_state
-from elmojax.model.char_ids import distinct_tokens, trim_char_ids
+from elmojax.model.char_ids import CharShapes, choose_shapes, distinct_tokens, full_shapes, pack_chars, trim_char_ids
 from elmojax.model.lstm import LSTMLayer
 from elmojax.model.numerics import PARITY
 
@@ -765,3 +765,39 @@ def test_char_cnn_on_trimmed_ids():
         grads = jax.grad(lambda p: jnp.sum(
             module.apply({"params": p}, jnp.asarray(trimmed), jnp.asarray(tails)) * weights))(point)
     _directional_check(grads, loss_np, params, rng, "char CNN on trimmed ids")
+
+
+def test_char_cnn_on_packed_layouts():
+    """Batches laid out as char_ids.pack_chars does for the train step (short rows cut to a
+    width with their tail ids, then long rows at full width): the embedding each token's index
+    picks is the float64 NumPy CNN's of its full ids. Rows past the short table spill into the
+    long one; a batch with more long rows than the layout has is refused (None), and
+    choose_shapes picks layouts its samples fit."""
+    rng = np.random.default_rng(21)
+    n_chars = 24
+    options = CharCNNOptions(filters=((1, 3), (2, 4), (4, 5)), embedding_dim=4, max_characters_per_token=n_chars,
+                             activation="relu", n_highway=1)
+    ids = _spelled_ids(rng, 30, n_chars, max_word=5)  # rows cut to 16 characters lose nothing but tail
+    for row in (3, 11):  # two words too long for that
+        ids[row, 1:21], ids[row, 21] = rng.integers(1, 257, size=20), 260
+    ids[12] = ids[11]  # (a repeated token: one row)
+    batch = ids.reshape(2, 3, 5, n_chars)  # (directions, batch, time) as the step stacks them
+    module = CharCNNEmbedder(options, 6, numerics=PARITY)
+    params = init_params(module, 21, jnp.asarray(ids))["params"]
+    params = {k: np.asarray(v, np.float64) + 0.3 * rng.standard_normal(v.shape) for k, v in params.items()}
+    params32 = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    want = np_char_cnn(params, options, 6, ids).reshape(2, 3, 5, -1)
+    n_distinct = len(np.unique(ids, axis=0))
+    for shapes in [CharShapes(32, 16, 8), CharShapes(n_distinct - 3, 16, 8), full_shapes(30, n_chars)]:
+        packed = pack_chars(batch, shapes, options.max_width)
+        assert packed.short.shape == (shapes.n_short, shapes.width) and packed.index.shape == (2, 3, 5)
+        assert (packed.tails is None) == (shapes.width == n_chars) and (packed.long is None) == (shapes.n_long == 0)
+        table = module.apply({"params": params32}, jnp.asarray(packed.short),
+                             None if packed.tails is None else jnp.asarray(packed.tails))
+        if packed.long is not None:
+            table = jnp.concatenate([table, module.apply({"params": params32}, jnp.asarray(packed.long))])
+        assert_close(np.asarray(table)[packed.index], want, f"char cnn on packed layout {shapes}")
+    assert pack_chars(batch, CharShapes(32, 16, 1), options.max_width) is None  # 2 long rows, room for 1
+    assert pack_chars(batch, CharShapes(n_distinct - 9, 16, 8), options.max_width) is None  # spill past the room
+    chosen = choose_shapes([batch, batch[::-1]], options.max_width)
+    assert pack_chars(batch, chosen, options.max_width) is not None and chosen.n_short < 60

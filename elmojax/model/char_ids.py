@@ -41,14 +41,17 @@ def trim_char_ids(char_ids: np.ndarray, max_width: int, multiple: int = 8) -> tu
     where each row's tail id is its last id, which fills the row from its tail's start on, and k
     (a multiple of `multiple`) reaches max_width - 1 past the latest tail start, so that every
     window left out lies wholly in its row's tail. (ids, None) when nothing would be cut."""
-    tokens, n_chars = char_ids.shape
-    tail_ids = char_ids[:, -1]
-    differs = char_ids != tail_ids[:, None]
-    tail_start = np.where(differs.any(axis=1), n_chars - np.argmax(differs[:, ::-1], axis=1), 0)
-    keep = max(-(-(int(tail_start.max(initial=0)) + max_width - 1) // multiple) * multiple, max_width)
+    n_chars = char_ids.shape[1]
+    keep = max(-(-(int(_tail_starts(char_ids).max(initial=0)) + max_width - 1) // multiple) * multiple, max_width)
     if keep >= n_chars:
         return char_ids, None
-    return np.ascontiguousarray(char_ids[:, :keep]), tail_ids
+    return np.ascontiguousarray(char_ids[:, :keep]), char_ids[:, -1]
+
+
+def _tail_starts(rows: np.ndarray) -> np.ndarray:
+    """Per row, where its tail begins: the run of its last id that fills it to the end."""
+    differs = rows != rows[:, -1:]
+    return np.where(differs.any(axis=1), rows.shape[1] - np.argmax(differs[:, ::-1], axis=1), 0)
 
 
 class CharShapes(NamedTuple):
@@ -67,10 +70,7 @@ def full_shapes(n_tokens: int, n_chars: int, multiple: int = 1) -> CharShapes:
 
 def _needed_widths(rows: np.ndarray, max_width: int) -> np.ndarray:
     """Per row, the fewest characters it can be cut to (as in trim_char_ids, without rounding)."""
-    tail = rows[:, -1]
-    differs = rows != tail[:, None]
-    tail_start = np.where(differs.any(axis=1), rows.shape[1] - np.argmax(differs[:, ::-1], axis=1), 0)
-    return np.minimum(tail_start + max_width - 1, rows.shape[1])
+    return np.minimum(_tail_starts(rows) + max_width - 1, rows.shape[1])
 
 
 def _distinct_rows(char_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

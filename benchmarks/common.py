@@ -10,6 +10,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -183,11 +184,21 @@ def summarize(rates: list[float]) -> dict:
     return {"min": min(rates), "median": statistics.median(rates), "max": max(rates)}
 
 
+def device_peak_mib() -> Optional[float]:
+    """The first device's peak memory in use (its allocator's count: GPUs), None where JAX has
+    no such count (CPUs: see peak_rss_mib)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
 def speed_result(rates: list[float], compile_seconds: float, flops: int, peak_gflops: float) -> dict:
     """The fields every model benchmark reports."""
     tokens_per_second = summarize(rates)
     return {"tokens_per_second": tokens_per_second, "compile_seconds": compile_seconds,
-            "peak_rss_mib": peak_rss_mib(), "flops_per_token": flops, "machine_peak_gflops": peak_gflops,
+            "peak_rss_mib": peak_rss_mib(), "device_peak_mib": device_peak_mib(), "flops_per_token": flops,
+            "machine_peak_gflops": peak_gflops,
             "fraction_of_peak_nominal": tokens_per_second["median"] * flops / (peak_gflops * 1e9)}
 
 

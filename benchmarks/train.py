@@ -114,12 +114,13 @@ def main(argv=None) -> dict:
     jax.block_until_ready(metrics)
     compile_seconds = time.perf_counter() - start
     tokens = trainer.batch_size * args.unroll
-    rates = []
+    rates, losses = [], []
     for batch in device_batches[1:]:
         start = time.perf_counter()
         state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready(metrics)
         rates.append(tokens / (time.perf_counter() - start))
+        losses.append(float(metrics["loss"]))
 
     flops = training_flops(c, negatives)
     peak = args.peak_gflops or common.measure_matmul_gflops()
@@ -129,7 +130,8 @@ def main(argv=None) -> dict:
         "precision": args.precision, "scan_unroll": args.unroll_scan, "compute_dtype": args.dtype,
         **common.speed_result(rates, compile_seconds, flops, peak),
         "tokens_per_second_overall": len(rates) / sum(1 / r for r in rates),  # all steps' tokens / their time
-        "final_loss": float(metrics["loss"]), "environment": common.environment(),
+        "final_loss": float(metrics["loss"]), "last_10_mean_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "environment": common.environment(),
     }
     common.report(result, [("config", f"{args.config}: batch {trainer.batch_size} x unroll {args.unroll}, "
                                       f"{negatives} negatives, vocab {vocab.size}, {args.dtype}")]

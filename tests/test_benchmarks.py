@@ -53,3 +53,30 @@ def test_dump_benchmark():
     assert all(1 <= len(line.split()) <= 12 for line in lines)
     assert out["sentences_per_second"]["min"] > 0 and out["tokens_per_second"]["median"] > 0
     assert out["output_mib"] > 0 and out["peak_rss_mib"] > 0 and out["devices"] >= 1
+
+
+def test_gpu_script_smoke(tmp_path):
+    """benchmarks/gpu.sh --smoke: every part of the GPU run, small, on the CPU, into one JSON."""
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), "--smoke", "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "gpu.json") as f:
+        out = json.load(f)
+    assert {name: part["status"] for name, part in out["parts"].items()} == dict.fromkeys(
+        ["environment", "train_fp32", "train_highest", "train_bf16", "inference_64", "inference_256"], "ok")
+    assert out["parts"]["environment"]["platform"] == "cpu" and (tmp_path / "gpu.log").stat().st_size > 0
+    assert out["summary"]["train_fp32"]["tokens_per_second"] > 0
+    assert abs(out["summary"]["bf16_loss_ratio"] - 1) < 0.05  # the same start, 10 steps
+
+
+def test_gpu_script_stops_where_jax_sees_no_gpu(tmp_path):
+    """Without --smoke on a machine without a GPU it says so and runs nothing more."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--out", str(tmp_path),
+                             "--only", "environment,train_fp32"], capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0 and "JAX sees no GPU here" in result.stderr, result.stderr[-3000:]
+    with open(tmp_path / "gpu.json") as f:
+        assert list(json.load(f)["parts"]) == ["environment"]
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--only", "trian"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown part 'trian'" in bad.stderr

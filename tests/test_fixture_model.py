@@ -2,6 +2,7 @@
 
 
 import numpy as np
+import pytest
 
 from conftest import OPTIONS_FILE, VOCAB_FILE, WEIGHT_FILE
 from elmojax import Batcher, BidirectionalLanguageModel, TokenBatcher, dump_token_embeddings
@@ -159,3 +160,8 @@ def test_after_warm_up_single_sentences_compile_nothing(fixture_sentences):
         alone = model(batcher.batch_sentences([sentence]))["lm_embeddings"][0]
         np.testing.assert_allclose(alone, together["lm_embeddings"][k, :, : len(sentence)], atol=1e-6)
     assert compile_count() == before
+    for bad in ["4", [], [0], [1, 2.5]]:
+        with pytest.raises((TypeError, ValueError), match="batch_sizes"):
+            model.warm_up(batch_sizes=bad)
+    with pytest.raises(ValueError, match="past the fixed layout"):
+        model.warm_up(max_length=200, batch_sizes=4)

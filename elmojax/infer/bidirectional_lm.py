@@ -413,6 +413,10 @@ class BidirectionalLanguageModel:
         stalls on a compile later; returns how many shapes that is. (JAX's compilation cache,
         on in the command lines, keeps them for the next process.) The carried state is kept."""
         max_length = check_int("max_length", max_length, 1)
+        if isinstance(batch_sizes, (int, np.integer)):
+            batch_sizes = (batch_sizes,)
+        if not isinstance(batch_sizes, (list, tuple, range)) or not batch_sizes:
+            raise ValueError(f"batch_sizes must be a list of positive integers, got {batch_sizes!r:.60}")
         sizes = sorted({bucket_batch(check_int("batch_sizes", b, 1), self.max_batch_size, self.n_devices)
                         for b in batch_sizes})
         lengths = [b for b in LENGTH_BUCKETS if b < max_length + 2] + [bucket_length(max_length + 2)]

@@ -125,3 +125,14 @@ def test_char_steps_compile_before_the_first_step_across_widths_and_a_resume(tmp
     # each run: a batch put for each layout compiled, then one before each of its 10 steps
     each_run = lambda before: list(range(before, before + first_run)) + [before + first_run] * 10  # noqa: E731
     assert compiles_at_steps == each_run(0) + each_run(first_run)
+
+
+def test_a_checkpoints_char_layout_is_used_only_where_it_fits():
+    """The layout a checkpoint's meta holds is taken back as it is, unless this run's batches
+    cannot take it (a hand-edited or foreign meta): then a new one is chosen (None here)."""
+    trainer = Trainer(tiny.get_config("chars"), 30)  # 10 characters a token, filters up to 5 wide
+    assert trainer.stored_shapes([24, 8, 8]) == (24, 8, 8) and trainer.stored_shapes((16, 10, 0)) == (16, 10, 0)
+    for stored in [None, "24,8,8", [24, 8], [24, 12, 8], [24, 4, 8], [0, 8, 8], [24, 8, -1], [24.0, 8, 8],
+                   [True, 8, 8], {"n_short": 24}]:
+        assert trainer.stored_shapes(stored) is None, stored
+    assert Trainer(tiny.get_config("words"), 30).stored_shapes([24, 8, 8]) is None

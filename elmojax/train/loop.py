@@ -47,7 +47,6 @@ from elmojax.train.metrics import MetricsWriter, heldout_scalars
 from elmojax.train.trained_models import VOCAB_FILE, architecture_difference, init_from, load_vocab, vocab_tokens
 from elmojax.formats.locks import locked
 from elmojax.formats.vocab import Vocabulary
-from elmojax.model.char_ids import CharShapes
 from elmojax.train.step import TrainState
 from elmojax.train.trainer import Trainer
 
@@ -385,8 +384,13 @@ class Loop:
         """The prefetcher's batches laid out for the steps (in its thread: Trainer.host_arrays),
         in `char_shapes` or a layout chosen from the first SHAPE_SAMPLES batches; the train step
         compiled first for every layout they may take, so that none compiles later."""
-        first = list(itertools.islice(prefetcher, SHAPE_SAMPLES if char_shapes is None else 1))
-        shapes = CharShapes(*char_shapes) if char_shapes is not None else self.trainer.char_shapes([b for b, _ in first])
+        shapes = self.trainer.stored_shapes(char_shapes)
+        if char_shapes is not None and shapes is None:
+            log.warning("the checkpoint's char layout %s does not fit this run's batches; choosing another",
+                        json.dumps(char_shapes)[:80])
+        first = list(itertools.islice(prefetcher, SHAPE_SAMPLES if shapes is None else 1))
+        if shapes is None:
+            shapes = self.trainer.char_shapes([b for b, _ in first])
         if shapes is not None:
             self.meta = dataclasses.replace(self.meta, char_shapes=list(shapes))
         prefetcher.prepare = functools.partial(self.trainer.host_arrays, shapes=shapes)

@@ -87,6 +87,20 @@ class Trainer:
         samples = [stacked_char_ids(b) for b in host_batches]
         return choose_shapes(samples, self.max_width, len(self.mesh.local_devices))
 
+    def stored_shapes(self, stored) -> Optional[CharShapes]:
+        """A checkpoint's char layout (its meta's char_shapes) if this trainer's batches can take
+        it, else None (a layout is then chosen anew)."""
+        if self.max_width is None or not isinstance(stored, (list, tuple)) or len(stored) != 3:
+            return None
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in stored):
+            return None
+        shapes = CharShapes(*stored)
+        full = self.options.char_cnn.max_characters_per_token
+        multiple = len(self.mesh.local_devices)
+        fits = (self.max_width <= shapes.width <= full and shapes.n_short > 0 and shapes.n_short % multiple == 0
+                and shapes.n_long % multiple == 0)
+        return shapes if fits else None
+
     def host_arrays(self, host_batch: dict, shapes: Optional[CharShapes] = None) -> dict:
         """A host batch (elmojax.data) laid out as the steps take it, in `shapes` or else the full
         layout (batch.host_arrays): NumPy work, for a thread beside the steps."""

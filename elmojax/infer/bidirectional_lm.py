@@ -421,9 +421,8 @@ class BidirectionalLanguageModel:
                         for b in batch_sizes})
         lengths = [b for b in LENGTH_BUCKETS if b < max_length + 2] + [bucket_length(max_length + 2)]
         width = (self.options.char_cnn.max_characters_per_token,) if self.use_character_inputs else ()
-        too_long = [(n, lengths[-1]) for n in sizes if self.use_character_inputs and n * lengths[-1] > FIXED_LAYOUT_TOKENS]
-        if too_long:
-            raise ValueError(f"warm_up: {too_long[0][0]} sentences of {max_length} tokens are past the fixed layout "
+        if self.use_character_inputs and sizes[-1] * lengths[-1] > FIXED_LAYOUT_TOKENS:
+            raise ValueError(f"warm_up: {sizes[-1]} sentences of {max_length} tokens are past the fixed layout "
                              f"({FIXED_LAYOUT_TOKENS} padded tokens a call); their shapes depend on their words")
         state = self._state
         for n in sizes:

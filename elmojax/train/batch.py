@@ -46,7 +46,7 @@ def stacked_char_ids(host: dict) -> np.ndarray:
                      if "char_ids" + host_suffix(d) in host])
 
 
-def host_arrays(host: dict, shapes: Optional[CharShapes], max_width: int, n_local_devices: int,
+def host_arrays(host: dict, shapes: Optional[CharShapes], max_width: Optional[int], n_local_devices: int,
                 n_processes: int = 1) -> dict:
     """A host batch as to_device takes it (NumPy): each direction's stream, and for character
     inputs (`max_width`, the char CNN's widest filter, not None) the batch's distinct tokens in

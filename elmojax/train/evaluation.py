@@ -191,7 +191,7 @@ def heldout_evaluator(config: ml_collections.ConfigDict, vocab, trainer: Trainer
     and config.data.train_prefix's baseline) on `trainer`'s eval step, or, where its mesh spans
     other processes' devices, on a trainer of its own over this process's (evaluation runs on
     process 0 alone)."""
-    if trainer.mesh.devices.size != len(trainer.mesh.local_devices):
+    if trainer.n_processes > 1:
         trainer = Trainer(trainer.config, vocab.size, local_mesh())
     return Evaluator(trainer, vocab, config.data.heldout_prefix, config.eval.batch_size, config.eval.unroll_steps,
                      config.data.train_prefix)

@@ -46,6 +46,8 @@ class Trainer:
         self.replicated = NamedSharding(self.mesh, P())
         self.sharded = NamedSharding(self.mesh, P("data"))
         self.n_devices = self.mesh.devices.size
+        self.n_local_devices = len(self.mesh.local_devices)
+        self.n_processes = self.n_devices // self.n_local_devices  # (> 1: the mesh spans other processes)
         self.batch_size = config.train.batch_size * self.n_devices  # global
         self.state_sharding = TrainState(
             step=self.replicated, params=self.replicated, opt_state=self.replicated,
@@ -82,10 +84,10 @@ class Trainer:
     def char_shapes(self, host_batches: list[dict]) -> Optional[CharShapes]:
         """The layout for batches like these (char_ids.choose_shapes), None for word inputs or
         a mesh over several processes (whose batches keep one full layout)."""
-        if self.max_width is None or self.mesh.devices.size != len(self.mesh.local_devices):
+        if self.max_width is None or self.n_processes > 1:
             return None
         samples = [stacked_char_ids(b) for b in host_batches]
-        return choose_shapes(samples, self.max_width, len(self.mesh.local_devices))
+        return choose_shapes(samples, self.max_width, self.n_local_devices)
 
     def stored_shapes(self, stored) -> Optional[CharShapes]:
         """A checkpoint's char layout (its meta's char_shapes) if this trainer's batches can take
@@ -95,8 +97,7 @@ class Trainer:
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in stored):
             return None
         shapes = CharShapes(*stored)
-        full = self.options.char_cnn.max_characters_per_token
-        multiple = len(self.mesh.local_devices)
+        full, multiple = self.options.char_cnn.max_characters_per_token, self.n_local_devices
         fits = (self.max_width <= shapes.width <= full and shapes.n_short > 0 and shapes.n_short % multiple == 0
                 and shapes.n_long % multiple == 0)
         return shapes if fits else None
@@ -104,8 +105,7 @@ class Trainer:
     def host_arrays(self, host_batch: dict, shapes: Optional[CharShapes] = None) -> dict:
         """A host batch (elmojax.data) laid out as the steps take it, in `shapes` or else the full
         layout (batch.host_arrays): NumPy work, for a thread beside the steps."""
-        n_processes = self.mesh.devices.size // len(self.mesh.local_devices)
-        return host_arrays(host_batch, shapes, self.max_width, len(self.mesh.local_devices), n_processes)
+        return host_arrays(host_batch, shapes, self.max_width, self.n_local_devices, self.n_processes)
 
     def put_batch(self, host_batch: dict, shapes: Optional[CharShapes] = None) -> Batch:
         """A host batch on the devices, as the steps take it (host_arrays, batch.to_device)."""

@@ -22,7 +22,7 @@ from elmojax.infer.mix import ScalarMix, weight_layers
 from elmojax.model import char_ids as char_ids_lib
 from elmojax.model.bilm import BiLM, CharCNNEmbedder, zero_state
 from elmojax.model.char_ids import CharShapes, choose_shapes, distinct_tokens, full_shapes, pack_chars, trim_char_ids
-from elmojax.model.lstm import LSTMLayer
+from elmojax.model.lstm import LSTMLayer, gate_activations, gate_activations_plain
 from elmojax.model.numerics import PARITY
 
 # float32 against float64: tight enough that a wrong gate order, forget bias, clip or
@@ -335,6 +335,24 @@ def test_lstm_step_with_projection_and_clipping():
         np.testing.assert_array_equal(np.asarray(c[d, masked]), np.asarray(c0[d, masked]))
         np.testing.assert_array_equal(np.asarray(h[d, masked]), np.asarray(h0[d, masked]))
         np.testing.assert_array_equal(np.asarray(out[d, masked]), 0.0)
+
+
+def test_gate_activations_against_float64_and_their_plain_twin():
+    """The one-pass activations (sigmoid through tanh) against float64 NumPy and against the
+    plain sigmoid/tanh twin, from 0 to where they saturate, in each gate's place: i, j, f (with
+    the forget bias), o."""
+    dim = 40
+    z = np.concatenate([np.linspace(-40.0, 40.0, 4 * dim * 25), [0.0, -1.0, 1.0, 1e-8]])
+    z = np.resize(np.random.default_rng(0).permutation(z), (27, 4 * dim))
+    fast = np.asarray(gate_activations(jnp.asarray(z, jnp.float32)))
+    plain = np.asarray(gate_activations_plain(jnp.asarray(z, jnp.float32)))
+    zi, zj, zf, zo = np.split(np.asarray(z, np.float32).astype(np.float64), 4, axis=-1)
+    ref = np.concatenate([np_sigmoid(zi), np.tanh(zj), np_sigmoid(zf + 1.0), np_sigmoid(zo)], axis=-1)
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=3e-7)  # a few float32 ulps of 1
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=3e-7)  # a few float32 ulps of 1
+    assert fast.min() >= -1.0 and fast.max() <= 1.0
+    sig = np.r_[0:dim, 2 * dim:4 * dim]  # the sigmoid gates' columns stay in [0, 1]
+    assert fast[:, sig].min() >= 0.0
 
 
 @pytest.mark.parametrize("residual", [False, True])

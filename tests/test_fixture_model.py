@@ -81,9 +81,11 @@ def test_large_batches_are_split(fixture_sentences):
         np.testing.assert_allclose(split[key], whole[key], atol=1e-6, rtol=0)
 
 
-def test_large_models_give_freed_memory_back_after_each_call(fixture_sentences, monkeypatch):
+def test_large_models_give_freed_memory_back_after_each_call_and_compile(fixture_sentences, monkeypatch):
     """Models of at least bidirectional_lm.GIVE_BACK_MEMORY_BYTES of weights return malloc's freed memory
-    after each chunk they embed (elmojax.process.hostmem); smaller ones, like this one, keep it."""
+    after each chunk they embed (elmojax.process.hostmem), and after compiling each new shape,
+    before running it; smaller ones, like this one, keep it. Both give the same values, stateful
+    or not."""
     from elmojax.infer import bidirectional_lm
 
     calls = []
@@ -96,9 +98,22 @@ def test_large_models_give_freed_memory_back_after_each_call(fixture_sentences, 
     monkeypatch.setattr(bidirectional_lm, "GIVE_BACK_MEMORY_BYTES", 1)
     large = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=3)
     given_back = large(ids)
-    assert len(calls) == 3  # 7 sentences in chunks of 3
+    n_shapes = len(large._compiled)
+    assert 1 <= n_shapes <= 3 and len(calls) == 3 + n_shapes  # 7 sentences in chunks of 3
     for key in kept:
         np.testing.assert_array_equal(given_back[key], kept[key])
+    again = large(ids)  # the same shapes: nothing compiled
+    assert len(large._compiled) == n_shapes and len(calls) == 3 + n_shapes + 3
+    for key in kept:
+        np.testing.assert_array_equal(again[key], kept[key])
+
+    large = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=3, stateful=True)
+    monkeypatch.setattr(bidirectional_lm, "GIVE_BACK_MEMORY_BYTES", 2**62)
+    small = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=3, stateful=True)
+    for _ in range(2):  # the second call starts from the state the first left
+        from_large, from_small = large(ids[:3]), small(ids[:3])
+        for key in from_small:
+            np.testing.assert_array_equal(from_large[key], from_small[key])
 
 
 def test_token_inputs_match_character_inputs(fixture_sentences, tmp_path):

@@ -349,7 +349,7 @@ def test_gate_activations_against_float64_and_their_plain_twin():
     zi, zj, zf, zo = np.split(np.asarray(z, np.float32).astype(np.float64), 4, axis=-1)
     ref = np.concatenate([np_sigmoid(zi), np.tanh(zj), np_sigmoid(zf + 1.0), np_sigmoid(zo)], axis=-1)
     np.testing.assert_allclose(fast, ref, rtol=0, atol=3e-7)  # a few float32 ulps of 1
-    np.testing.assert_allclose(fast, plain, rtol=0, atol=3e-7)  # a few float32 ulps of 1
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=3e-7)
     assert fast.min() >= -1.0 and fast.max() <= 1.0
     sig = np.r_[0:dim, 2 * dim:4 * dim]  # the sigmoid gates' columns stay in [0, 1]
     assert fast[:, sig].min() >= 0.0

@@ -1,6 +1,7 @@
 """The reference fixture: embeddings bilm-tf produced for a tiny trained biLM."""
 
 
+import jax
 import numpy as np
 import pytest
 
@@ -97,13 +98,17 @@ def test_large_models_give_freed_memory_back_after_each_call_and_compile(fixture
     assert calls == []
     monkeypatch.setattr(bidirectional_lm, "GIVE_BACK_MEMORY_BYTES", 1)
     large = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE, max_batch_size=3)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, *_, **__: compiles.append(event) if event.endswith("backend_compile_duration") else None)
     given_back = large(ids)
-    n_shapes = len(large._compiled)
+    n_shapes = len(large._compiled_shapes)
+    assert len(compiles) == n_shapes  # each compiled ahead, not again by the call that runs it
     assert 1 <= n_shapes <= 3 and len(calls) == 3 + n_shapes  # 7 sentences in chunks of 3
     for key in kept:
         np.testing.assert_array_equal(given_back[key], kept[key])
     again = large(ids)  # the same shapes: nothing compiled
-    assert len(large._compiled) == n_shapes and len(calls) == 3 + n_shapes + 3
+    assert len(large._compiled_shapes) == n_shapes and len(calls) == 3 + n_shapes + 3
     for key in kept:
         np.testing.assert_array_equal(again[key], kept[key])
 

@@ -265,7 +265,7 @@ class BidirectionalLanguageModel:
                           lstm_input_chunk_bytes=LSTM_INPUT_CHUNK_BYTES)
         self.params = params
         self._give_back_memory = sum(x.nbytes for x in jax.tree.leaves(params)) >= GIVE_BACK_MEMORY_BYTES
-        self._compiled: dict = {}  # a large model's compiled calls, by shape (_run)
+        self._compiled_shapes: set = set()  # the call shapes a large model compiled ahead (_run)
         self.embed_fn = make_embed_fn(self.model, self._batch_sharding)
         self._distinct_embed_fn = (make_distinct_embed_fn(self.model, self._batch_sharding)
                                    if use_character_inputs else None)
@@ -398,13 +398,13 @@ class BidirectionalLanguageModel:
         """fn(self.params, *args). A large model compiles each new shape of its call ahead of
         running it and gives the compiler's freed memory back to the kernel in between: the
         first call's peak is then the larger of the two, not their sum (benchmarks/RESULTS.md)."""
-        if not self._give_back_memory:
-            return fn(self.params, *args)
-        key = (fn, jax.tree.structure(args), tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)))
-        if key not in self._compiled:
-            self._compiled[key] = fn.lower(self.params, *args).compile()
-            hostmem.give_back_freed_memory()
-        return self._compiled[key](self.params, *args)
+        if self._give_back_memory:
+            key = (fn, jax.tree.structure(args), tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)))
+            if key not in self._compiled_shapes:  # (the jitted fn's call below finds the program compiled)
+                fn.lower(self.params, *args).compile()
+                hostmem.give_back_freed_memory()
+                self._compiled_shapes.add(key)
+        return fn(self.params, *args)
 
     def _char_layout(self, padded: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
         """(distinct tokens' char ids, their tail ids or None, each token's row) for a padded

@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
 
     from elmojax import data
     from elmojax.train.config import base_config
-    from elmojax.train import config as config_lib, trained_models, trainer as trainer_lib
+    from elmojax.train import config as config_lib, loop, trained_models, trainer as trainer_lib
 
     c = CONFIGS[args.config]
     batch_size = args.batch or c["batch"]
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     dataset = data.make_dataset(config_lib.streams(config), vocab, config.data.train_prefix, trainer.batch_size, args.unroll, test=False)
     batches = dataset.iter_batches()
     host_batches = [next(batches) for _ in range(args.runs + 1)]
-    shapes = trainer.char_shapes(host_batches[:8])  # as the training loop lays its batches out
+    shapes = trainer.char_shapes(host_batches[: loop.SHAPE_SAMPLES])  # as the training loop lays its batches out
     device_batches = [trainer.put_batch(b, shapes) for b in host_batches]
     state = trainer.create_state(jax.random.PRNGKey(0))
 

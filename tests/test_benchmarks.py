@@ -38,6 +38,12 @@ def test_train_benchmark():
     assert out["final_loss"] > 0
 
 
+def test_loop_cores_benchmark():
+    out = _run("loop_cores.py", "--iterations", "2", "--calls", "2", "--batch", "4", "--dim", "16", "--projection", "8")
+    assert set(out["loops"]) == {"hidden product", "two chains", "products 128", "products 256"}
+    assert all(v["us_per_iteration"] > 0 and v["cores_busy"] > 0 for v in out["loops"].values())
+
+
 def test_data_pipeline_benchmark():
     out = _run("data_pipeline.py", "--batch", "8", "--unroll", "5", "--batches", "3", "--runs", "1")
     assert out["tokens_per_second"]["median"] > 0

@@ -2,6 +2,7 @@
 
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -119,6 +120,31 @@ def test_large_models_give_freed_memory_back_after_each_call_and_compile(fixture
         from_large, from_small = large(ids[:3]), small(ids[:3])
         for key in from_small:
             np.testing.assert_array_equal(from_large[key], from_small[key])
+
+
+def test_weights_reach_the_device_one_at_a_time(monkeypatch):
+    """Loading puts each weight on the device before reading the next dataset: transfers left in
+    flight keep their host copies alive together (at ELMo's original size, a load peak of 792
+    MiB instead of 664, benchmarks/RESULTS.md)."""
+    from elmojax.formats import hdf5
+
+    placed, reads = [], []
+    read, device_put = hdf5._read, jax.device_put
+    # a transfer that takes a while (its value unchanged): one left in flight is seen below
+    slow = jax.jit(lambda x: x + 0.0 * jnp.sum(jnp.sin(x.ravel()[0] + jnp.arange(2 * 10**7, dtype=x.dtype))))
+
+    def checked_read(*args):
+        reads.append(all(x.is_ready() for x in placed))
+        return read(*args)
+
+    def recorded_put(*args, **kwargs):
+        placed.append(slow(device_put(*args, **kwargs)))
+        return placed[-1]
+
+    monkeypatch.setattr(hdf5, "_read", checked_read)
+    monkeypatch.setattr(jax, "device_put", recorded_put)
+    model = BidirectionalLanguageModel(OPTIONS_FILE, WEIGHT_FILE)
+    assert len(reads) > 10 and all(reads) and len(placed) >= len(jax.tree.leaves(model.params))
 
 
 def test_token_inputs_match_character_inputs(fixture_sentences, tmp_path):

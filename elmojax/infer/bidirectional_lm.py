@@ -50,9 +50,10 @@ def cnn_chunk_size(options: BiLMOptions) -> int:
     return max(1, CNN_CHUNK_BYTES // (4 * cnn.max_characters_per_token * cnn.n_filters))
 
 # The LSTMs' input products (directions x steps x batch x 4 * dim, float32) are made at most this
-# many bytes at a time in inference (elmojax.model.lstm.chunked_recurrence): 8 steps of 64 rows at
-# ELMo's size, all steps at once for small models.
-LSTM_INPUT_CHUNK_BYTES = 64 * 2**20
+# many bytes at a time in inference (elmojax.model.lstm.chunked_recurrence): 4 steps of 64 rows at
+# ELMo's size (a peak about 35 MiB lower than 8 steps', at the same speed), 16 at ELMo small's (1.05x
+# the speed of all 32 at once: benchmarks/RESULTS.md), all steps at once for smaller models.
+LSTM_INPUT_CHUNK_BYTES = 32 * 2**20
 
 # A model with at least this many bytes of weights gives the memory its call freed back to the kernel
 # after each call (elmojax.process.hostmem): a lower peak for large models, while small models' short
@@ -170,9 +171,10 @@ def load_bilm_params(options_file: str, options: BiLMOptions, weight_file: str,
         if not use_character_inputs:
             params.pop("embedder", None)
         return jax.device_put(params, sharding)
-    # each array goes to the device as it is read: the model is never held twice
+    # each array goes to the device as it is read, and is there before the next is read: the
+    # model is never held twice (transfers left in flight keep their host copies alive together)
     return hdf5.load_weights(weight_file, options, use_character_inputs,
-                             convert=lambda x: jax.device_put(x, sharding))
+                             convert=lambda x: jax.block_until_ready(jax.device_put(x, sharding)))
 
 
 def _check_devices(devices) -> list:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -42,6 +43,12 @@ def test_loop_cores_benchmark():
     out = _run("loop_cores.py", "--iterations", "2", "--calls", "2", "--batch", "4", "--dim", "16", "--projection", "8")
     assert set(out["loops"]) == {"hidden product", "two chains", "products 128", "products 256"}
     assert all(v["us_per_iteration"] > 0 and v["cores_busy"] > 0 for v in out["loops"].values())
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the prototype kernel needs a C++ compiler")
+def test_lstm_ffi_prototype_matches_the_scan():
+    out = _run("lstm_ffi.py", "--shape", "3", "4", "16", "64", "--calls", "2", "--rounds", "1")
+    assert out["max_abs_difference"] < 1e-5 and out["ms"]["kernel"] > 0 and out["ms"]["lax.scan"] > 0
 
 
 def test_data_pipeline_benchmark():
